@@ -1,0 +1,246 @@
+"""Typed run configuration: dataclasses, loadable from YAML and overridable with ``--set``.
+
+Every key is validated: an unknown key or a value of the wrong type or range raises
+:class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gist_ray.errors import ConfigError
+
+POOLINGS = ("mean", "cls", "last_token")
+BACKENDS = ("auto", "reference", "chunked", "triton")
+STRATEGIES = ("absolute", "relative")
+
+
+@dataclass
+class ModelConfig:
+    student: str = "all-MiniLM-L6-v2"  # hub name, local path or built-in alias
+    guide: str = "all-mpnet-base-v2"
+    pooling: str = "mean"  # student pooling: mean | cls | last_token
+    guide_pooling: str = "mean"
+    max_seq_length: int = 128
+
+
+@dataclass
+class DataConfig:
+    train: str = "insuranceqa"  # a file, a saved dataset folder, a hub name or "insuranceqa"
+    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
+    max_examples: int = 1536  # 0 = all rows
+    eval: str = "insuranceqa"  # "insuranceqa", a BEIR-style folder, or "" for none
+    eval_max_queries: int = 150
+    eval_max_corpus: int = 1500
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # the global batch, split evenly over the workers
+    max_steps: int = 0  # 0 = run `epochs` full epochs
+    epochs: int = 1
+    lr: float = 3e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    checkpoint_every: int = 50  # steps; a checkpoint is also written at the end
+    log_every: int = 1
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.01
+    margin: float = 0.0
+    margin_strategy: str = "absolute"
+    contrast_anchors: bool = True
+    contrast_positives: bool = True
+    backend: str = "auto"
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    address: str | None = None  # None: start a local cluster (or use RAY_ADDRESS when set)
+    num_cpus: int | None = None  # CPUs for a local cluster; None = all of this machine's
+    storage_path: str | None = None  # Ray Train storage; None = <output_dir>/ray
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "gist-ray"
+    run_name: str | None = None
+    artifact_location: str | None = None  # None: ./mlruns next to the SQLite store
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    output_dir: str = "gist-ray-output"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value``, e.g. for logging as MLflow params."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict) and key != "columns":
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type, converting only where it is lossless."""
+    hint = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if hint in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if hint is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: expected a mapping of names to names, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _apply(obj: Any, key: str, value: Any, prefix: str = "") -> None:
+    """Set dotted ``key`` on the dataclass ``obj``, validating name and type."""
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(type(obj))
+    name = f"{prefix}{head}"
+    if head not in hints:
+        allowed = ", ".join(f"{prefix}{k}" for k in hints)
+        raise ConfigError(f"unknown config key {name!r}; allowed: {allowed}")
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _apply(current, rest, value, f"{name}.")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _apply(current, str(k), v, f"{name}.")
+        else:
+            raise ConfigError(f"{name}: expected a section (mapping), got {value!r}")
+        return
+    if rest:
+        if isinstance(current, dict):  # data.columns.anchor=question
+            value = {**current, rest: value}
+        else:
+            raise ConfigError(f"unknown config key {name}.{rest!r}; {name} is not a section")
+    setattr(obj, head, _coerce(name, value, hints[head]))
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that no type can express."""
+
+    def check(ok: bool, key: str, allowed: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
+
+    m, t, lo, r = cfg.model, cfg.train, cfg.loss, cfg.ray
+    check(m.pooling in POOLINGS, "model.pooling", f"one of {', '.join(POOLINGS)}", m.pooling)
+    check(m.guide_pooling in POOLINGS, "model.guide_pooling", f"one of {', '.join(POOLINGS)}",
+          m.guide_pooling)
+    check(m.max_seq_length > 0, "model.max_seq_length", "must be > 0", m.max_seq_length)
+    check(cfg.data.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)",
+          cfg.data.max_examples)
+    check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
+    check(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = use epochs)", t.max_steps)
+    check(t.epochs > 0, "train.epochs", "must be > 0", t.epochs)
+    check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
+    check(t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", t.checkpoint_every)
+    check(t.log_every > 0, "train.log_every", "must be > 0", t.log_every)
+    check(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
+    check(lo.margin >= 0, "loss.margin", "must be >= 0", lo.margin)
+    check(lo.margin_strategy in STRATEGIES, "loss.margin_strategy",
+          f"one of {', '.join(STRATEGIES)}", lo.margin_strategy)
+    check(lo.backend in BACKENDS, "loss.backend", f"one of {', '.join(BACKENDS)}", lo.backend)
+    check(r.num_workers > 0, "ray.num_workers", "must be > 0", r.num_workers)
+    check(t.batch_size % r.num_workers == 0, "train.batch_size",
+          f"must be divisible by ray.num_workers = {r.num_workers}", t.batch_size)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value``; the value is read as YAML (``3e-5``, ``true``, ``{a: b}``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then ``--set`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+        for key, value in data.items():
+            _apply(cfg, str(key), value)
+    for text in overrides:
+        _apply(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def load_config_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from :meth:`Config.to_dict` output (e.g. on a Ray worker)."""
+    cfg = Config()
+    for key, value in data.items():
+        _apply(cfg, key, value)
+    return validate(cfg)

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random encoders built on the fly, one Ray instance, MLflow stores."""
+
+from __future__ import annotations
+
+import os
+
+# The Triton interpreter must be chosen before triton is first imported (CPU machines).
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS = (
+    "what is the cost of car home life health insurance policy coverage premium claim "
+    "does my plan pay for a doctor visit when i move to another state can you cancel "
+    "the annuity retirement disability medicare term whole renters deductible"
+).split()
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def build_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A random BERT with a WordPiece tokenizer trained on a few sentences, saved to ``path``."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(make_sentences(200) + [" ".join(WORDS)],
+                            trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    from tokenizers.processors import TemplateProcessing
+
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=64)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden,
+                     max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Two different tiny BERTs: a student (hidden 32) and a guide (hidden 48)."""
+    root = tmp_path_factory.mktemp("models")
+    return {"student": build_tiny_bert(root / "student", hidden=32, seed=0),
+            "guide": build_tiny_bert(root / "guide", hidden=48, seed=1)}
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs_file(tmp_path_factory) -> Path:
+    """A jsonl training file with anchor/positive/negative columns."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    a, p, n = make_sentences(64, 1), make_sentences(64, 2), make_sentences(64, 3)
+    path.write_text("".join(json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
+                            for x, y, z in zip(a, p, n)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance (2 CPUs) shared by every test that needs it."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="gist-ray-test-ray-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,68 @@
+import pytest
+
+from gist_ray.config import Config, load_config, load_config_dict
+from gist_ray.errors import ConfigError
+
+
+def test_defaults_are_valid_and_roundtrip():
+    cfg = load_config()
+    assert cfg.train.batch_size % cfg.ray.num_workers == 0
+    assert load_config_dict(cfg.to_dict()) == cfg
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1.0e-4\n  batch_size: 8\nloss:\n  margin: 0.1\n"
+                 "data:\n  columns: {anchor: question, positive: answer}\n")
+    cfg = load_config(f, ["train.lr=5e-5", "loss.contrast_anchors=false",
+                          "data.columns.negative=bad_answer", "ray.address=auto"])
+    assert cfg.train.lr == 5e-5 and cfg.train.batch_size == 8
+    assert cfg.loss.margin == 0.1 and cfg.loss.contrast_anchors is False
+    assert cfg.data.columns == {"anchor": "question", "positive": "answer",
+                                "negative": "bad_answer"}
+    assert cfg.ray.address == "auto"
+
+
+def test_flat_params_cover_every_key():
+    flat = Config().flat()
+    for key in ("model.student", "train.lr", "loss.temperature", "ray.num_workers",
+                "mlflow.experiment", "output_dir"):
+        assert key in flat
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.foo=1", "unknown config key 'train.foo'"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("train.lr=abc", "train.lr: expected a number"),
+        ("train.batch_size=2.5", "train.batch_size: expected an integer"),
+        ("loss.contrast_anchors=maybe", "loss.contrast_anchors: expected true or false"),
+        ("loss.temperature=0", "loss.temperature = 0.0 is not allowed; must be > 0"),
+        ("loss.temperature=-1", "loss.temperature"),
+        ("loss.margin=-0.1", "loss.margin"),
+        ("loss.margin_strategy=fancy", "one of absolute, relative"),
+        ("loss.backend=cuda", "loss.backend"),
+        ("model.pooling=max", "model.pooling"),
+        ("train.batch_size=33", "divisible by ray.num_workers = 2"),
+        ("train", "expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(unknown)

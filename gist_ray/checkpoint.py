@@ -20,8 +20,11 @@ FORMAT_VERSION = 1
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -58,7 +61,9 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
     directory = Path(directory)
     state_path, model_dir = directory / STATE_FILE, directory / MODEL_DIR
     if not state_path.is_file() or not model_dir.is_dir():
-        raise GistRayError(f"checkpoint {directory} is incomplete: missing {STATE_FILE} or {MODEL_DIR}/")
+        raise GistRayError(
+            f"checkpoint {directory} is incomplete: missing {STATE_FILE} or {MODEL_DIR}/"
+        )
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
@@ -67,8 +72,10 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
             "delete it or point to another checkpoint"
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise GistRayError(f"checkpoint {state_path} has an unknown format; it was not written by "
-                           f"this version of gist-ray")
+        raise GistRayError(
+            f"checkpoint {state_path} has an unknown format; it was not written by "
+            f"this version of gist-ray"
+        )
     for key, want in expect.items():
         got = state.get("identity", {}).get(key)
         if got != want:

@@ -15,10 +15,17 @@ from gist_ray.errors import GistRayError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=3e-5 (repeatable)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-5 (repeatable)",
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"gist-ray: error: {type(e).__name__}: {msg} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(
+            f"gist-ray: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -20,6 +20,7 @@ from gist_ray.errors import ConfigError
 POOLINGS = ("mean", "cls", "last_token")
 BACKENDS = ("auto", "reference", "chunked", "triton")
 STRATEGIES = ("absolute", "relative")
+EVAL_METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
 
 
 @dataclass
@@ -28,22 +29,31 @@ class ModelConfig:
     guide: str = "all-mpnet-base-v2"
     pooling: str = "mean"  # student pooling: mean | cls | last_token
     guide_pooling: str = "mean"
-    max_seq_length: int = 128
+    max_seq_length: int = 64  # tokens; 64 keeps the default CPU run within 15 minutes
 
 
 @dataclass
 class DataConfig:
     train: str = "insuranceqa"  # a file, a saved dataset folder, a hub name or "insuranceqa"
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
-    max_examples: int = 1536  # 0 = all rows
-    eval: str = "insuranceqa"  # "insuranceqa", a BEIR-style folder, or "" for none
-    eval_max_queries: int = 150
-    eval_max_corpus: int = 1500
+    max_examples: int = 1280  # 0 = all rows
+    guide_cache: bool = True  # embed every text with the guide once, before training
+
+
+@dataclass
+class EvalConfig:
+    source: str = "insuranceqa"  # "insuranceqa", a BEIR-style folder, or "" for none
+    split: str = "test"
+    max_queries: int = 150
+    max_corpus: int = 1000
+    every: int = 0  # steps between evaluations during training; 0 = only before and after
+    metric: str = "ndcg@10"  # picks the best checkpoint
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # the global batch, split evenly over the workers
+    mini_batch_size: int = 0  # gradient caching: encoder chunk per worker; 0 = off
     max_steps: int = 0  # 0 = run `epochs` full epochs
     epochs: int = 1
     lr: float = 3e-5
@@ -53,6 +63,7 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 50  # steps; a checkpoint is also written at the end
     log_every: int = 1
+    max_failures: int = 0  # worker failures Ray Train recovers from (restart from checkpoint)
 
 
 @dataclass
@@ -80,12 +91,14 @@ class MlflowConfig:
     experiment: str = "gist-ray"
     run_name: str | None = None
     artifact_location: str | None = None  # None: ./mlruns next to the SQLite store
+    register_as: str | None = None  # also register the final model under this name
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -183,11 +196,19 @@ def validate(cfg: Config) -> Config:
 
     m, t, lo, r = cfg.model, cfg.train, cfg.loss, cfg.ray
     check(m.pooling in POOLINGS, "model.pooling", f"one of {', '.join(POOLINGS)}", m.pooling)
-    check(m.guide_pooling in POOLINGS, "model.guide_pooling", f"one of {', '.join(POOLINGS)}",
-          m.guide_pooling)
+    check(
+        m.guide_pooling in POOLINGS,
+        "model.guide_pooling",
+        f"one of {', '.join(POOLINGS)}",
+        m.guide_pooling,
+    )
     check(m.max_seq_length > 0, "model.max_seq_length", "must be > 0", m.max_seq_length)
-    check(cfg.data.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)",
-          cfg.data.max_examples)
+    check(
+        cfg.data.max_examples >= 0,
+        "data.max_examples",
+        "must be >= 0 (0 = all)",
+        cfg.data.max_examples,
+    )
     check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
     check(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = use epochs)", t.max_steps)
     check(t.epochs > 0, "train.epochs", "must be > 0", t.epochs)
@@ -195,14 +216,38 @@ def validate(cfg: Config) -> Config:
     check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
     check(t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", t.checkpoint_every)
     check(t.log_every > 0, "train.log_every", "must be > 0", t.log_every)
+    check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
+    check(
+        t.mini_batch_size >= 0, "train.mini_batch_size", "must be >= 0 (0 = off)", t.mini_batch_size
+    )
+    local = t.batch_size // max(cfg.ray.num_workers, 1)
+    check(
+        t.mini_batch_size <= local,
+        "train.mini_batch_size",
+        f"must be <= the per-worker batch ({local} = train.batch_size / ray.num_workers)",
+        t.mini_batch_size,
+    )
+    e = cfg.eval
+    check(e.every >= 0, "eval.every", "must be >= 0 (0 = only before and after)", e.every)
+    check(e.metric in EVAL_METRICS, "eval.metric", f"one of {', '.join(EVAL_METRICS)}", e.metric)
+    check(e.max_queries >= 0, "eval.max_queries", "must be >= 0 (0 = all)", e.max_queries)
+    check(e.max_corpus >= 0, "eval.max_corpus", "must be >= 0 (0 = all)", e.max_corpus)
     check(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)
     check(lo.margin >= 0, "loss.margin", "must be >= 0", lo.margin)
-    check(lo.margin_strategy in STRATEGIES, "loss.margin_strategy",
-          f"one of {', '.join(STRATEGIES)}", lo.margin_strategy)
+    check(
+        lo.margin_strategy in STRATEGIES,
+        "loss.margin_strategy",
+        f"one of {', '.join(STRATEGIES)}",
+        lo.margin_strategy,
+    )
     check(lo.backend in BACKENDS, "loss.backend", f"one of {', '.join(BACKENDS)}", lo.backend)
     check(r.num_workers > 0, "ray.num_workers", "must be > 0", r.num_workers)
-    check(t.batch_size % r.num_workers == 0, "train.batch_size",
-          f"must be divisible by ray.num_workers = {r.num_workers}", t.batch_size)
+    check(
+        t.batch_size % r.num_workers == 0,
+        "train.batch_size",
+        f"must be divisible by ray.num_workers = {r.num_workers}",
+        t.batch_size,
+    )
     return cfg
 
 
@@ -218,7 +263,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Defaults, then the YAML file, then ``--set`` overrides; validated."""
     cfg = Config()
     if path is not None:
@@ -228,7 +275,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from e
+            raise ConfigError(
+                f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]
+            ) from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
         for key, value in data.items():

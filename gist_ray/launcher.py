@@ -26,8 +26,11 @@ class RayReporter:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=Path(checkpoint_dir).name)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            checkpoint_dir_name=Path(checkpoint_dir).name,
+        )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has copied it to storage
 
     def latest_checkpoint(self) -> str | None:
@@ -42,8 +45,12 @@ def _ray_entry(payload: dict[str, Any]) -> None:
     from gist_ray.config import load_config_dict
     from gist_ray.train import train_worker
 
-    train_worker(load_config_dict(payload["config"]), RayReporter(), payload["run_id"],
-                 payload["tracking_uri"])
+    train_worker(
+        load_config_dict(payload["config"]),
+        RayReporter(),
+        payload["run_id"],
+        payload["tracking_uri"],
+    )
 
 
 def connect(cfg: Config) -> None:
@@ -57,13 +64,15 @@ def connect(cfg: Config) -> None:
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as e:  # noqa: BLE001 - connection errors come in several types
-            raise GistRayError(f"ray.address = {address!r}: cannot connect to a Ray cluster "
-                               f"there ({str(e).splitlines()[0][:160]})") from e
+            raise GistRayError(
+                f"ray.address = {address!r}: cannot connect to a Ray cluster "
+                f"there ({str(e).splitlines()[0][:160]})"
+            ) from e
         return
     # A fresh temp dir: a stale ray_current_cluster file from an earlier `ray stop` confuses init.
     tmp = tempfile.mkdtemp(prefix="gist-ray-ray-")
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, _temp_dir=tmp,
-             log_to_driver=True)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=tmp, log_to_driver=True)
 
 
 def check_resources(cfg: Config) -> None:
@@ -75,11 +84,13 @@ def check_resources(cfg: Config) -> None:
         raise GistRayError(
             f"ray.num_workers = {cfg.ray.num_workers} with ray.use_gpu = true needs "
             f"{cfg.ray.num_workers} GPUs but the cluster has {int(total.get('GPU', 0))}; "
-            "lower ray.num_workers or set ray.use_gpu=false")
+            "lower ray.num_workers or set ray.use_gpu=false"
+        )
     if need_cpu > total.get("CPU", 0):
         raise GistRayError(
             f"ray.num_workers = {cfg.ray.num_workers} needs {need_cpu} CPUs but the cluster "
-            f"has {int(total.get('CPU', 0))}; lower ray.num_workers or add nodes")
+            f"has {int(total.get('CPU', 0))}; lower ray.num_workers or add nodes"
+        )
 
 
 def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
@@ -91,15 +102,18 @@ def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
     name = cfg.mlflow.run_name or f"gist-ray-{run_id[:8]}"
     trainer = TorchTrainer(
         _ray_entry,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id,
-                           "tracking_uri": tracking_uri},
+        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers,
-                                               use_gpu=cfg.ray.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name,
+            storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray Train V2 patches print() into its logger, which echoes every line twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     try:

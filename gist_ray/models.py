@@ -59,14 +59,19 @@ class Encoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_seq_length,
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_length,
             return_tensors="pt",
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(**features)
-        return F.normalize(pool(out.last_hidden_state, features["attention_mask"], self.pooling), dim=-1)
+        return F.normalize(
+            pool(out.last_hidden_state, features["attention_mask"], self.pooling), dim=-1
+        )
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         return self(self.tokenize(texts))
@@ -77,8 +82,10 @@ class Encoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            chunks = [self.embed(texts[i : i + batch_size]).float().cpu()
-                      for i in range(0, len(texts), batch_size)]
+            chunks = [
+                self.embed(texts[i : i + batch_size]).float().cpu()
+                for i in range(0, len(texts), batch_size)
+            ]
         finally:
             self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
@@ -92,22 +99,44 @@ class Encoder(nn.Module):
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             (tmp / "1_Pooling").mkdir()
-            pooling_cfg = {"word_embedding_dimension": self.dim,
-                           **{flag: False for flag in _ST_POOLING_FLAG.values()},
-                           _ST_POOLING_FLAG[self.pooling]: True}
+            pooling_cfg = {
+                "word_embedding_dimension": self.dim,
+                **{flag: False for flag in _ST_POOLING_FLAG.values()},
+                _ST_POOLING_FLAG[self.pooling]: True,
+            }
             _write_json(tmp / "1_Pooling" / "config.json", pooling_cfg)
             (tmp / "2_Normalize").mkdir()
-            _write_json(tmp / "modules.json", [
-                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                {"idx": 1, "name": "1", "path": "1_Pooling",
-                 "type": "sentence_transformers.models.Pooling"},
-                {"idx": 2, "name": "2", "path": "2_Normalize",
-                 "type": "sentence_transformers.models.Normalize"},
-            ])
-            _write_json(tmp / "sentence_bert_config.json",
-                        {"max_seq_length": self.max_seq_length, "do_lower_case": False})
-            _write_json(tmp / "config_sentence_transformers.json",
-                        {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None})
+            _write_json(
+                tmp / "modules.json",
+                [
+                    {
+                        "idx": 0,
+                        "name": "0",
+                        "path": "",
+                        "type": "sentence_transformers.models.Transformer",
+                    },
+                    {
+                        "idx": 1,
+                        "name": "1",
+                        "path": "1_Pooling",
+                        "type": "sentence_transformers.models.Pooling",
+                    },
+                    {
+                        "idx": 2,
+                        "name": "2",
+                        "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize",
+                    },
+                ],
+            )
+            _write_json(
+                tmp / "sentence_bert_config.json",
+                {"max_seq_length": self.max_seq_length, "do_lower_case": False},
+            )
+            _write_json(
+                tmp / "config_sentence_transformers.json",
+                {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
+            )
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 path.rename(old)

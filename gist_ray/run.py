@@ -20,8 +20,12 @@ def _absolutize(cfg: Config) -> Config:
     """Ray workers run elsewhere (another cwd, maybe another node): make local paths absolute."""
     cfg = dataclasses.replace(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
-    for section, key in (("data", "train"), ("data", "eval"), ("model", "student"),
-                         ("model", "guide")):
+    for section, key in (
+        ("data", "train"),
+        ("eval", "source"),
+        ("model", "student"),
+        ("model", "guide"),
+    ):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
         if value and Path(value).expanduser().exists():
@@ -52,17 +56,26 @@ def train(cfg: Config) -> dict[str, Any]:
     cfg = _absolutize(cfg)
     t0 = time.perf_counter()
     # Fail on bad data or models here, before any cluster starts.
-    data = load_pairs(cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None,
-                      seed=cfg.train.seed)
+    data = load_pairs(
+        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
+    )
     if len(data) < cfg.train.batch_size:
-        raise GistRayError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
-                           f"dataset {cfg.data.train!r} ({len(data)} rows)")
+        raise GistRayError(
+            f"train.batch_size = {cfg.train.batch_size} is larger than the "
+            f"dataset {cfg.data.train!r} ({len(data)} rows)"
+        )
     load_encoder(cfg.model.student, cfg.model.pooling, cfg.model.max_seq_length)
-    load_encoder(cfg.model.guide, cfg.model.guide_pooling, cfg.model.max_seq_length,
-                 key="model.guide")
-    evalset = load_eval(cfg.data.eval, max_queries=cfg.data.eval_max_queries,
-                        max_corpus=cfg.data.eval_max_corpus, seed=cfg.train.seed) \
-        if cfg.data.eval else None
+    load_encoder(
+        cfg.model.guide, cfg.model.guide_pooling, cfg.model.max_seq_length, key="model.guide"
+    )
+    ev = cfg.eval
+    evalset = (
+        load_eval(
+            ev.source, ev.split, ev.max_queries or None, ev.max_corpus or None, seed=cfg.train.seed
+        )
+        if ev.source
+        else None
+    )
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     launcher.connect(cfg)
@@ -70,15 +83,28 @@ def train(cfg: Config) -> dict[str, Any]:
 
     before: dict[str, float] = {}
     if evalset is not None:
-        print(f"[gist-ray] evaluating {cfg.model.student} before training "
-              f"({len(evalset.queries)} queries, {len(evalset.corpus)} documents)", flush=True)
+        print(
+            f"[gist-ray] evaluating {cfg.model.student} before training "
+            f"({len(evalset.queries)} queries, {len(evalset.corpus)} documents)",
+            flush=True,
+        )
         before = evaluate_model(cfg.model.student, cfg, evalset)
 
-    tags = {"student": cfg.model.student, "guide": cfg.model.guide,
-            "global_batch": str(cfg.train.batch_size), "world_size": str(cfg.ray.num_workers),
-            "gist_ray.command": "train"}
-    run_id = tracking.start_run(tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
-                                cfg.flat(), tags, cfg.mlflow.artifact_location)
+    tags = {
+        "student": cfg.model.student,
+        "guide": cfg.model.guide,
+        "global_batch": str(cfg.train.batch_size),
+        "world_size": str(cfg.ray.num_workers),
+        "gist_ray.command": "train",
+    }
+    run_id = tracking.start_run(
+        tracking_uri,
+        cfg.mlflow.experiment,
+        cfg.mlflow.run_name,
+        cfg.flat(),
+        tags,
+        cfg.mlflow.artifact_location,
+    )
     logger = tracking.RunLogger(tracking_uri, run_id)
     logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
     try:
@@ -103,12 +129,20 @@ def train(cfg: Config) -> dict[str, Any]:
 
     print()
     if evalset is not None:
-        print(f"Retrieval on {cfg.data.eval} ({len(evalset.queries)} held-out queries, "
-              f"{len(evalset.corpus)} documents):")
+        print(
+            f"Retrieval on {evalset.name} ({len(evalset.queries)} held-out queries, "
+            f"{len(evalset.corpus)} documents):"
+        )
         _print_metrics(before, after)
     print(f"\nmodel:       {model_dir}")
     print(f"MLflow run:  {run_id} (experiment {cfg.mlflow.experiment!r}, store {tracking_uri})")
     print(f"MLflow UI:   {tracking.ui_command(tracking_uri)}")
     print(f"wall time:   {wall / 60:.1f} min")
-    return {"model_dir": str(model_dir), "run_id": run_id, "tracking_uri": tracking_uri,
-            "before": before, "after": after, "wall_time_s": wall}
+    return {
+        "model_dir": str(model_dir),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "before": before,
+        "after": after,
+        "wall_time_s": wall,
+    }

@@ -4,7 +4,6 @@ params and final results; rank 0 re-attaches to the same run id to log per-step 
 from __future__ import annotations
 
 import os
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ def resolve_tracking_uri(configured: str | None, cwd: str | Path | None = None) 
     A relative SQLite path is made absolute so Ray workers (other cwd) hit the same store."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
+        rel = uri[len("sqlite:///") :]
         uri = f"sqlite:///{(Path(cwd or os.getcwd()) / rel).resolve()}"
     return uri
 
@@ -27,7 +26,7 @@ def resolve_tracking_uri(configured: str | None, cwd: str | Path | None = None) 
 def default_artifact_location(tracking_uri: str) -> str | None:
     """``mlruns/`` beside a SQLite store; a server chooses its own."""
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+        db = Path(tracking_uri[len("sqlite:///") :])
         return (db.parent / "mlruns").resolve().as_uri()
     return None
 
@@ -65,7 +64,8 @@ def start_run(
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         exp_id = client.create_experiment(
-            experiment, artifact_location=artifact_location or default_artifact_location(tracking_uri)
+            experiment,
+            artifact_location=artifact_location or default_artifact_location(tracking_uri),
         )
     else:
         exp_id = exp.experiment_id
@@ -95,7 +95,10 @@ class RunLogger:
         import time
 
         ts = int(time.time() * 1000)
-        batch = [self._mlflow.entities.Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()]
+        batch = [
+            self._mlflow.entities.Metric(metric_name(k), float(v), ts, step)
+            for k, v in metrics.items()
+        ]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:

@@ -135,10 +135,20 @@ def training_step(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         emb = embed_columns(student, columns)
     loss, stats = gist_loss(
-        emb[0], emb[1], guide_emb[0], guide_emb[1], emb[2:], guide_emb[2:],
-        temperature=lc.temperature, margin=lc.margin, margin_strategy=lc.margin_strategy,
-        contrast_anchors=lc.contrast_anchors, contrast_positives=lc.contrast_positives,
-        backend=lc.backend, gather=is_distributed(), return_stats=True,
+        emb[0],
+        emb[1],
+        guide_emb[0],
+        guide_emb[1],
+        emb[2:],
+        guide_emb[2:],
+        temperature=lc.temperature,
+        margin=lc.margin,
+        margin_strategy=lc.margin_strategy,
+        contrast_anchors=lc.contrast_anchors,
+        contrast_positives=lc.contrast_positives,
+        backend=lc.backend,
+        gather=is_distributed(),
+        return_stats=True,
     )
     loss.backward()
     return loss.detach(), stats
@@ -146,44 +156,62 @@ def training_step(
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
-def train_worker(cfg: Config, reporter: Reporter, run_id: str | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
+def train_worker(
+    cfg: Config, reporter: Reporter, run_id: str | None = None, tracking_uri: str | None = None
+) -> dict[str, Any]:
     """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary."""
     from gist_ray.data import load_pairs
 
     r, world = rank(), world_size()
     device = torch.device(
-        f"cuda:{torch.cuda.current_device()}" if cfg.ray.use_gpu and torch.cuda.is_available()
+        f"cuda:{torch.cuda.current_device()}"
+        if cfg.ray.use_gpu and torch.cuda.is_available()
         else "cpu"
     )
     seed_everything(cfg.train.seed + r)  # per-rank dropout streams, reproducible
-    data = load_pairs(cfg.data.train, cfg.data.columns or None,
-                      cfg.data.max_examples or None, seed=cfg.train.seed)
+    data = load_pairs(
+        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
+    )
     neg_cols = sorted(c for c in data.column_names if c.startswith("negative_"))
     names = ["anchor", "positive", *neg_cols]
     text_columns = {c: data[c] for c in names}
 
     student = load_encoder(cfg.model.student, cfg.model.pooling, cfg.model.max_seq_length)
-    guide = load_encoder(cfg.model.guide, cfg.model.guide_pooling, cfg.model.max_seq_length,
-                         frozen=True, key="model.guide")
+    guide = load_encoder(
+        cfg.model.guide,
+        cfg.model.guide_pooling,
+        cfg.model.max_seq_length,
+        frozen=True,
+        key="model.guide",
+    )
     student.to(device).train()
     guide.to(device)
 
     batches = GlobalBatches(len(data), cfg.train.batch_size, cfg.train.seed)
     if batches.steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size = {cfg.train.batch_size} is larger than the dataset "
-                         f"({len(data)} rows)")
+        raise ValueError(
+            f"train.batch_size = {cfg.train.batch_size} is larger than the dataset "
+            f"({len(data)} rows)"
+        )
     steps = total_steps(cfg, batches.steps_per_epoch)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(
+        student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     warmup = math.ceil(cfg.train.warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps))
-    identity = {"student": cfg.model.student, "guide": cfg.model.guide,
-                "batch_size": cfg.train.batch_size, "train": cfg.data.train}
+    identity = {
+        "student": cfg.model.student,
+        "guide": cfg.model.guide,
+        "batch_size": cfg.train.batch_size,
+        "train": cfg.data.train,
+    }
 
     step = 0
     latest = reporter.latest_checkpoint()
@@ -216,19 +244,32 @@ def train_worker(cfg: Config, reporter: Reporter, run_id: str | None = None,
         path = None
         if r == 0:
             root = Path(cfg.output_dir) / "checkpoints-staging"
-            path = str(ckpt.save_checkpoint(root / f"checkpoint-{step:07d}", student, {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "rng": states, "mlflow_run_id": run_id, "identity": identity,
-                "config": cfg.to_dict(),
-            }))
+            path = str(
+                ckpt.save_checkpoint(
+                    root / f"checkpoint-{step:07d}",
+                    student,
+                    {
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "step": step,
+                        "rng": states,
+                        "mlflow_run_id": run_id,
+                        "identity": identity,
+                        "config": cfg.to_dict(),
+                    },
+                )
+            )
         reporter.report(metrics, path)
 
     local_b = cfg.train.batch_size // world
     t_start, step_at_start = time.perf_counter(), step
     metrics: dict[str, float] = {}
     if r == 0:
-        print(f"[gist-ray] training {steps} steps, global batch {cfg.train.batch_size} "
-              f"({world} worker(s) x {local_b}), {len(data)} rows, device {device}", flush=True)
+        print(
+            f"[gist-ray] training {steps} steps, global batch {cfg.train.batch_size} "
+            f"({world} worker(s) x {local_b}), {len(data)} rows, device {device}",
+            flush=True,
+        )
     while step < steps:
         t0 = time.perf_counter()
         idx = batches.local_indices(step, r, world)
@@ -245,18 +286,31 @@ def train_worker(cfg: Config, reporter: Reporter, run_id: str | None = None,
             dist.all_reduce(loss)
             loss /= world
         dt = time.perf_counter() - t0
-        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                   "samples_per_s": cfg.train.batch_size / dt, "step_time_s": dt,
-                   **{k: v for k, v in stats.items()}}
+        metrics = {
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": cfg.train.batch_size / dt,
+            "step_time_s": dt,
+            **{k: v for k, v in stats.items()},
+        }
         if r == 0 and (step % cfg.train.log_every == 0 or step == steps):
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (step - step_at_start) * (steps - step)
-            print(f"[gist-ray] step {step}/{steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                  f"{metrics['samples_per_s']:.1f} samples/s "
-                  f"mask {stats['mask_frac/all']:.3f} ETA {_fmt_eta(eta)}", flush=True)
+            print(
+                f"[gist-ray] step {step}/{steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                f"{metrics['samples_per_s']:.1f} samples/s "
+                f"mask {stats['mask_frac/all']:.3f} ETA {_fmt_eta(eta)}",
+                flush=True,
+            )
             if logger:
                 logger.log_metrics(metrics, step)
         if step % cfg.train.checkpoint_every == 0 or step == steps:
             checkpoint({"step": step, "loss": metrics["loss"]})
-    return {"steps": step, "final_loss": metrics.get("loss"), "run_id": run_id,
-            "world_size": world, "pid": os.getpid()}
+    return {
+        "steps": step,
+        "final_loss": metrics.get("loss"),
+        "run_id": run_id,
+        "world_size": world,
+        "pid": os.getpid(),
+    }

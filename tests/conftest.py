@@ -39,21 +39,36 @@ def build_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(make_sentences(200) + [" ".join(WORDS)],
-                            trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    tok.train_from_iterator(
+        make_sentences(200) + [" ".join(WORDS)],
+        trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials),
+    )
     from tokenizers.processors import TemplateProcessing
 
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=64)
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden,
-                     max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
     BertModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path
@@ -63,8 +78,10 @@ def build_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Two different tiny BERTs: a student (hidden 32) and a guide (hidden 48)."""
     root = tmp_path_factory.mktemp("models")
-    return {"student": build_tiny_bert(root / "student", hidden=32, seed=0),
-            "guide": build_tiny_bert(root / "guide", hidden=48, seed=1)}
+    return {
+        "student": build_tiny_bert(root / "student", hidden=32, seed=0),
+        "guide": build_tiny_bert(root / "guide", hidden=48, seed=1),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +91,12 @@ def tiny_pairs_file(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     a, p, n = make_sentences(64, 1), make_sentences(64, 2), make_sentences(64, 3)
-    path.write_text("".join(json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
-                            for x, y, z in zip(a, p, n)))
+    path.write_text(
+        "".join(
+            json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
+            for x, y, z in zip(a, p, n)
+        )
+    )
     return path
 
 
@@ -85,6 +106,6 @@ def ray_cluster():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="gist-ray-test-ray-")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
+    ray.init(num_cpus=2, _temp_dir=tmp, log_to_driver=True)
     yield ray
     ray.shutdown()

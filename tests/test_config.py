@@ -12,21 +12,39 @@ def test_defaults_are_valid_and_roundtrip():
 
 def test_yaml_file_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  lr: 1.0e-4\n  batch_size: 8\nloss:\n  margin: 0.1\n"
-                 "data:\n  columns: {anchor: question, positive: answer}\n")
-    cfg = load_config(f, ["train.lr=5e-5", "loss.contrast_anchors=false",
-                          "data.columns.negative=bad_answer", "ray.address=auto"])
+    f.write_text(
+        "train:\n  lr: 1.0e-4\n  batch_size: 8\nloss:\n  margin: 0.1\n"
+        "data:\n  columns: {anchor: question, positive: answer}\n"
+    )
+    cfg = load_config(
+        f,
+        [
+            "train.lr=5e-5",
+            "loss.contrast_anchors=false",
+            "data.columns.negative=bad_answer",
+            "ray.address=auto",
+        ],
+    )
     assert cfg.train.lr == 5e-5 and cfg.train.batch_size == 8
     assert cfg.loss.margin == 0.1 and cfg.loss.contrast_anchors is False
-    assert cfg.data.columns == {"anchor": "question", "positive": "answer",
-                                "negative": "bad_answer"}
+    assert cfg.data.columns == {
+        "anchor": "question",
+        "positive": "answer",
+        "negative": "bad_answer",
+    }
     assert cfg.ray.address == "auto"
 
 
 def test_flat_params_cover_every_key():
     flat = Config().flat()
-    for key in ("model.student", "train.lr", "loss.temperature", "ray.num_workers",
-                "mlflow.experiment", "output_dir"):
+    for key in (
+        "model.student",
+        "train.lr",
+        "loss.temperature",
+        "ray.num_workers",
+        "mlflow.experiment",
+        "output_dir",
+    ):
         assert key in flat
 
 

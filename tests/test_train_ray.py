@@ -15,12 +15,19 @@ def beir_eval(tmp_path_factory, tiny_pairs_file):
     """A tiny BEIR-style eval folder built from the training sentences."""
     rows = [json.loads(line) for line in tiny_pairs_file.read_text().splitlines()]
     root = tmp_path_factory.mktemp("beir")
-    (root / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": r["anchor"]}) + "\n" for i, r in enumerate(rows[:8])))
-    (root / "corpus.jsonl").write_text("".join(
-        json.dumps({"_id": f"d{i}", "text": r["positive"]}) + "\n" for i, r in enumerate(rows)))
-    (root / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"q{i}\td{i}\t1\n" for i in range(8)))
+    (root / "queries.jsonl").write_text(
+        "".join(
+            json.dumps({"_id": f"q{i}", "text": r["anchor"]}) + "\n" for i, r in enumerate(rows[:8])
+        )
+    )
+    (root / "corpus.jsonl").write_text(
+        "".join(
+            json.dumps({"_id": f"d{i}", "text": r["positive"]}) + "\n" for i, r in enumerate(rows)
+        )
+    )
+    (root / "qrels.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8))
+    )
     return root
 
 
@@ -29,14 +36,24 @@ def trained(ray_cluster, tiny_models, tiny_pairs_file, beir_eval, tmp_path_facto
     from gist_ray.run import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(overrides=[
-        f"model.student={tiny_models['student']}", f"model.guide={tiny_models['guide']}",
-        "model.max_seq_length=32", f"data.train={tiny_pairs_file}", f"data.eval={beir_eval}",
-        "data.max_examples=0", "train.batch_size=8", "train.max_steps=5",
-        "train.checkpoint_every=2", "train.lr=1e-3", "ray.num_workers=2",
-        f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", "mlflow.experiment=test-train",
-        f"output_dir={out / 'output'}",
-    ])
+    cfg = load_config(
+        overrides=[
+            f"model.student={tiny_models['student']}",
+            f"model.guide={tiny_models['guide']}",
+            "model.max_seq_length=32",
+            f"data.train={tiny_pairs_file}",
+            f"eval.source={beir_eval}",
+            "data.max_examples=0",
+            "train.batch_size=8",
+            "train.max_steps=5",
+            "train.checkpoint_every=2",
+            "train.lr=1e-3",
+            "ray.num_workers=2",
+            f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+            "mlflow.experiment=test-train",
+            f"output_dir={out / 'output'}",
+        ]
+    )
     return cfg, train(cfg)
 
 
@@ -66,8 +83,16 @@ def test_mlflow_run_holds_params_and_metrics(trained):
     history = client.get_metric_history(result["run_id"], "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor(m.value)) for m in history)
-    for key in ("lr", "samples_per_s", "mask_frac/ap", "mask_frac/aa", "mask_frac/pp",
-                "mask_frac/an1", "eval/before/ndcg_at_10", "eval/after/ndcg_at_10"):
+    for key in (
+        "lr",
+        "samples_per_s",
+        "mask_frac/ap",
+        "mask_frac/aa",
+        "mask_frac/pp",
+        "mask_frac/an1",
+        "eval/before/ndcg_at_10",
+        "eval/after/ndcg_at_10",
+    ):
         assert client.get_metric_history(result["run_id"], key), key
     artifacts = [a.path for a in client.list_artifacts(result["run_id"], "model")]
     assert "model/modules.json" in artifacts

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gist_ray.distributed import all_gather_with_grad, rank
-from gist_ray.loss.plan import STRATEGIES, BackendOutput, Problem, build_segments, mask_limit
+from gist_ray.loss.plan import STRATEGIES, BackendOutput, Problem, build_segments
 from gist_ray.loss.reference import reference_backend
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
@@ -83,7 +83,10 @@ def gist_loss(
             f"got {len(negatives)} negative columns but {len(guide_negatives)} guide negatives"
         )
     b = anchor.shape[0]
-    for name, t in [("positive", positive), *((f"negative_{k + 1}", n) for k, n in enumerate(negatives))]:
+    for name, t in [
+        ("positive", positive),
+        *((f"negative_{k + 1}", n) for k, n in enumerate(negatives)),
+    ]:
         if t.shape != anchor.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, anchor has {tuple(anchor.shape)}")
     run = get_backend(backend, anchor.device)
@@ -108,9 +111,7 @@ def gist_loss(
         offset = 0
         a_all, p_all, ns_all, ga_all, gp_all, gns_all = a, p, ns, ga, gp, gns
 
-    segments = build_segments(
-        b, p_all.shape[0], len(ns), contrast_anchors, contrast_positives
-    )
+    segments = build_segments(b, p_all.shape[0], len(ns), contrast_anchors, contrast_positives)
     pool = {"ap": (p_all, gp_all), "aa": (a_all, ga_all), "pp": (p_all, gp_all)}
     pool.update({f"an{k + 1}": (n, g) for k, (n, g) in enumerate(zip(ns_all, gns_all))})
     problem = Problem(

@@ -33,7 +33,10 @@ def st_gist_loss(anchor, positive, g_anchor, g_positive, negative=None, g_negati
     loss.gather_across_devices = False
     loss.temperature = kw["temperature"]
     loss.margin, loss.margin_strategy = kw["margin"], kw["margin_strategy"]
-    loss.contrast_anchors, loss.contrast_positives = kw["contrast_anchors"], kw["contrast_positives"]
+    loss.contrast_anchors, loss.contrast_positives = (
+        kw["contrast_anchors"],
+        kw["contrast_positives"],
+    )
     original = gist_embed.embed_columns
     gist_embed.embed_columns = fake_embed
     try:
@@ -55,10 +58,12 @@ def correlated(b: int, d: int, d_g: int, gen: torch.Generator):
 @pytest.mark.parametrize("strategy", ["absolute", "relative"])
 @pytest.mark.parametrize("margin", [0.0, 0.1])
 @pytest.mark.parametrize("with_negative", [False, True])
-@pytest.mark.parametrize(("contrast_a", "contrast_p"), [(True, True), (False, True), (True, False),
-                                                        (False, False)])
-def test_reference_matches_sentence_transformers(strategy, margin, with_negative, contrast_a,
-                                                 contrast_p):
+@pytest.mark.parametrize(
+    ("contrast_a", "contrast_p"), [(True, True), (False, True), (True, False), (False, False)]
+)
+def test_reference_matches_sentence_transformers(
+    strategy, margin, with_negative, contrast_a, contrast_p
+):
     seed = torch.seed()
     gen = torch.Generator().manual_seed(seed)
     b, d, d_g = 12, 16, 24
@@ -67,16 +72,32 @@ def test_reference_matches_sentence_transformers(strategy, margin, with_negative
     gp = ga + 1.2 * torch.randn(b, d_g, generator=gen)
     gp[0] = -ga[0]  # t_0 = -1: row 0 masks nearly everything
     gp[1] = ga[1] + 0.05 * torch.randn(d_g, generator=gen)  # t_1 ≈ 1: row 1 masks ~nothing
-    n, gn = (correlated(b, d, d_g, gen) if with_negative else (None, None))
-    kw = dict(temperature=0.05, margin=margin, margin_strategy=strategy,
-              contrast_anchors=contrast_a, contrast_positives=contrast_p)
+    n, gn = correlated(b, d, d_g, gen) if with_negative else (None, None)
+    kw = dict(
+        temperature=0.05,
+        margin=margin,
+        margin_strategy=strategy,
+        contrast_anchors=contrast_a,
+        contrast_positives=contrast_p,
+    )
 
     ours_in = [t.clone().requires_grad_() for t in (a, p)] + (
-        [n.clone().requires_grad_()] if with_negative else [])
+        [n.clone().requires_grad_()] if with_negative else []
+    )
     st_in = [t.clone().requires_grad_() for t in (a, p)] + (
-        [n.clone().requires_grad_()] if with_negative else [])
-    ours, stats = gist_loss(ours_in[0], ours_in[1], ga, gp, ours_in[2:], [gn] if with_negative
-                            else [], backend="reference", return_stats=True, **kw)
+        [n.clone().requires_grad_()] if with_negative else []
+    )
+    ours, stats = gist_loss(
+        ours_in[0],
+        ours_in[1],
+        ga,
+        gp,
+        ours_in[2:],
+        [gn] if with_negative else [],
+        backend="reference",
+        return_stats=True,
+        **kw,
+    )
     theirs = st_gist_loss(st_in[0], st_in[1], ga, gp, st_in[2] if with_negative else None, gn, **kw)
     assert 0 < stats["mask_frac/all"] < 1, f"seed {seed}: masking is trivial"
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
@@ -91,8 +112,9 @@ def test_hand_computed_3x3():
     deg = [0.0, 60.0, 120.0]
 
     def unit(angles):
-        return torch.tensor([[math.cos(math.radians(x)), math.sin(math.radians(x))]
-                             for x in angles])
+        return torch.tensor(
+            [[math.cos(math.radians(x)), math.sin(math.radians(x))] for x in angles]
+        )
 
     a = unit(deg)
     p = unit([x + 30 for x in deg])  # s(a_i, p_i) = cos 30°
@@ -119,8 +141,7 @@ def test_hand_computed_3x3():
     # Now a guide that ranks a_0's AP candidate p_1 above the positive: it is masked for row 0.
     gp = p.clone()
     gp[1] = a[0]  # g(a_0, p_1) = 1 > t_0 = g(a_0, p_0)
-    loss2, stats2 = gist_loss(a, p, a, gp, temperature=1.0, backend="reference",
-                              return_stats=True)
+    loss2, stats2 = gist_loss(a, p, a, gp, temperature=1.0, backend="reference", return_stats=True)
     assert stats2["mask_frac/ap"] > 0
     assert loss2.item() != pytest.approx(loss.item())
 
@@ -138,12 +159,15 @@ def test_all_negatives_masked_gives_zero_loss_not_nan():
     assert torch.isfinite(a.grad).all()
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"temperature": 0.0}, "loss.temperature"),
-    ({"margin": -0.5}, "loss.margin"),
-    ({"margin_strategy": "percent"}, "loss.margin_strategy"),
-    ({"backend": "cuda"}, "loss.backend"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"temperature": 0.0}, "loss.temperature"),
+        ({"margin": -0.5}, "loss.margin"),
+        ({"margin_strategy": "percent"}, "loss.margin_strategy"),
+        ({"backend": "cuda"}, "loss.backend"),
+    ],
+)
 def test_bad_arguments(kwargs, needle):
     a = torch.randn(3, 4)
     with pytest.raises(ValueError, match=needle):

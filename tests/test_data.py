@@ -1,0 +1,273 @@
+"""load_pairs / load_eval on real files, the built-in InsuranceQA source, and every bad input."""
+
+import json
+
+import datasets
+import huggingface_hub.constants
+import pandas as pd
+import pytest
+
+from gist_ray.data import EvalSet, load_eval, load_pairs
+from gist_ray.errors import DataError
+
+ROWS = [
+    {"question": "how do cats purr", "answer": "with their larynx", "wrong": "by singing", "id": 1},
+    {
+        "question": "what is term life",
+        "answer": "cover for a fixed term",
+        "wrong": "a car",
+        "id": 2,
+    },
+    {"question": "is rain wet", "answer": "yes, rain is water", "wrong": "it is dry", "id": 3},
+]
+MAPPING = {"anchor": "question", "positive": "answer", "negative": "wrong"}
+
+
+def write(path, rows):
+    """Write rows in the format named by the file's suffix."""
+    df = pd.DataFrame(rows)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        df.to_parquet(path)
+    return str(path)
+
+
+def expect(match, source, **kw):
+    with pytest.raises(DataError, match=match) as e:
+        load_pairs(source, **kw)
+    assert "\n" not in str(e.value)  # one line, for the CLI
+    return str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_files_with_column_mapping(tmp_path, suffix):
+    ds = load_pairs(write(tmp_path / f"d{suffix}", ROWS), columns=MAPPING)
+    assert ds.column_names == ["anchor", "positive", "negative_1"]  # extras (id) dropped
+    assert ds[1] == {
+        "anchor": "what is term life",
+        "positive": "cover for a fixed term",
+        "negative_1": "a car",
+    }
+
+
+def test_canonical_columns_need_no_mapping_and_keep_numbered_negatives(tmp_path):
+    rows = [{"anchor": "a", "positive": "p", "negative_2": "n2", "negative_1": "n1", "x": 1}]
+    ds = load_pairs(write(tmp_path / "c.jsonl", rows))
+    assert ds.column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    assert ds[0]["negative_2"] == "n2"
+    ds = load_pairs(
+        write(tmp_path / "n.jsonl", [{"anchor": "a", "positive": "p", "negative": "n"}])
+    )
+    assert ds.column_names == ["anchor", "positive", "negative_1"]
+
+
+def test_swapped_mapping(tmp_path):
+    ds = load_pairs(
+        write(tmp_path / "s.csv", [{"anchor": "x", "positive": "y"}]),
+        columns={"anchor": "positive", "positive": "anchor"},
+    )
+    assert ds[0] == {"anchor": "y", "positive": "x"}
+
+
+def test_save_to_disk_folders(tmp_path):
+    data = {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]}
+    datasets.Dataset.from_dict(data).save_to_disk(tmp_path / "one")
+    assert load_pairs(str(tmp_path / "one"))["positive"] == ["p1", "p2"]
+    dd = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(data),
+        dev=datasets.Dataset.from_dict({"anchor": ["x"], "positive": ["y"]}),
+    )
+    dd.save_to_disk(tmp_path / "dict")
+    assert len(load_pairs(str(tmp_path / "dict"))) == 2
+    assert load_pairs(str(tmp_path / "dict"), split="dev")["anchor"] == ["x"]
+    expect(r"dict: no split 'test'; splits are: train, dev", str(tmp_path / "dict"), split="test")
+
+
+def test_max_examples_takes_first_rows(tmp_path):
+    rows = ROWS + [{"question": "bad", "answer": None, "wrong": "w", "id": 4}]
+    path = write(tmp_path / "m.jsonl", rows)
+    ds = load_pairs(path, columns=MAPPING, max_examples=2)
+    assert ds["anchor"] == ["how do cats purr", "what is term life"]
+    assert len(load_pairs(path, columns=MAPPING, max_examples=3)) == 3  # bad row 3 not read
+    expect("max_examples must be a positive integer", path, max_examples=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_and_bad_types(tmp_path):
+    msg = expect("does not exist", str(tmp_path / "nope.jsonl"))
+    assert "nope.jsonl" in msg
+    (tmp_path / "d.txt").write_text("hello")
+    expect(r"d.txt: unsupported file type '.txt'", str(tmp_path / "d.txt"))
+    (tmp_path / "bad.json").write_text('{"anchor": ')
+    expect(r"bad.json: cannot be read as json: .*JSON parse error", str(tmp_path / "bad.json"))
+    (tmp_path / "folder").mkdir()
+    expect("folder: folder is not a dataset saved with save_to_disk", str(tmp_path / "folder"))
+
+
+def test_hub_name_offline(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    msg = expect("does not exist locally and cannot be fetched", "someorg/no-such-dataset")
+    assert "'someorg/no-such-dataset'" in msg
+
+
+def test_missing_columns_name_what_exists(tmp_path):
+    path = write(tmp_path / "q.csv", ROWS)
+    msg = expect(r"q.csv: no column 'anchor'; columns are: question, answer, wrong, id", path)
+    assert "columns" in msg
+    expect(
+        r"q.csv: no column 'reply' \(mapped to 'positive'\); columns are: question",
+        path,
+        columns={"anchor": "question", "positive": "reply"},
+    )
+    expect(r"q.csv: no column 'positive'", path, columns={"anchor": "question"})
+    expect(
+        r"unknown column role\(s\) 'query'; allowed: anchor, positive, negative",
+        path,
+        columns={"query": "question"},
+    )
+    expect(
+        "mapped to more than one role", path, columns={"anchor": "question", "positive": "question"}
+    )
+
+
+def test_negative_numbering(tmp_path):
+    rows = [{"anchor": "a", "positive": "p", "negative_1": "n", "negative_3": "m"}]
+    expect(
+        "negative_1..negative_k without gaps; got negative_1, negative_3",
+        write(tmp_path / "g.jsonl", rows),
+    )
+    rows = [{"anchor": "a", "positive": "p", "negative": "n", "negative_1": "m"}]
+    expect("both 'negative' and 'negative_1'", write(tmp_path / "b.jsonl", rows))
+
+
+def test_empty_datasets(tmp_path):
+    (tmp_path / "zero.jsonl").write_text("")
+    expect(r"zero.jsonl is empty", str(tmp_path / "zero.jsonl"))
+    (tmp_path / "header.csv").write_text("anchor,positive\n")
+    expect(r"header.csv is empty \(0 rows\)", str(tmp_path / "header.csv"))
+    (tmp_path / "list.json").write_text("[]")
+    expect(r"list.json is empty \(0 rows\)", str(tmp_path / "list.json"))
+
+
+@pytest.mark.parametrize(
+    "value, what",
+    [(None, "null"), ("", "empty or whitespace"), ("  \t ", "empty or whitespace")],
+)
+def test_bad_texts_name_column_and_row(tmp_path, value, what):
+    rows = [dict(r) for r in ROWS] + [{"question": "q", "answer": "a", "wrong": "w", "id": 4}]
+    rows[2]["answer"] = value
+    path = write(tmp_path / "t.jsonl", rows)
+    msg = expect(
+        rf"t.jsonl: column 'positive' \(source column 'answer'\) row 2 \(0-based\) is {what}",
+        path,
+        columns=MAPPING,
+    )
+    assert "(1 bad in all)" in msg
+
+
+def test_csv_whitespace_and_non_string_texts(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("anchor,positive\nq1,a1\nq2,   \n")
+    expect(r"w.csv: column 'positive' row 1 \(0-based\) is empty or whitespace", str(path))
+    nums = write(
+        tmp_path / "n.jsonl", [{"anchor": "q", "positive": 5}, {"anchor": "q", "positive": 6}]
+    )
+    expect(r"n.jsonl: column 'positive' row 0 \(0-based\) is int 5; texts must be", nums)
+    mixed = write(
+        tmp_path / "x.jsonl",
+        [{"anchor": "q", "positive": "ok"}, {"anchor": "q", "positive": ["a"]}],
+    )
+    expect(r"x.jsonl: column 'positive' row 1 \(0-based\) is list \['a'\]", mixed)
+    nulls = write(tmp_path / "z.jsonl", [{"anchor": "q", "positive": None}])
+    expect(r"z.jsonl: column 'positive' row 0 \(0-based\) is null", nulls)
+
+
+# ----------------------------------------------------------------------------- built-in data
+
+
+def test_builtin_insuranceqa_pairs():
+    ds = load_pairs("insuranceqa", max_examples=40, seed=0)
+    assert ds.column_names == ["anchor", "positive", "negative_1"] and len(ds) == 40
+    assert ds[:] == load_pairs("insuranceqa", max_examples=40, seed=0)[:]  # deterministic
+    assert ds[:5] == load_pairs("insuranceqa", max_examples=5, seed=0)[:]  # subsets are prefixes
+    assert ds["anchor"] != load_pairs("insuranceqa", max_examples=40, seed=1)["anchor"]
+    assert len(set(ds["anchor"])) > 30  # shuffled: diverse questions, not one question's answers
+    for row in ds:
+        assert row["positive"] != row["negative_1"]
+        assert all("  " not in t and t == t.strip() for t in row.values())
+    expect("training split must be 'train'", "insuranceqa", split="test")
+
+
+def test_builtin_insuranceqa_eval():
+    import insuranceqa_data
+
+    ev = load_eval("insuranceqa", split="test", max_queries=50, max_corpus=300, seed=0)
+    assert isinstance(ev, EvalSet) and len(ev.queries) == 50
+    assert len(ev.corpus) <= 300 and set(ev.qrels) == set(ev.queries)
+    assert all(d in ev.corpus for rel in ev.qrels.values() for d in rel)
+    assert all("  " not in t for t in list(ev.queries.values()) + list(ev.corpus.values()))
+    again = load_eval("insuranceqa", split="test", max_queries=50, max_corpus=300, seed=0)
+    assert (again.queries, again.corpus) == (ev.queries, ev.corpus)
+    train_questions = {" ".join(v["en"].split()) for v in insuranceqa_data.load_train().values()}
+    assert not train_questions & set(ev.queries.values())  # held out from training
+    # positives are always kept, even past max_corpus
+    small = load_eval("insuranceqa", split="valid", max_queries=20, max_corpus=5)
+    assert set(small.corpus) == {d for rel in small.qrels.values() for d in rel}
+    with pytest.raises(DataError, match="eval split 'train' is not one of: test, valid"):
+        load_eval("insuranceqa", split="train")
+
+
+# ----------------------------------------------------------------------------- BEIR folders
+
+
+def beir(tmp_path, qrels_lines, qrels_name="qrels/test.tsv"):
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    queries = [{"_id": "q1", "text": "cats purr"}, {"_id": "q2", "text": "stock market"}]
+    corpus = [
+        {"_id": "d1", "title": "Cats", "text": "they purr"},
+        {"_id": "d2", "text": "market fell"},
+        {"_id": "d3", "title": "", "text": "guitars"},
+    ]
+    (root / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (root / qrels_name).write_text("query-id\tcorpus-id\tscore\n" + "".join(qrels_lines))
+    return str(root)
+
+
+def test_beir_folder(tmp_path, caplog):
+    root = beir(tmp_path, ["q1\td1\t1\n", "q2\td2\t2\n", "q9\td1\t1\n", "q1\td9\t1\n"])
+    ev = load_eval(root, split="test")
+    assert ev.queries == {"q1": "cats purr", "q2": "stock market"}
+    assert ev.corpus == {"d1": "Cats they purr", "d2": "market fell", "d3": "guitars"}
+    assert ev.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
+    assert "ignored 2 qrels naming unknown queries or documents" in ev.notes[0]
+    assert len(load_eval(root, max_queries=1, max_corpus=1).corpus) == 1  # its positive only
+    flat = beir(tmp_path / "flat", ["q1\td3\t1\n"], qrels_name="qrels.tsv")
+    assert load_eval(flat, split="dev").qrels == {"q1": {"d3": 1}}
+
+
+def test_beir_bad_input(tmp_path):
+    with pytest.raises(DataError, match="nope does not exist"):
+        load_eval(str(tmp_path / "nope"))
+    root = beir(tmp_path, ["q1\td1\t0\n"])
+    with pytest.raises(DataError, match="eval set is empty"):
+        load_eval(root)
+    with pytest.raises(DataError, match=r"lacks qrels/dev.tsv or qrels.tsv"):
+        load_eval(root, split="dev")
+    (tmp_path / "beir" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
+    with pytest.raises(DataError, match=r"test.tsv line 2: need query-id, corpus-id"):
+        load_eval(root)
+    (tmp_path / "beir" / "queries.jsonl").write_text('{"_id": "q1"}\n')
+    with pytest.raises(
+        DataError, match=r"queries.jsonl line 1: need a JSON object with _id and text"
+    ):
+        load_eval(root)

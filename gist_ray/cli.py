@@ -1,4 +1,4 @@
-"""The ``gist-ray`` command line: ``train``, ``config``.
+"""The ``gist-ray`` command line: ``train``, ``config``, ``eval``.
 
 User errors print as one line (``gist-ray: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
@@ -37,9 +37,74 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a student with a guide (default: offline demo)")
     _add_config_args(train)
+    cache = sub.add_parser(
+        "cache-guide", help="embed every training text with the guide once (sharded on Ray)"
+    )
+    _add_config_args(cache)
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(cfg)
+    _add_eval_parser(sub)
     return parser
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="retrieval (nDCG, recall, MRR, MAP) and STS metrics of a model; --compare another",
+        description="Evaluate a model (path, hub name or alias: minilm, mpnet). Without --data "
+        "and --sts, retrieval runs on the built-in insuranceqa test split.",
+    )
+    ev.add_argument("model", help="model folder, hub name or built-in alias")
+    ev.add_argument("--compare", metavar="MODEL", help="a second model, shown side by side")
+    ev.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="retrieval set: 'insuranceqa' or a BEIR folder (queries.jsonl, corpus.jsonl, "
+        "qrels/<split>.tsv or qrels.tsv)",
+    )
+    ev.add_argument("--split", default="test", help="qrels split (default: test)")
+    ev.add_argument(
+        "--sts", metavar="FILE", help="scored pairs (.csv/.tsv/.jsonl: sentence1, sentence2, score)"
+    )
+    ev.add_argument("--max-queries", type=int, default=200, help="0 = all (default: 200)")
+    ev.add_argument("--max-corpus", type=int, default=2000, help="0 = all (default: 2000)")
+    ev.add_argument(
+        "--pooling", choices=("mean", "cls", "last_token"), help="default: the model's own"
+    )
+    ev.add_argument("--max-seq-length", type=int, help="tokens; default: the model's own or 128")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
+    ev.add_argument("--seed", type=int, default=0, help="query and corpus sampling seed")
+    ev.add_argument("--output", metavar="FILE", help="also write the results as JSON")
+    ev.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gist_ray.errors import ConfigError
+    from gist_ray.evalcmd import evaluate
+
+    for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name in ("batch_size", "max_seq_length") else 0):
+            raise ConfigError(f"--{name.replace('_', '-')} = {value} is not allowed")
+    evaluate(
+        args.model,
+        compare=args.compare,
+        data=args.data,
+        split=args.split,
+        sts=args.sts,
+        max_queries=args.max_queries,
+        max_corpus=args.max_corpus,
+        pooling=args.pooling,
+        max_seq_length=args.max_seq_length,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        output=args.output,
+    )
+    return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -57,10 +122,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_guide(args: argparse.Namespace) -> int:
+    from gist_ray.config import load_config
+    from gist_ray.run import cache_guide
+
+    cache_guide(load_config(args.config, args.overrides))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": _cmd_train, "config": _cmd_config}
+    handlers = {"train": _cmd_train, "config": _cmd_config, "cache-guide": _cmd_cache_guide}
+    handlers["eval"] = _cmd_eval
     try:
         return handlers[args.command](args)
     except GistRayError as e:

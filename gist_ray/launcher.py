@@ -1,26 +1,58 @@
 """Ray Train launcher: the only module that knows about Ray.
 
-It connects to (or starts) a Ray cluster, checks the requested resources, creates the MLflow run,
+It connects to a Ray cluster (``ray.address`` / ``RAY_ADDRESS``, e.g. inside ``ray job submit``)
+or starts a local one, checks resources and storage, finds the checkpoint a rerun resumes from,
 runs :func:`gist_ray.train.train_worker` on ``ray.num_workers`` TorchTrainer workers and copies
 the final model out of the last checkpoint.
+
+Fault tolerance is Ray Train V2's: ``FailureConfig(max_failures)`` restarts the worker group
+after a worker or node dies and ``ray.train.get_checkpoint()`` hands the restarted workers the
+latest committed checkpoint; a new ``fit()`` with the same ``RunConfig(name, storage_path)``
+reloads the run's checkpoint list from storage, so rerunning a command resumes it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from gist_ray import checkpoint as ckpt
 from gist_ray.config import Config
 from gist_ray.errors import GistRayError
+
+PROBE_TIMEOUT_S = 5.0
+# Mounts that every node can share; a local path on another file system is node-local.
+SHARED_FS_TYPES = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "glusterfs",
+    "ceph",
+    "cephfs",
+    "wekafs",
+    "fuse.",  # gcsfuse, s3fs, juicefs, mountpoint-s3, ...
+)
+# Test-only fault injection (gist_ray.faults) must reach the workers' processes.
+FORWARDED_ENV = ("GIST_RAY_FAULT_INJECT",)
 
 
 class RayReporter:
     """Reporter backed by ``ray.train.report`` / ``ray.train.get_checkpoint``."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Returns once the checkpoint is committed: uploaded and recorded in the run's snapshot
+        in storage, i.e. what a restart would resume from."""
         import ray.train
 
         if checkpoint_dir is None:
@@ -32,12 +64,21 @@ class RayReporter:
             checkpoint_dir_name=Path(checkpoint_dir).name,
         )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has copied it to storage
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+        )
 
     def latest_checkpoint(self) -> str | None:
+        """A local folder with the checkpoint to resume from (downloaded if remote)."""
+        import pyarrow.fs
         import ray.train
 
         found = ray.train.get_checkpoint()
-        return found.path if found is not None else None
+        if found is None:
+            return None
+        if isinstance(found.filesystem, pyarrow.fs.LocalFileSystem):
+            return found.path
+        return found.to_directory(tempfile.mkdtemp(prefix="gist-ray-resume-"))
 
 
 def _ray_entry(payload: dict[str, Any]) -> None:
@@ -53,6 +94,30 @@ def _ray_entry(payload: dict[str, Any]) -> None:
     )
 
 
+def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in bounded time when nothing listens at a cluster address (ray.init would retry
+    for a minute or more)."""
+    key = f"ray.address = {address!r}"
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise GistRayError(
+            f"{key} is a dashboard (Jobs API) address: pass it to `ray job submit --address`, "
+            "and give gist-ray the cluster's GCS address (HOST:6379) or leave it unset in a job"
+        )
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if parsed.scheme != "ray" or not parsed.hostname or parsed.port is None:
+        raise GistRayError(f"{key}: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
+    except OSError as e:
+        raise GistRayError(
+            f"{key}: nothing answers at {parsed.hostname}:{parsed.port} "
+            f"({type(e).__name__}: {e.strerror or e}); start the cluster (`ray up cluster.yaml`, "
+            "`ray start --head`) or fix ray.address / RAY_ADDRESS"
+        ) from e
+
+
 def connect(cfg: Config) -> None:
     """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a local cluster."""
     import ray
@@ -61,6 +126,7 @@ def connect(cfg: Config) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        probe_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as e:  # noqa: BLE001 - connection errors come in several types
@@ -75,31 +141,158 @@ def connect(cfg: Config) -> None:
     ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=tmp, log_to_driver=True)
 
 
+def _shortfall(cfg: Config, total: dict[str, float]) -> str | None:
+    n = cfg.ray.num_workers
+    if cfg.ray.use_gpu and total.get("GPU", 0) < n:
+        return (
+            f"ray.num_workers = {n} with ray.use_gpu = true needs {n} GPUs but the cluster has "
+            f"{int(total.get('GPU', 0))}; lower ray.num_workers, set ray.use_gpu=false, or on "
+            "an autoscaling cluster set ray.resource_wait_s so GPU nodes can join"
+        )
+    if not cfg.ray.use_gpu and total.get("CPU", 0) < n:
+        return (
+            f"ray.num_workers = {n} needs {n} CPUs but the cluster has "
+            f"{int(total.get('CPU', 0))}; lower ray.num_workers or add nodes"
+        )
+    return None
+
+
+def _wait_for_resources(cfg: Config) -> None:
+    """Ask the autoscaler for the workers' resources and wait up to ``ray.resource_wait_s``."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"GPU": 1} if cfg.ray.use_gpu else {"CPU": 1}
+    request_resources(bundles=[bundle] * cfg.ray.num_workers)
+    try:
+        deadline = time.monotonic() + cfg.ray.resource_wait_s
+        while _shortfall(cfg, ray.cluster_resources()) and time.monotonic() < deadline:
+            time.sleep(5)
+    finally:
+        request_resources(bundles=[])  # the placement group keeps the demand from here on
+
+
+def storage_path(cfg: Config) -> str:
+    """``ray.storage_path`` (absolute when local), else ``<output_dir>/ray``."""
+    path = cfg.ray.storage_path or str(Path(cfg.output_dir) / "ray")
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _mount_type(path: str) -> str:
+    """File system type of the mount holding ``path`` (longest mount-point prefix)."""
+    best, fstype = "", ""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    real = os.path.realpath(path)
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) > len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def is_shared_storage(path: str) -> bool:
+    scheme = urlparse(path).scheme if "://" in path else ""
+    if scheme and scheme != "file":
+        return True  # s3://, gs://, abfs://, hdfs://, ...
+    local = path[len("file://") :] if scheme == "file" else path
+    return _mount_type(local).startswith(SHARED_FS_TYPES)
+
+
+def check_storage(cfg: Config, alive_nodes: int) -> None:
+    """Checkpoints of a multi-node run must land where every node (and the driver) can read."""
+    path = storage_path(cfg)
+    if alive_nodes > 1 and not is_shared_storage(path):
+        raise GistRayError(
+            f"ray.storage_path = {path!r} is node-local but the cluster has {alive_nodes} nodes: "
+            "workers on other nodes cannot write or restore checkpoints there; set "
+            "ray.storage_path to shared storage (s3://BUCKET/PATH, gs://..., or an NFS mount)"
+        )
+
+
 def check_resources(cfg: Config) -> None:
+    """Enough GPUs/CPUs for the workers (waiting for an autoscaler when asked), and storage
+    that every node shares when the cluster has several."""
     import ray
 
-    total = ray.cluster_resources()
-    need_cpu = cfg.ray.num_workers * (0 if cfg.ray.use_gpu else 1)
-    if cfg.ray.use_gpu and total.get("GPU", 0) < cfg.ray.num_workers:
+    if cfg.ray.resource_wait_s and _shortfall(cfg, ray.cluster_resources()):
+        _wait_for_resources(cfg)
+    problem = _shortfall(cfg, ray.cluster_resources())
+    if problem:
+        raise GistRayError(problem)
+    check_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def run_dir_name(cfg: Config, run_id: str) -> str:
+    """The run's folder under the storage path: the MLflow run name, so a rerun finds it."""
+    return cfg.mlflow.run_name or f"gist-ray-{run_id[:8]}"
+
+
+@dataclass
+class FoundCheckpoint:
+    """The checkpoint Ray Train will restore a run from."""
+
+    checkpoint: Any  # ray.train.Checkpoint
+    step: int
+    mlflow_run_id: str | None
+    where: str
+
+
+def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
+    """The latest committed checkpoint of run ``name`` in storage, checked against this config
+    (identity and file sizes) without downloading it; None if the run has none."""
+    import pyarrow.fs
+    import ray.train
+
+    run_dir = f"{storage_path(cfg).rstrip('/')}/{name}"
+    try:
+        result = ray.train.Result.from_path(run_dir)
+    except RuntimeError:  # no such folder, or no checkpoint snapshot in it
+        return None
+    found = result.checkpoint
+    if found is None:
+        return None
+    fs, root = found.filesystem, found.path.rstrip("/")
+    where = f"{run_dir}/{Path(root).name}"
+    try:
+        with fs.open_input_stream(f"{root}/{ckpt.META_FILE}") as f:
+            meta = ckpt.parse_meta(f.read(), where)
+    except (FileNotFoundError, OSError) as e:
         raise GistRayError(
-            f"ray.num_workers = {cfg.ray.num_workers} with ray.use_gpu = true needs "
-            f"{cfg.ray.num_workers} GPUs but the cluster has {int(total.get('GPU', 0))}; "
-            "lower ray.num_workers or set ray.use_gpu=false"
-        )
-    if need_cpu > total.get("CPU", 0):
-        raise GistRayError(
-            f"ray.num_workers = {cfg.ray.num_workers} needs {need_cpu} CPUs but the cluster "
-            f"has {int(total.get('CPU', 0))}; lower ray.num_workers or add nodes"
-        )
+            f"checkpoint {where} is incomplete: {ckpt.META_FILE} is missing; "
+            "delete it or use another mlflow.run_name"
+        ) from e
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    sizes = {i.path[len(root) + 1 :]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+    ckpt.check_meta(meta, ckpt.identity(cfg), sizes, where)
+    return FoundCheckpoint(found, int(meta["step"]), meta.get("mlflow_run_id"), where)
+
+
+def export_checkpoint(cfg: Config, checkpoint) -> Path:
+    """Copy a (possibly remote) checkpoint to ``<output_dir>/final-checkpoint``."""
+    local = Path(cfg.output_dir) / "final-checkpoint"
+    if local.exists():
+        shutil.rmtree(local)
+    checkpoint.to_directory(str(local))
+    return local
 
 
 def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
-    """Fit on the cluster; return the final checkpoint's directory (local copy)."""
+    """Fit on the cluster (resuming the run's latest checkpoint if it has one); return the final
+    checkpoint's directory (local copy)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = cfg.ray.storage_path or str(Path(cfg.output_dir) / "ray")
-    name = cfg.mlflow.run_name or f"gist-ray-{run_id[:8]}"
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # V2's print patch echoes every line twice
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     trainer = TorchTrainer(
         _ray_entry,
         train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
@@ -108,12 +301,11 @@ def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu
         ),
         run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
+            name=run_dir_name(cfg, run_id),
+            storage_path=storage_path(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            # Ray Train V2 patches print() into its logger, which echoes every line twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": env},
         ),
     )
     try:
@@ -122,11 +314,7 @@ def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
         raise _unwrap(e) from e
     if result.checkpoint is None:
         raise GistRayError("training finished without a checkpoint")
-    local = Path(cfg.output_dir) / "final-checkpoint"
-    if local.exists():
-        shutil.rmtree(local)
-    result.checkpoint.to_directory(str(local))
-    return local
+    return export_checkpoint(cfg, result.checkpoint)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -149,3 +337,33 @@ def _unwrap(e: BaseException) -> BaseException:
         if "Error:" in line and "gist_ray.errors" in line:
             return GistRayError(line.split("Error:", 1)[1].strip())
     return e
+
+
+def _ray_cache_entry(payload: dict[str, Any]) -> None:
+    from gist_ray.config import load_config_dict
+    from gist_ray.train import cache_guide_worker
+
+    cache_guide_worker(load_config_dict(payload["config"]))
+
+
+def run_cache_guide(cfg: Config) -> None:
+    """``gist-ray cache-guide``: the guide embeds the training texts, sharded over the workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_cache_entry,
+        train_loop_config={"config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=cfg.ray.storage_path or str(Path(cfg.output_dir) / "ray"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's error
+        raise _unwrap(e) from e

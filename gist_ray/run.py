@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,77 @@ def _print_metrics(before: dict[str, float], after: dict[str, float]) -> None:
         print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}{after[k] - before[k]:>+10.4f}")
 
 
+@dataclass
+class _Run:
+    run_id: str
+    resumed: bool  # an existing MLflow run continues
+    complete: bool  # its checkpoint already holds every step: nothing to train
+    found: Any  # launcher.FoundCheckpoint or None
+    before: dict[str, float]  # eval-before metrics the run already holds
+
+
+def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
+    """A new MLflow run, or, when ``mlflow.run_name`` names an existing one, that run resumed
+    from its latest checkpoint under ``ray.storage_path/run_name`` (refusing a mismatch)."""
+    from gist_ray import launcher, tracking
+
+    tags = {
+        "student": cfg.model.student,
+        "guide": cfg.model.guide,
+        "global_batch": str(cfg.train.batch_size),
+        "world_size": str(cfg.ray.num_workers),
+        "gist_ray.command": "train",
+    }
+    name, exp = cfg.mlflow.run_name, cfg.mlflow.experiment
+    found = launcher.find_checkpoint(cfg, name) if name else None
+    existing = tracking.find_run(tracking_uri, exp, name) if name else None
+    if found is not None and (existing is None or existing.run_id != found.mlflow_run_id):
+        raise GistRayError(
+            f"{found.where} is a checkpoint (step {found.step}) of MLflow run "
+            f"{found.mlflow_run_id}, but experiment {exp!r} in {tracking_uri} has "
+            f"{'no' if existing is None else 'another'} run named {name!r}; point "
+            "mlflow.tracking_uri / mlflow.experiment at the original store, or use another "
+            "mlflow.run_name"
+        )
+    if found is None and existing is not None and existing.last_step > 0:
+        raise GistRayError(
+            f"MLflow run {name!r} ({existing.run_id}) already logged {existing.last_step} steps "
+            f"but {launcher.storage_path(cfg)}/{name} holds no checkpoint of it; set "
+            "ray.storage_path to where its checkpoints are, or use another mlflow.run_name"
+        )
+    if existing is None:
+        run_id = tracking.start_run(
+            tracking_uri, exp, name, cfg.flat(), tags, cfg.mlflow.artifact_location
+        )
+        return _Run(run_id, False, False, None, {})
+
+    tracking.reopen_run(tracking_uri, existing.run_id, cfg.flat(), tags)
+    done = found.step if found else 0
+    complete = found is not None and found.step >= steps
+    print(
+        f"[gist-ray] MLflow run {name!r} ({existing.run_id}, was {existing.status}): "
+        + (
+            f"already complete ({done}/{steps} steps); not training again, exporting its model"
+            if complete
+            else f"resuming at step {done}/{steps}"
+        ),
+        flush=True,
+    )
+    prefix = "eval/before/"
+    before = {
+        k[len(prefix) :].replace("_at_", "@"): v
+        for k, v in existing.metrics.items()
+        if k.startswith(prefix)
+    }
+    return _Run(existing.run_id, True, complete, found, before)
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
-    from gist_ray import launcher, tracking
+    from gist_ray import launcher, results, tracking
     from gist_ray.data import load_eval, load_pairs
     from gist_ray.models import load_encoder
+    from gist_ray.train import total_steps
 
     cfg = _absolutize(cfg)
     t0 = time.perf_counter()
@@ -81,34 +148,28 @@ def train(cfg: Config) -> dict[str, Any]:
     launcher.connect(cfg)
     launcher.check_resources(cfg)
 
-    before: dict[str, float] = {}
-    if evalset is not None:
+    steps = total_steps(cfg, len(data) // cfg.train.batch_size)
+    run = _open_run(cfg, tracking_uri, steps)
+    run_id = run.run_id
+    before = run.before
+    if evalset is not None and not before:
         print(
             f"[gist-ray] evaluating {cfg.model.student} before training "
             f"({len(evalset.queries)} queries, {len(evalset.corpus)} documents)",
             flush=True,
         )
         before = evaluate_model(cfg.model.student, cfg, evalset)
-
-    tags = {
-        "student": cfg.model.student,
-        "guide": cfg.model.guide,
-        "global_batch": str(cfg.train.batch_size),
-        "world_size": str(cfg.ray.num_workers),
-        "gist_ray.command": "train",
-    }
-    run_id = tracking.start_run(
-        tracking_uri,
-        cfg.mlflow.experiment,
-        cfg.mlflow.run_name,
-        cfg.flat(),
-        tags,
-        cfg.mlflow.artifact_location,
-    )
-    logger = tracking.RunLogger(tracking_uri, run_id)
+    # A resumed run keeps its summary metrics: they must not gain a second value.
+    logger = tracking.RunLogger(tracking_uri, run_id, skip_logged=run.resumed)
     logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
+    monitor = tracking.start_system_metrics(tracking_uri, run_id)
+    tracking.log_config(tracking_uri, run_id, cfg.to_yaml())
     try:
-        final_ckpt = launcher.run_training(cfg, run_id, tracking_uri)
+        final_ckpt = (
+            launcher.export_checkpoint(cfg, run.found.checkpoint)
+            if run.complete
+            else launcher.run_training(cfg, run_id, tracking_uri)
+        )
         model_dir = Path(cfg.output_dir) / "model"
         tmp = model_dir.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,11 +180,13 @@ def train(cfg: Config) -> dict[str, Any]:
         if evalset is not None:
             after = evaluate_model(str(model_dir), cfg, evalset)
             logger.log_metrics({f"eval/after/{k}": v for k, v in after.items()}, step=0)
-        logger.log_artifacts(model_dir, "model")
+        final = results.finish(cfg, tracking_uri, run_id, model_dir, steps, before, after)
         wall = time.perf_counter() - t0
         logger.log_metrics({"wall_time_s": wall}, step=0)
+        tracking.stop_system_metrics(monitor)
         logger.set_terminated("FINISHED")
     except BaseException:
+        tracking.stop_system_metrics(monitor)
         logger.set_terminated("FAILED")
         raise
 
@@ -137,6 +200,7 @@ def train(cfg: Config) -> dict[str, Any]:
     print(f"\nmodel:       {model_dir}")
     print(f"MLflow run:  {run_id} (experiment {cfg.mlflow.experiment!r}, store {tracking_uri})")
     print(f"MLflow UI:   {tracking.ui_command(tracking_uri)}")
+    print("\n".join(final.lines()))
     print(f"wall time:   {wall / 60:.1f} min")
     return {
         "model_dir": str(model_dir),
@@ -145,4 +209,20 @@ def train(cfg: Config) -> dict[str, Any]:
         "before": before,
         "after": after,
         "wall_time_s": wall,
+        "final": final,
     }
+
+
+def cache_guide(cfg: Config) -> None:
+    """``gist-ray cache-guide``: validate the data, then build the guide cache on Ray."""
+    from gist_ray import launcher
+    from gist_ray.data import load_pairs
+
+    cfg = _absolutize(cfg)
+    load_pairs(
+        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
+    )
+    launcher.connect(cfg)
+    launcher.check_resources(cfg)
+    launcher.run_cache_guide(cfg)
+    print("[gist-ray] guide cache ready; `gist-ray train` with the same data and guide uses it")

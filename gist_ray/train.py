@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,10 +21,15 @@ import torch
 import torch.distributed as dist
 
 from gist_ray import checkpoint as ckpt
+from gist_ray import faults
 from gist_ray.config import Config
 from gist_ray.distributed import is_distributed, rank, world_size
+from gist_ray.evaluate import eval_due
+from gist_ray.gradcache import backward_with_replay, embed_without_graph
 from gist_ray.loss import gist_loss
 from gist_ray.models import Encoder, load_encoder
+
+STAGING = "checkpoints-staging"  # rank 0 builds checkpoints here before reporting them
 
 
 class Reporter(Protocol):
@@ -116,24 +123,33 @@ def _average_gradients(model: torch.nn.Module) -> None:
         offset += g.numel()
 
 
-def embed_columns(encoder: Encoder, columns: list[list[str]]) -> list[torch.Tensor]:
-    return [encoder.embed(texts) for texts in columns]
+def live_guide_embeddings(guide: Encoder, columns: list[list[str]]) -> list[torch.Tensor]:
+    """The guide forward of one step, used when the guide cache is off."""
+    with torch.no_grad():
+        return [guide.embed(texts).float() for texts in columns]
 
 
 def training_step(
     cfg: Config,
     student: Encoder,
-    guide: Encoder,
+    guide_emb: list[torch.Tensor],
     columns: list[list[str]],
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One forward/backward on this worker's rows (no optimizer step). ``columns`` holds
-    anchors, positives, then each negative column."""
-    lc = cfg.loss
-    with torch.no_grad():
-        guide_emb = embed_columns(guide, columns)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        emb = embed_columns(student, columns)
+    """One forward/backward on this worker's rows (no optimizer step). ``columns`` holds the
+    anchor, positive and negative texts; ``guide_emb`` their guide embeddings. With
+    ``train.mini_batch_size`` the student runs under gradient caching (see gist_ray.gradcache)."""
+    lc, mini = cfg.loss, cfg.train.mini_batch_size
+    autocast = partial(
+        torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
+    if mini:
+        cached = [embed_without_graph(student, texts, mini, autocast) for texts in columns]
+        emb = [c.embeddings for c in cached]
+    else:
+        with autocast():
+            emb = [student.embed(texts) for texts in columns]
+    guide_emb = [g.to(device) for g in guide_emb]
     loss, stats = gist_loss(
         emb[0],
         emb[1],
@@ -151,7 +167,36 @@ def training_step(
         return_stats=True,
     )
     loss.backward()
+    if mini:
+        for column in cached:
+            backward_with_replay(student, column, mini, autocast)
     return loss.detach(), stats
+
+
+def build_guide_cache(
+    cfg: Config, text_columns: dict[str, list[str]], load_guide
+) -> dict[str, torch.Tensor]:
+    """Load or build (on every worker, sharded) the guide embeddings of all training texts."""
+    from gist_ray import guide_cache
+    from gist_ray.assets import cache_root, resolve_model_path
+
+    t0 = time.perf_counter()
+    tensors, path, built = guide_cache.get_or_build(
+        load_guide,
+        cfg.data.train,
+        resolve_model_path(cfg.model.guide),
+        cfg.model.guide_pooling,
+        cfg.model.max_seq_length,
+        text_columns,
+        cache_root(),
+    )
+    if rank() == 0:
+        verb = "built" if built else "loaded"
+        print(
+            f"[gist-ray] guide cache {verb} in {time.perf_counter() - t0:.1f}s: {path}",
+            flush=True,
+        )
+    return tensors
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -184,15 +229,23 @@ def train_worker(
     text_columns = {c: data[c] for c in names}
 
     student = load_encoder(cfg.model.student, cfg.model.pooling, cfg.model.max_seq_length)
-    guide = load_encoder(
-        cfg.model.guide,
-        cfg.model.guide_pooling,
-        cfg.model.max_seq_length,
-        frozen=True,
-        key="model.guide",
-    )
     student.to(device).train()
-    guide.to(device)
+
+    def load_guide() -> Encoder:
+        guide = load_encoder(
+            cfg.model.guide,
+            cfg.model.guide_pooling,
+            cfg.model.max_seq_length,
+            frozen=True,
+            key="model.guide",
+        )
+        return guide.to(device)
+
+    guide, guide_cache = None, None
+    if cfg.data.guide_cache:
+        guide_cache = build_guide_cache(cfg, text_columns, load_guide)
+    else:
+        guide = load_guide()
 
     batches = GlobalBatches(len(data), cfg.train.batch_size, cfg.train.seed)
     if batches.steps_per_epoch == 0:
@@ -206,14 +259,12 @@ def train_worker(
     )
     warmup = math.ceil(cfg.train.warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps))
-    identity = {
-        "student": cfg.model.student,
-        "guide": cfg.model.guide,
-        "batch_size": cfg.train.batch_size,
-        "train": cfg.data.train,
-    }
+    identity = ckpt.identity(cfg)
 
     step = 0
+    pending: list = []  # checkpointed steps' metrics that may not have reached MLflow yet
+    if r == 0:  # a worker killed mid-save leaves a half-written folder here
+        shutil.rmtree(Path(cfg.output_dir) / STAGING, ignore_errors=True)
     latest = reporter.latest_checkpoint()
     if latest:
         from transformers import AutoModel
@@ -223,16 +274,25 @@ def train_worker(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
-        run_id = state.get("mlflow_run_id") or run_id
-        ckpt.set_rng_state(state["rng"][r] if r < len(state["rng"]) else state["rng"][0])
+        run_id = run_id or state.get("mlflow_run_id")
+        pending = state.get("pending_metrics", [])
+        if len(state["rng"]) != world:
+            print(
+                f"[gist-ray] note: checkpoint has {len(state['rng'])} RNG states for {world} "
+                "workers; dropout will not replay exactly",
+                flush=True,
+            )
+        # Each rank continues its own dropout stream (the data order is fixed by the step).
+        ckpt.set_rng_state(state["rng"][r % len(state["rng"])])
         if r == 0:
             print(f"[gist-ray] resumed from {latest} at step {step}/{steps}", flush=True)
 
     logger = None
     if r == 0 and run_id and tracking_uri:
-        from gist_ray.tracking import RunLogger
+        from gist_ray.tracking import StepLogger
 
-        logger = RunLogger(tracking_uri, run_id)
+        logger = StepLogger(tracking_uri, run_id)
+        logger.resume(pending)  # steps committed before a crash that never reached MLflow
 
     def checkpoint(metrics: dict[str, float]) -> None:
         # Every rank's RNG state goes into the checkpoint so a resumed run replays dropout.
@@ -243,10 +303,9 @@ def train_worker(
             states = [ckpt.rng_state()]
         path = None
         if r == 0:
-            root = Path(cfg.output_dir) / "checkpoints-staging"
             path = str(
                 ckpt.save_checkpoint(
-                    root / f"checkpoint-{step:07d}",
+                    Path(cfg.output_dir) / STAGING / f"checkpoint-{step:07d}",
                     student,
                     {
                         "optimizer": opt.state_dict(),
@@ -254,16 +313,26 @@ def train_worker(
                         "step": step,
                         "rng": states,
                         "mlflow_run_id": run_id,
+                        "pending_metrics": logger.pending if logger else [],
                         "identity": identity,
                         "config": cfg.to_dict(),
                     },
                 )
             )
-        reporter.report(metrics, path)
+        reporter.report(metrics, path)  # returns once the checkpoint is committed
+        if logger:  # only now: a restart can no longer replay (and re-log) these steps
+            logger.flush()
+
+    evaluator = None  # eval.every: rank 0 evaluates, logs eval/* per step, keeps the best model
+    if r == 0 and cfg.eval.source and cfg.eval.every:
+        from gist_ray.evaluate import TrainingEval
+
+        evaluator = TrainingEval(cfg, logger, run_id)
 
     local_b = cfg.train.batch_size // world
     t_start, step_at_start = time.perf_counter(), step
     metrics: dict[str, float] = {}
+    losses: list[float] = []  # this session's per-step losses, returned for tests and tools
     if r == 0:
         print(
             f"[gist-ray] training {steps} steps, global batch {cfg.train.batch_size} "
@@ -275,7 +344,11 @@ def train_worker(
         idx = batches.local_indices(step, r, world)
         columns = [[text_columns[c][i] for i in idx] for c in names]
         opt.zero_grad(set_to_none=True)
-        loss, stats = training_step(cfg, student, guide, columns, device)
+        if guide_cache is not None:
+            guide_emb = [guide_cache[c][idx] for c in names]
+        else:
+            guide_emb = live_guide_embeddings(guide, columns)
+        loss, stats = training_step(cfg, student, guide_emb, columns, device)
         _average_gradients(student)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
         lr = sched.get_last_lr()[0]
@@ -294,6 +367,7 @@ def train_worker(
             "step_time_s": dt,
             **{k: v for k, v in stats.items()},
         }
+        losses.append(metrics["loss"])
         if r == 0 and (step % cfg.train.log_every == 0 or step == steps):
             elapsed = time.perf_counter() - t_start
             eta = elapsed / (step - step_at_start) * (steps - step)
@@ -305,12 +379,52 @@ def train_worker(
             )
             if logger:
                 logger.log_metrics(metrics, step)
+        if eval_due(cfg, step, steps):  # before the checkpoint, which flushes the metrics
+            if evaluator is not None:
+                evaluator(student, step)
+            if is_distributed():
+                dist.barrier()  # the other ranks wait for rank 0's eval
         if step % cfg.train.checkpoint_every == 0 or step == steps:
             checkpoint({"step": step, "loss": metrics["loss"]})
+        faults.maybe_fail(cfg.output_dir, r, step)  # test-only; no-op unless asked for
     return {
         "steps": step,
         "final_loss": metrics.get("loss"),
+        "losses": losses,
         "run_id": run_id,
         "world_size": world,
         "pid": os.getpid(),
     }
+
+
+def cache_guide_worker(cfg: Config) -> dict[str, Any]:
+    """``gist-ray cache-guide`` on one worker: embed this worker's shard of the training texts
+    with the guide; rank 0 writes the cache file. No training."""
+    from gist_ray.data import load_pairs
+
+    data = load_pairs(
+        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
+    )
+    names = [
+        "anchor",
+        "positive",
+        *sorted(c for c in data.column_names if c.startswith("negative_")),
+    ]
+    device = torch.device(
+        f"cuda:{torch.cuda.current_device()}"
+        if cfg.ray.use_gpu and torch.cuda.is_available()
+        else "cpu"
+    )
+
+    def load_guide() -> Encoder:
+        guide = load_encoder(
+            cfg.model.guide,
+            cfg.model.guide_pooling,
+            cfg.model.max_seq_length,
+            frozen=True,
+            key="model.guide",
+        )
+        return guide.to(device)
+
+    tensors = build_guide_cache(cfg, {c: data[c] for c in names}, load_guide)
+    return {"rows": len(data), "columns": list(tensors)}

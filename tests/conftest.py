@@ -29,7 +29,9 @@ def make_sentences(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
 
 
-def build_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_bert(
+    path: Path, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1
+) -> Path:
     """A random BERT with a WordPiece tokenizer trained on a few sentences, saved to ``path``."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -68,6 +70,8 @@ def build_tiny_bert(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)

@@ -36,6 +36,9 @@ def trained(ray_cluster, tiny_models, tiny_pairs_file, beir_eval, tmp_path_facto
     from gist_ray.run import train
 
     out = tmp_path_factory.mktemp("run")
+    # System metrics every second (default 10 s), so this short run gets some samples.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = load_config(
         overrides=[
             f"model.student={tiny_models['student']}",
@@ -48,13 +51,18 @@ def trained(ray_cluster, tiny_models, tiny_pairs_file, beir_eval, tmp_path_facto
             "train.max_steps=5",
             "train.checkpoint_every=2",
             "train.lr=1e-3",
+            "eval.every=2",
             "ray.num_workers=2",
             f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
             "mlflow.experiment=test-train",
+            "mlflow.register_as=tiny-gist",
             f"output_dir={out / 'output'}",
         ]
     )
-    return cfg, train(cfg)
+    try:
+        yield cfg, train(cfg)
+    finally:
+        mp.undo()
 
 
 def test_run_ends_with_checkpoint_and_model(trained):
@@ -94,8 +102,8 @@ def test_mlflow_run_holds_params_and_metrics(trained):
         "eval/after/ndcg_at_10",
     ):
         assert client.get_metric_history(result["run_id"], key), key
-    artifacts = [a.path for a in client.list_artifacts(result["run_id"], "model")]
-    assert "model/modules.json" in artifacts
+    artifacts = [a.path for a in client.list_artifacts(result["run_id"])]
+    assert "config.yaml" in artifacts and "plots" in artifacts
 
 
 def test_saved_model_loads_in_sentence_transformers(trained, tiny_models):
@@ -116,3 +124,172 @@ def test_saved_model_loads_in_sentence_transformers(trained, tiny_models):
     base = load_encoder(str(tiny_models["student"]), "mean", 32).encode(texts)
     assert not torch.allclose(base, ours, atol=1e-4)
     AutoModel.from_pretrained(result["model_dir"])
+
+
+def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tmp_path):
+    """Global pool + gradient averaging: a 2-worker Ray run and a single process on the same
+    global batches take the same steps (dropout off so both draw no random masks)."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    from gist_ray.run import train
+    from gist_ray.train import LocalReporter, train_worker
+    from tests.conftest import build_tiny_bert
+
+    student = build_tiny_bert(tmp_path / "student", hidden=32, seed=3, dropout=0.0)
+    guide = build_tiny_bert(tmp_path / "guide", hidden=48, seed=4, dropout=0.0)
+    common = [
+        f"model.student={student}",
+        f"model.guide={guide}",
+        "model.max_seq_length=32",
+        f"data.train={tiny_pairs_file}",
+        "data.max_examples=0",
+        "train.batch_size=8",
+        "train.max_steps=3",
+        "train.lr=1e-3",
+        "eval.source=",
+        "train.checkpoint_every=100",
+    ]
+    ray_cfg = load_config(
+        overrides=[
+            *common,
+            "ray.num_workers=2",
+            f"output_dir={tmp_path / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
+    result = train(ray_cfg)
+    history = mlflow.MlflowClient(result["tracking_uri"]).get_metric_history(
+        result["run_id"], "loss"
+    )
+    ray_losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+
+    local_cfg = load_config(
+        overrides=[*common, "ray.num_workers=1", f"output_dir={tmp_path / 'local'}"]
+    )
+    local = train_worker(local_cfg, LocalReporter(tmp_path / "local"))
+    torch.testing.assert_close(
+        torch.tensor(ray_losses), torch.tensor(local["losses"]), rtol=1e-5, atol=1e-6
+    )
+    ray_w = load_file(f"{result['model_dir']}/model.safetensors")
+    local_ckpt = tmp_path / "local" / "checkpoints" / "checkpoint-0000003"
+    local_w = load_file(str(local_ckpt / "model" / "model.safetensors"))
+    for name, w in ray_w.items():
+        torch.testing.assert_close(w, local_w[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- issue 5: evidence
+
+
+def test_eval_metrics_on_the_step_axis_and_best_step(trained):
+    """eval.every=2 over 5 steps: base model at 0, rank 0 at 2 and 4, the exported model at 5."""
+    import mlflow
+
+    from gist_ray.evaluate import read_best
+    from gist_ray.plots import history
+
+    cfg, result = trained
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    run_id = result["run_id"]
+    for key in ("eval/ndcg_at_10", "eval/recall_at_1", "eval/mrr_at_10", "eval/map_at_100"):
+        assert [s for s, _ in history(client, run_id, key)] == [0, 2, 4, 5], key
+    points = dict(history(client, run_id, "eval/ndcg_at_10"))
+    assert points[0] == pytest.approx(result["before"]["ndcg@10"])
+    assert points[5] == pytest.approx(result["after"]["ndcg@10"])
+    final = result["final"]
+    trained_points = {s: v for s, v in points.items() if s > 0}
+    best = max(trained_points.values())
+    assert final.best_value == pytest.approx(best)
+    assert final.best_step == min(s for s, v in trained_points.items() if v == best)
+    run = client.get_run(run_id)
+    assert run.data.tags["best_step"] == str(final.best_step)
+    assert run.data.metrics["best/ndcg_at_10"] == pytest.approx(best)
+    # The best model is kept, as a sentence-transformers folder, with its record.
+    from pathlib import Path
+
+    best_dir = Path(cfg.output_dir) / "best-model"
+    assert final.best_model_dir == str(best_dir)
+    assert (best_dir / "modules.json").is_file()
+    assert read_best(cfg.output_dir, run_id)["step"] == final.best_step
+
+
+def test_gist_diagnostics_logged_every_step(trained):
+    import mlflow
+
+    cfg, result = trained
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    for key in (
+        "mask_frac/all",
+        "mask_frac/ap",
+        "threshold_mean",
+        "positive_rank_mean",
+        "no_negative_frac",
+    ):
+        points = client.get_metric_history(result["run_id"], key)
+        assert sorted(m.step for m in points) == [1, 2, 3, 4, 5], key
+        values = torch.tensor([m.value for m in points])
+        assert torch.isfinite(values).all(), key
+        if key.startswith(("mask_frac", "no_negative")):
+            assert ((values >= 0) & (values <= 1)).all(), key
+        if key == "positive_rank_mean":  # rank of the positive among unmasked candidates
+            assert (values >= 1).all()
+        if key == "threshold_mean":  # mean guide cosine of (anchor, positive)
+            assert ((values >= -1) & (values <= 1)).all()
+
+
+def test_plots_written_and_logged(trained):
+    from pathlib import Path
+
+    import mlflow
+
+    cfg, result = trained
+    plots = Path(cfg.output_dir) / "plots"
+    names = {"loss.png", "lr.png", "mask_frac.png", "gist_diagnostics.png", "eval.png"}
+    for name in names:
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    logged = {Path(a.path).name for a in client.list_artifacts(result["run_id"], "plots")}
+    assert names <= logged
+
+
+def test_config_yaml_artifact_and_system_metrics(trained):
+    import mlflow
+    import yaml
+
+    from gist_ray.config import load_config_dict
+
+    cfg, result = trained
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    path = mlflow.artifacts.download_artifacts(
+        run_id=result["run_id"], artifact_path="config.yaml", tracking_uri=result["tracking_uri"]
+    )
+    with open(path) as f:
+        assert load_config_dict(yaml.safe_load(f)) == cfg
+    pytest.importorskip("psutil")
+    metrics = client.get_run(result["run_id"]).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in metrics)
+
+
+def test_pyfunc_model_returns_embeddings_and_is_registered(trained):
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    from gist_ray.models import load_encoder
+
+    cfg, result = trained
+    mlflow.set_tracking_uri(result["tracking_uri"])
+    texts = ["what does my car insurance cover", "cancel a life policy", "renters deductible"]
+    model = mlflow.pyfunc.load_model(f"runs:/{result['run_id']}/model")
+    emb = model.predict(texts)
+    assert emb.shape == (3, 32) and str(emb.dtype) == "float32"
+    ours = load_encoder(result["model_dir"], "mean", 32).encode(texts)
+    torch.testing.assert_close(torch.from_numpy(emb), ours, rtol=1e-4, atol=1e-5)
+    # Registered under mlflow.register_as; the same model by its registry name.
+    assert result["final"].registered == "tiny-gist version 1"
+    emb2 = mlflow.pyfunc.load_model("models:/tiny-gist/1").predict(texts)
+    torch.testing.assert_close(torch.from_numpy(emb2), ours, rtol=1e-4, atol=1e-5)
+    # The artifact is the sentence-transformers folder itself.
+    local = mlflow.artifacts.download_artifacts(result["final"].model_uri)
+    st = SentenceTransformer(f"{local}/artifacts/sentence_transformer", device="cpu")
+    torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), ours, rtol=1e-4, atol=1e-5)

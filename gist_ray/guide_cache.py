@@ -1,0 +1,170 @@
+"""The guide cache: the frozen guide's embedding of every training text, computed once.
+
+The guide never changes, so its embeddings are a pure function of (guide weights, pooling, max
+length, normalisation, texts). They are computed before training — each worker embeds a shard of
+the unique texts, the shards are all-gathered — and stored as one safetensors file whose metadata
+carries that fingerprint. A file whose fingerprint does not match is rebuilt, never used; a file
+is written under a temporary name and renamed, so a half-written cache never looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gist_ray.distributed import is_distributed, rank, world_size
+from gist_ray.errors import GistRayError
+
+FORMAT = "gist-ray-guide-cache-v1"
+
+
+@lru_cache(maxsize=8)
+def model_hash(model_dir: str) -> str:
+    """sha256 over the model's config and weight files (what fixes its outputs)."""
+    root = Path(model_dir)
+    if not root.is_dir():  # a hub name: its identity is the name (and the hub's revision)
+        return hashlib.sha256(model_dir.encode()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(root.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model") and f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def texts_hash(columns: dict[str, list[str]]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(columns):
+        h.update(name.encode() + b"\0")
+        for text in columns[name]:
+            h.update(text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(
+    model_dir: str, pooling: str, max_seq_length: int, columns: dict[str, list[str]]
+) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "guide": model_hash(model_dir),
+        "pooling": pooling,
+        "max_seq_length": str(max_seq_length),
+        "normalized": "true",
+        "texts": texts_hash(columns),
+    }
+
+
+def cache_path(source: str, fp: dict[str, str], cache_root: Path) -> Path:
+    """Beside a local dataset file/folder; under the user cache for built-in or hub data."""
+    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    src = Path(source).expanduser()
+    if src.exists():
+        base = src.parent if src.is_file() else src
+        return base / ".gist-ray-guide-cache" / f"{src.stem}-{key}.safetensors"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in source)
+    return cache_root / "guide-cache" / f"{safe}-{key}.safetensors"
+
+
+def load(path: Path, fp: dict[str, str], rows: int) -> dict[str, torch.Tensor] | None:
+    """The cached embeddings, or None (with the reason printed) when absent or unusable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - truncated files raise assorted errors
+        print(
+            f"[gist-ray] guide cache {path} is truncated or corrupt ({type(e).__name__}); "
+            "rebuilding it",
+            flush=True,
+        )
+        return None
+    if {k: meta.get(k) for k in fp} != fp:
+        print(
+            f"[gist-ray] guide cache {path} was built for another guide or dataset; rebuilding it",
+            flush=True,
+        )
+        return None
+    if any(t.shape[0] != rows for t in tensors.values()):
+        print(
+            f"[gist-ray] guide cache {path} has the wrong number of rows; rebuilding it", flush=True
+        )
+        return None
+    return tensors
+
+
+def save(path: Path, fp: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=fp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.no_grad()
+def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Embed the unique texts of all columns, this worker's shard, then all-gather the shards."""
+    unique = sorted({t for texts in columns.values() for t in texts})
+    index = {t: i for i, t in enumerate(unique)}
+    r, w = rank(), world_size()
+    per = -(-len(unique) // w)  # ceil: equal shard shapes, the last one padded
+    mine = unique[r * per : (r + 1) * per]
+    emb = guide.encode(mine, batch_size=batch_size) if mine else torch.empty(0, guide.dim)
+    if is_distributed():
+        pad = torch.zeros(per, emb.shape[1])
+        pad[: emb.shape[0]] = emb
+        parts = [torch.empty_like(pad) for _ in range(w)]
+        dist.all_gather(parts, pad)
+        emb = torch.cat(parts)[: len(unique)]
+    return {name: emb[[index[t] for t in texts]] for name, texts in columns.items()}
+
+
+def get_or_build(
+    guide_loader,
+    source: str,
+    model_dir: str,
+    pooling: str,
+    max_seq_length: int,
+    columns: dict[str, list[str]],
+    cache_root: Path,
+) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    """Load the cache, or build it on every worker and write it from rank 0.
+
+    Returns (embeddings per column, path, built). ``guide_loader()`` loads the guide only when
+    a build is needed."""
+    rows = len(next(iter(columns.values())))
+    fp = fingerprint(model_dir, pooling, max_seq_length, columns)
+    path = cache_path(source, fp, cache_root)
+    found = load(path, fp, rows)
+    ok = torch.tensor([found is not None], dtype=torch.int32)
+    if is_distributed():  # every rank must agree, or the all-gather below would hang
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item():
+        return found, path, False
+    tensors = compute(guide_loader(), columns)
+    if rank() == 0:
+        try:
+            save(path, fp, tensors)
+        except OSError as e:
+            raise GistRayError(f"cannot write the guide cache {path}: {e}") from e
+    if is_distributed():
+        dist.barrier()
+    return tensors, path, True

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,9 +51,12 @@ class LocalReporter:
         if checkpoint_dir and rank() == 0:
             target = self.root / Path(checkpoint_dir).name
             if Path(checkpoint_dir).resolve() != target.resolve():
-                import shutil
-
-                shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+                # Copy beside the target, then rename: a crash never leaves a partial checkpoint.
+                tmp = target.with_name(f".{target.name}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(checkpoint_dir, tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
 
     def latest_checkpoint(self) -> str | None:
         found = sorted(self.root.glob("checkpoint-*")) if self.root.is_dir() else []
@@ -173,6 +177,42 @@ def training_step(
     return loss.detach(), stats
 
 
+def worker_device(cfg: Config) -> torch.device:
+    """This worker's GPU when ``ray.use_gpu`` (Ray sets the visible device), else the CPU."""
+    if cfg.ray.use_gpu and torch.cuda.is_available():
+        return torch.device(f"cuda:{torch.cuda.current_device()}")
+    return torch.device("cpu")
+
+
+def load_text_columns(cfg: Config) -> dict[str, list[str]]:
+    """The training texts by column: anchor, positive, negative_1..k."""
+    from gist_ray.data import load_pairs
+
+    data = load_pairs(
+        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
+    )
+    negatives = sorted(
+        (c for c in data.column_names if c.startswith("negative_")), key=lambda c: int(c[9:])
+    )
+    return {c: data[c] for c in ["anchor", "positive", *negatives]}
+
+
+def guide_loader(cfg: Config, device: torch.device) -> Callable[[], Encoder]:
+    """Loads the frozen guide on demand (not at all when the guide cache is warm)."""
+
+    def load() -> Encoder:
+        guide = load_encoder(
+            cfg.model.guide,
+            cfg.model.guide_pooling,
+            cfg.model.max_seq_length,
+            frozen=True,
+            key="model.guide",
+        )
+        return guide.to(device)
+
+    return load
+
+
 def build_guide_cache(
     cfg: Config, text_columns: dict[str, list[str]], load_guide
 ) -> dict[str, torch.Tensor]:
@@ -212,46 +252,28 @@ def train_worker(
     cfg: Config, reporter: Reporter, run_id: str | None = None, tracking_uri: str | None = None
 ) -> dict[str, Any]:
     """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary."""
-    from gist_ray.data import load_pairs
-
     r, world = rank(), world_size()
-    device = torch.device(
-        f"cuda:{torch.cuda.current_device()}"
-        if cfg.ray.use_gpu and torch.cuda.is_available()
-        else "cpu"
-    )
+    device = worker_device(cfg)
     seed_everything(cfg.train.seed + r)  # per-rank dropout streams, reproducible
-    data = load_pairs(
-        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
-    )
-    neg_cols = sorted(c for c in data.column_names if c.startswith("negative_"))
-    names = ["anchor", "positive", *neg_cols]
-    text_columns = {c: data[c] for c in names}
+    text_columns = load_text_columns(cfg)
+    names = list(text_columns)
+    num_rows = len(text_columns["anchor"])
 
     student = load_encoder(cfg.model.student, cfg.model.pooling, cfg.model.max_seq_length)
     student.to(device).train()
 
-    def load_guide() -> Encoder:
-        guide = load_encoder(
-            cfg.model.guide,
-            cfg.model.guide_pooling,
-            cfg.model.max_seq_length,
-            frozen=True,
-            key="model.guide",
-        )
-        return guide.to(device)
-
+    load_guide = guide_loader(cfg, device)
     guide, guide_cache = None, None
     if cfg.data.guide_cache:
         guide_cache = build_guide_cache(cfg, text_columns, load_guide)
     else:
         guide = load_guide()
 
-    batches = GlobalBatches(len(data), cfg.train.batch_size, cfg.train.seed)
+    batches = GlobalBatches(num_rows, cfg.train.batch_size, cfg.train.seed)
     if batches.steps_per_epoch == 0:
         raise ValueError(
             f"train.batch_size = {cfg.train.batch_size} is larger than the dataset "
-            f"({len(data)} rows)"
+            f"({num_rows} rows)"
         )
     steps = total_steps(cfg, batches.steps_per_epoch)
     opt = torch.optim.AdamW(
@@ -336,7 +358,7 @@ def train_worker(
     if r == 0:
         print(
             f"[gist-ray] training {steps} steps, global batch {cfg.train.batch_size} "
-            f"({world} worker(s) x {local_b}), {len(data)} rows, device {device}",
+            f"({world} worker(s) x {local_b}), {num_rows} rows, device {device}",
             flush=True,
         )
     while step < steps:
@@ -400,31 +422,6 @@ def train_worker(
 def cache_guide_worker(cfg: Config) -> dict[str, Any]:
     """``gist-ray cache-guide`` on one worker: embed this worker's shard of the training texts
     with the guide; rank 0 writes the cache file. No training."""
-    from gist_ray.data import load_pairs
-
-    data = load_pairs(
-        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
-    )
-    names = [
-        "anchor",
-        "positive",
-        *sorted(c for c in data.column_names if c.startswith("negative_")),
-    ]
-    device = torch.device(
-        f"cuda:{torch.cuda.current_device()}"
-        if cfg.ray.use_gpu and torch.cuda.is_available()
-        else "cpu"
-    )
-
-    def load_guide() -> Encoder:
-        guide = load_encoder(
-            cfg.model.guide,
-            cfg.model.guide_pooling,
-            cfg.model.max_seq_length,
-            frozen=True,
-            key="model.guide",
-        )
-        return guide.to(device)
-
-    tensors = build_guide_cache(cfg, {c: data[c] for c in names}, load_guide)
-    return {"rows": len(data), "columns": list(tensors)}
+    text_columns = load_text_columns(cfg)
+    tensors = build_guide_cache(cfg, text_columns, guide_loader(cfg, worker_device(cfg)))
+    return {"rows": len(next(iter(text_columns.values()))), "columns": list(tensors)}

@@ -104,7 +104,8 @@ def test_two_workers_equal_one_process(backend, num_neg, two_worker_results):
     one_loss, one_grads = _loss_and_grads(_encoder(), x, gx, backend, gather=False)
     torch.testing.assert_close(two["loss"], one_loss, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
     for g2, g1 in zip(two["grads"], one_grads):
-        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+        err = ((g2 - g1).norm() / g1.norm()).item()  # relative error of each parameter's grad
+        assert err < 1e-5, f"seed {seed}: relative gradient error {err:.2e}"
     assert any(g.abs().sum() > 0 for g in one_grads)
 
 

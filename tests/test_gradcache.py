@@ -15,6 +15,13 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """Relative error of the whole gradient vector (elementwise checks flag float noise on
+    near-zero entries)."""
+    err = ((actual - expected).norm() / expected.norm()).item()
+    assert err < rel, f"relative gradient error {err:.2e} >= {rel:.0e}"
+
+
 def _setup(tiny_models, dropout: bool):
     student = load_encoder(str(tiny_models["student"]), "mean", 32)
     student.train(dropout)
@@ -55,7 +62,7 @@ def test_gradcache_equals_one_backward_with_dropout(tiny_models, backend):
     direct = _grads(student)
     assert torch.equal(rng_after, torch.get_rng_state()), "RNG stream differs after caching"
     torch.testing.assert_close(loss_cached, loss.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-7)
+    assert_rel_close(cached, direct, 1e-5)
 
 
 def test_gradcache_equals_full_batch_without_dropout(tiny_models):
@@ -69,7 +76,7 @@ def test_gradcache_equals_full_batch_without_dropout(tiny_models):
     cfg = load_config(overrides=[*base, "train.mini_batch_size=4"])
     loss_cached, _ = training_step(cfg, student, guide_emb, columns, dev)
     torch.testing.assert_close(loss_cached, loss_full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_grads(student), full, rtol=1e-4, atol=1e-6)
+    assert_rel_close(_grads(student), full, 1e-5)
     assert full.abs().sum() > 0
 
 

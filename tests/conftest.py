@@ -16,6 +16,10 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tests are small; torch's thread pool only adds contention on a shared 2-core machine.
+torch.set_num_threads(1)
 
 WORDS = (
     "what is the cost of car home life health insurance policy coverage premium claim "

@@ -14,7 +14,7 @@ def reference_backend(p: Problem) -> BackendOutput:
     b = p.rows
     rows = torch.arange(b, device=p.left.device)
     limit = mask_limit(p.threshold, p.margin, p.strategy).unsqueeze(1)
-    logits, masked = [], []
+    logits, masked, rivals = [], [], []
     for seg in p.segments:
         left = p.left[seg.left * b : (seg.left + 1) * b].float()
         guide_left = p.guide_left[seg.left * b : (seg.left + 1) * b].float()
@@ -32,6 +32,8 @@ def reference_backend(p: Problem) -> BackendOutput:
             counted &= ~diag
         logits.append(s.masked_fill(mask, float("-inf")))
         masked.append(counted.sum(1))
+        # The positive is never its own rival (its logit here may round above pos_logit).
+        rivals.append(logits[-1].masked_fill(diag, float("-inf")) if seg.diag else logits[-1])
     scores = torch.cat(logits, dim=1)
-    above = (scores > p.pos_logit.unsqueeze(1)).sum(1)
+    above = (torch.cat(rivals, dim=1) > p.pos_logit.unsqueeze(1)).sum(1)
     return BackendOutput(torch.logsumexp(scores, dim=1), torch.stack(masked, 1), above)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,20 +29,19 @@ from gist_ray.config import Config
 from gist_ray.errors import GistRayError
 
 PROBE_TIMEOUT_S = 5.0
-# Mounts that every node can share; a local path on another file system is node-local.
+# Mount types every node can share (prefix match; "fuse." = gcsfuse, s3fs, juicefs, ...); a local
+# path on any other file system is node-local.
 SHARED_FS_TYPES = (
     "nfs",
-    "nfs4",
     "cifs",
-    "smb3",
+    "smb",
     "lustre",
     "gpfs",
     "beegfs",
-    "glusterfs",
+    "gluster",
     "ceph",
-    "cephfs",
-    "wekafs",
-    "fuse.",  # gcsfuse, s3fs, juicefs, mountpoint-s3, ...
+    "weka",
+    "fuse.",
 )
 # Test-only fault injection (gist_ray.faults) must reach the workers' processes.
 FORWARDED_ENV = ("GIST_RAY_FAULT_INJECT",)
@@ -94,9 +94,30 @@ def _ray_entry(payload: dict[str, Any]) -> None:
     )
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (the GCS, the Ray Client
+# server) answers with its own SETTINGS frame (type 0x4) at once.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_grpc(host: str, port: int, timeout: float) -> bool:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(_H2_PREFACE)
+        head = b""
+        try:
+            while len(head) < 9:
+                chunk = s.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except TimeoutError:  # connected, but silent
+            return False
+    return len(head) == 9 and head[3] == 4
+
+
 def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail in bounded time when nothing listens at a cluster address (ray.init would retry
-    for a minute or more)."""
+    """Fail in bounded time when no Ray cluster answers at an address (ray.init would retry for
+    a minute or more against a black hole or a port that accepts and stays silent)."""
     key = f"ray.address = {address!r}"
     if address in ("auto", "local"):
         return
@@ -108,13 +129,21 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     parsed = urlparse(address if "://" in address else f"ray://{address}")
     if parsed.scheme != "ray" or not parsed.hostname or parsed.port is None:
         raise GistRayError(f"{key}: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:PORT")
+    host, port = parsed.hostname, parsed.port
     try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
+        # With TLS the plain-text handshake cannot work: only check that the port is open.
+        ok = (
+            _speaks_grpc(host, port, timeout)
+            if os.environ.get("RAY_USE_TLS") in (None, "0")
+            else True
+        )
+        if not ok:
+            raise OSError(f"the port is open but does not speak gRPC within {timeout:g}s")
     except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
         raise GistRayError(
-            f"{key}: nothing answers at {parsed.hostname}:{parsed.port} "
-            f"({type(e).__name__}: {e.strerror or e}); start the cluster (`ray up cluster.yaml`, "
-            "`ray start --head`) or fix ray.address / RAY_ADDRESS"
+            f"{key}: no Ray cluster answers at {host}:{port} ({why}); start the cluster "
+            "(`ray up cluster.yaml`, `ray start --head`) or fix ray.address / RAY_ADDRESS"
         ) from e
 
 
@@ -167,7 +196,7 @@ def _wait_for_resources(cfg: Config) -> None:
     try:
         deadline = time.monotonic() + cfg.ray.resource_wait_s
         while _shortfall(cfg, ray.cluster_resources()) and time.monotonic() < deadline:
-            time.sleep(5)
+            time.sleep(max(0.0, min(5.0, deadline - time.monotonic())))
     finally:
         request_resources(bundles=[])  # the placement group keeps the demand from here on
 
@@ -255,8 +284,14 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
     run_dir = f"{storage_path(cfg).rstrip('/')}/{name}"
     try:
         result = ray.train.Result.from_path(run_dir)
-    except RuntimeError:  # no such folder, or no checkpoint snapshot in it
+    except RuntimeError:  # no such folder, or no checkpoint snapshot in it: a fresh run
         return None
+    except Exception as e:  # noqa: BLE001 - an unreadable snapshot, storage without access, ...
+        raise GistRayError(
+            f"cannot read the checkpoints of run {name!r} under {run_dir} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); fix "
+            "access to ray.storage_path, or delete that folder / use another mlflow.run_name"
+        ) from e
     found = result.checkpoint
     if found is None:
         return None
@@ -311,10 +346,28 @@ def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's error
+        _resume_hint(cfg, run_dir_name(cfg, run_id))
         raise _unwrap(e) from e
     if result.checkpoint is None:
         raise GistRayError("training finished without a checkpoint")
     return export_checkpoint(cfg, result.checkpoint)
+
+
+def _resume_hint(cfg: Config, name: str) -> None:
+    """After a failed fit, say where a rerun would resume (only named runs resume)."""
+    if not cfg.mlflow.run_name:
+        return
+    try:
+        found = find_checkpoint(cfg, name)
+    except GistRayError:
+        return
+    if found is not None:
+        print(
+            f"[gist-ray] training failed after the checkpoint at step {found.step}: rerun the "
+            "same command to resume from it",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _unwrap(e: BaseException) -> BaseException:

@@ -1,0 +1,198 @@
+"""The documented cluster path: `ray job submit ... -- gist-ray train --config FILE` against a
+real Ray head (started here on 127.0.0.1 in a subprocess, own ports and temp dir), with the
+job's driver connecting to it through RAY_ADDRESS.
+
+The head is stopped by killing its own process group, never with `ray stop`: that kills every
+Ray process on the machine by name (the session's Ray instance included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _env() -> dict[str, str]:
+    """No token auth for this throwaway head (Ray 2.60 would otherwise generate a token), and
+    none of the session's Ray settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # A short temp dir: Ray's unix sockets live under it and paths are limited to ~107 bytes.
+    tmp = tempfile.mkdtemp(prefix="grh-")
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
+    log = open(Path(tmp) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={env_agent}",
+        f"--metrics-export-port={metrics}",
+        "--num-cpus=2",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
+    head = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(Path(tmp) / 'head.log').read_text()}")
+            try:
+                urllib.request.urlopen(f"{address}/api/jobs/", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "tmp": tmp}
+    finally:
+        # The head, its raylet, workers and the job supervisor share this process group; a
+        # job driver (own session) is killed by Ray's watcher when its supervisor dies.
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        with_kill = time.monotonic() + 5
+        while time.monotonic() < with_kill:  # the group may outlive its leader briefly
+            try:
+                os.killpg(head.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_on_an_existing_cluster(
+    ray_head, tiny_models, tiny_pairs_file, tmp_path
+):
+    import mlflow
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    out = tmp_path / "out"
+    config = {
+        "model": {
+            "student": str(tiny_models["student"]),
+            "guide": str(tiny_models["guide"]),
+            "max_seq_length": 32,
+        },
+        "data": {"train": str(tiny_pairs_file), "max_examples": 0},
+        "eval": {"source": ""},
+        "train": {"batch_size": 8, "max_steps": 2, "checkpoint_every": 1, "max_failures": 1},
+        "ray": {"num_workers": 1},  # one worker keeps the job cheap; 2 workers: the fault test
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "experiment": "jobs",
+            "run_name": "job",
+        },
+        "output_dir": str(out),
+    }
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(config))
+    job_id = f"gist-ray-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        ray_head["address"],
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(job_dir),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "gist-ray",
+        "train",
+        "--config",
+        "job.yaml",
+    ]
+    try:
+        proc = subprocess.run(submit, capture_output=True, text=True, timeout=420, env=_env())
+    except subprocess.TimeoutExpired:
+        subprocess.run(
+            [RAY, "job", "stop", "--address", ray_head["address"], job_id],
+            env=_env(),
+            timeout=60,
+        )
+        raise
+    logs = proc.stdout[-6000:] + proc.stderr[-3000:]
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)",
+            ray_head["address"],
+            job_id,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", logs + status.stderr[-2000:]
+    assert proc.returncode == 0, logs
+    # The job's driver joined this cluster through RAY_ADDRESS instead of starting its own
+    # (Ray reports the GCS under the machine's IP even with --node-ip-address=127.0.0.1).
+    gcs_port = ray_head["gcs"].rsplit(":", 1)[1]
+    assert re.search(
+        rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b", proc.stdout
+    )
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("jobs")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'job'")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert run.data.tags.get("gist_ray.model_uri"), "the trained model is logged to the run"
+    assert (out / "model" / "model.safetensors").is_file()

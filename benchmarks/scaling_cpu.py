@@ -180,6 +180,11 @@ def bench_workers(per_worker: int, steps: int, max_len: int) -> list[dict]:
 
 
 def main() -> None:
+    import torch
+
+    # One thread: on a shared 2-core machine OpenMP's second thread spin-waits behind other
+    # processes and makes steps several times slower and far noisier (measured here).
+    torch.set_num_threads(1)
     if len(sys.argv) > 1 and sys.argv[1] == "--peak-child":
         _peak_child(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
         return

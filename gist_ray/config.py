@@ -36,7 +36,7 @@ class ModelConfig:
 class DataConfig:
     train: str = "insuranceqa"  # a file, a saved dataset folder, a hub name or "insuranceqa"
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
-    max_examples: int = 1280  # 0 = all rows
+    max_examples: int = 1024  # 0 = all rows
     guide_cache: bool = True  # embed every text with the guide once, before training
 
 
@@ -83,6 +83,7 @@ class RayConfig:
     address: str | None = None  # None: start a local cluster (or use RAY_ADDRESS when set)
     num_cpus: int | None = None  # CPUs for a local cluster; None = all of this machine's
     storage_path: str | None = None  # Ray Train storage; None = <output_dir>/ray
+    resource_wait_s: int = 0  # autoscaling clusters: wait this long for the workers' GPUs/CPUs
 
 
 @dataclass
@@ -242,6 +243,15 @@ def validate(cfg: Config) -> Config:
     )
     check(lo.backend in BACKENDS, "loss.backend", f"one of {', '.join(BACKENDS)}", lo.backend)
     check(r.num_workers > 0, "ray.num_workers", "must be > 0", r.num_workers)
+    check(r.resource_wait_s >= 0, "ray.resource_wait_s", "must be >= 0", r.resource_wait_s)
+    name = cfg.mlflow.run_name
+    check(
+        name is None
+        or (name.strip() and not set("/\\") & set(name) and not {"'", '"'} <= set(name)),
+        "mlflow.run_name",
+        "it names the checkpoint folder: non-empty, no / or \\, not both ' and \"",
+        name,
+    )
     check(
         t.batch_size % r.num_workers == 0,
         "train.batch_size",

@@ -381,7 +381,7 @@ def _beir(folder: Path, source: str, split: str):
         raise DataError(f"{source}: BEIR eval folder lacks {', '.join(missing)}")
     queries, corpus = _read_jsonl(folder / "queries.jsonl"), _read_jsonl(folder / "corpus.jsonl")
     qrels: dict[str, dict[str, int]] = {}
-    unknown = 0
+    unknown, first = 0, ""
     with open(qrels_path, encoding="utf-8", newline="") as f:
         for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
             if not row or (lineno == 1 and not row[-1].strip().lstrip("-").isdigit()):
@@ -394,10 +394,18 @@ def _beir(folder: Path, source: str, split: str):
                 ) from e
             if qid not in queries or did not in corpus:
                 unknown += 1
+                first = first or (
+                    f"line {lineno}: query {qid!r} is not in queries.jsonl"
+                    if qid not in queries
+                    else f"line {lineno}: document {did!r} is not in corpus.jsonl"
+                )
                 continue
             qrels.setdefault(qid, {})[did] = score
     notes = []
     if unknown:
-        notes.append(f"{qrels_path}: ignored {unknown} qrels naming unknown queries or documents")
+        notes.append(
+            f"{qrels_path}: ignored {unknown} qrels naming unknown queries or documents "
+            f"(first: {first})"
+        )
         log.warning(notes[-1])
     return queries, corpus, qrels, notes

@@ -122,12 +122,13 @@ def save(path: Path, fp: dict[str, str], tensors: dict[str, torch.Tensor]) -> No
 @torch.no_grad()
 def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Embed the unique texts of all columns, this worker's shard, then all-gather the shards."""
-    unique = sorted({t for texts in columns.values() for t in texts})
+    # Sorted by length so each batch pads to similar lengths (short questions batch together).
+    unique = sorted({t for texts in columns.values() for t in texts}, key=lambda t: (len(t), t))
     index = {t: i for i, t in enumerate(unique)}
     r, w = rank(), world_size()
     per = -(-len(unique) // w)  # ceil: equal shard shapes, the last one padded
     mine = unique[r * per : (r + 1) * per]
-    emb = guide.encode(mine, batch_size=batch_size) if mine else torch.empty(0, guide.dim)
+    emb = _encode_with_progress(guide, mine, batch_size) if mine else torch.empty(0, guide.dim)
     if is_distributed():
         pad = torch.zeros(per, emb.shape[1])
         pad[: emb.shape[0]] = emb
@@ -135,6 +136,25 @@ def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[
         dist.all_gather(parts, pad)
         emb = torch.cat(parts)[: len(unique)]
     return {name: emb[[index[t] for t in texts]] for name, texts in columns.items()}
+
+
+def _encode_with_progress(guide, texts: list[str], batch_size: int) -> torch.Tensor:
+    """Batched guide inference; rank 0 prints progress about every 10% (it takes minutes)."""
+    import time
+
+    chunks, t0, next_report = [], time.perf_counter(), 0.1
+    for i in range(0, len(texts), batch_size):
+        chunks.append(guide.encode(texts[i : i + batch_size], batch_size=batch_size))
+        done = min(i + batch_size, len(texts)) / len(texts)
+        if rank() == 0 and (done >= next_report or done == 1.0):
+            elapsed = time.perf_counter() - t0
+            print(
+                f"[gist-ray] guide cache: {done:.0%} of this worker's {len(texts)} texts, "
+                f"ETA {elapsed / done - elapsed:.0f}s",
+                flush=True,
+            )
+            next_report = done + 0.1
+    return torch.cat(chunks)
 
 
 def get_or_build(

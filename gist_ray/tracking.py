@@ -4,12 +4,15 @@ params and final results; rank 0 re-attaches to the same run id to log per-step 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gist_ray.errors import GistRayError
 
 DEFAULT_STORE = "mlflow.db"
+STEP_KEY = "loss"  # logged at every flushed training step
+MAX_BATCH = 1000  # MLflow log_batch limit on metrics per call
 
 
 def resolve_tracking_uri(configured: str | None, cwd: str | Path | None = None) -> str:
@@ -47,6 +50,22 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
         ) from e
 
 
+def _experiment_id(client, experiment: str, tracking_uri: str, artifact_location: str | None):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(
+        experiment, artifact_location=artifact_location or default_artifact_location(tracking_uri)
+    )
+
+
+def _params(params: dict[str, Any]) -> list:
+    import mlflow
+
+    # MLflow params are limited to 6000 characters each and must be strings.
+    return [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+
+
 def start_run(
     tracking_uri: str,
     experiment: str,
@@ -61,19 +80,73 @@ def start_run(
     check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
+    exp_id = _experiment_id(client, experiment, tracking_uri, artifact_location)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=_params(params))
+    return run.info.run_id
+
+
+@dataclass
+class ExistingRun:
+    """An MLflow run found by name, and how far its step metrics got."""
+
+    run_id: str
+    status: str
+    last_step: int  # the last training step logged (0: none)
+    metrics: dict[str, float]  # latest value of every metric
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> ExistingRun | None:
+    """The newest run called ``run_name`` in ``experiment``, or None."""
+    import mlflow
+
+    check_reachable(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        exp_id = client.create_experiment(
-            experiment,
-            artifact_location=artifact_location or default_artifact_location(tracking_uri),
-        )
-    else:
-        exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    # MLflow params are limited to 6000 characters each and must be strings.
-    mlflow_params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
-    client.log_batch(run.info.run_id, params=mlflow_params)
-    return run.info.run_id
+        return None
+    # MLflow's filter strings have no escapes: quote with the kind the name does not contain.
+    quote = '"' if "'" in run_name else "'"
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    return ExistingRun(
+        run.info.run_id,
+        run.info.status,
+        last_logged_step(client, run.info.run_id),
+        dict(run.data.metrics),
+    )
+
+
+def last_logged_step(client, run_id: str) -> int:
+    """The last step with a ``loss`` value: every flushed step logs loss in the same batch."""
+    return max((m.step for m in client.get_metric_history(run_id, STEP_KEY)), default=0)
+
+
+def reopen_run(
+    tracking_uri: str, run_id: str, params: dict[str, Any], tags: dict[str, str]
+) -> None:
+    """Mark a stopped or finished run as running again. Params are immutable in MLflow: only
+    the ones it lacks are added (the checkpoint already proved the rest match)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    missing = {k: v for k, v in params.items() if k not in run.data.params}
+    resumes = int(run.data.tags.get("gist_ray.resumes", "0")) + 1
+    tags = {**tags, "gist_ray.resumes": str(resumes)}
+    client.log_batch(
+        run_id,
+        params=_params(missing),
+        tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"],
+    )
+    client.update_run(run_id, status="RUNNING")
 
 
 def metric_name(name: str) -> str:
@@ -82,14 +155,18 @@ def metric_name(name: str) -> str:
 
 
 class RunLogger:
-    """Logs metrics to an existing run from one process (rank 0), batching writes per step."""
+    """Logs metrics to an existing run from one process (rank 0), batching writes per step.
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    With ``skip_logged`` (a resumed run) a metric the run already holds is not logged again:
+    the driver's summary metrics (step 0) must not gain a second value on a rerun."""
+
+    def __init__(self, tracking_uri: str, run_id: str, skip_logged: bool = False) -> None:
         import mlflow
 
         self._mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri)
         self.run_id = run_id
+        self._logged = set(self.client.get_run(run_id).data.metrics) if skip_logged else set()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -98,8 +175,10 @@ class RunLogger:
         batch = [
             self._mlflow.entities.Metric(metric_name(k), float(v), ts, step)
             for k, v in metrics.items()
+            if metric_name(k) not in self._logged
         ]
-        self.client.log_batch(self.run_id, metrics=batch)
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
@@ -111,5 +190,98 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
+@dataclass
+class StepLogger:
+    """Rank 0's per-step metrics, held back until the step is inside a committed checkpoint.
+
+    A worker that dies replays the steps after the last checkpoint; had those steps been logged,
+    MLflow would hold two values per step. So steps are buffered and flushed only once the
+    checkpoint that covers them is committed: MLflow then holds every step exactly once, at
+    the cost of lagging by up to ``train.checkpoint_every`` steps. The pending steps also go
+    into the checkpoint, so a crash between commit and flush loses nothing (see ``resume``)."""
+
+    tracking_uri: str
+    run_id: str
+    pending: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.pending.append((step, dict(metrics)))
+
+    def flush(self) -> None:
+        """Log the pending steps, whole steps per batch (so ``loss`` marks complete steps)."""
+        import time
+
+        import mlflow
+
+        if not self.pending:
+            return
+        client = mlflow.MlflowClient(self.tracking_uri)
+        ts = int(time.time() * 1000)
+        batch: list = []
+        for step, metrics in self.pending:
+            row = [
+                mlflow.entities.Metric(metric_name(k), float(v), ts, step)
+                for k, v in metrics.items()
+            ]
+            if batch and len(batch) + len(row) > MAX_BATCH:
+                client.log_batch(self.run_id, metrics=batch)
+                batch = []
+            batch.extend(row)
+        if batch:
+            client.log_batch(self.run_id, metrics=batch)
+        self.pending = []
+
+    def resume(self, pending: list[tuple[int, dict[str, float]]]) -> None:
+        """After a restart: flush the checkpoint's pending steps that never reached MLflow."""
+        import mlflow
+
+        if not pending:
+            return
+        last = last_logged_step(mlflow.MlflowClient(self.tracking_uri), self.run_id)
+        self.pending = [(s, m) for s, m in pending if s > last]
+        self.flush()
+
+
 def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+# ----------------------------------------------------------------------------- run extras
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0):
+    """Sample CPU, memory, disk, network (and GPU, with nvidia-ml-py) into the run as
+    ``system/*`` metrics from a background thread of this process; returns the monitor (stop
+    it with :func:`stop_system_metrics`), or None when psutil is missing.
+
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides ``interval_s``."""
+    import logging
+
+    try:
+        import psutil  # noqa: F401 - MLflow's monitors need it
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "system metrics are off: `pip install psutil` (and nvidia-ml-py for GPUs)"
+        )
+        return None
+    # resume_logging: a resumed run continues its system/* step axis instead of restarting at 0
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=tracking_uri
+    )
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the sampler and log what it holds; safe to call twice."""
+    if monitor is not None and not getattr(monitor, "_gist_ray_stopped", False):
+        monitor._gist_ray_stopped = True
+        monitor.finish()
+
+
+def log_config(tracking_uri: str, run_id: str, config_yaml: str) -> None:
+    """The resolved config as the artifact ``config.yaml``: rerun it with ``--config``."""
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).log_text(run_id, config_yaml, "config.yaml")

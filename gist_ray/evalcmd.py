@@ -1,0 +1,212 @@
+"""``gist-ray eval``: retrieval and STS metrics of one model, or two side by side.
+
+Retrieval runs on a BEIR-style folder (queries.jsonl, corpus.jsonl, qrels/<split>.tsv or
+qrels.tsv) or the built-in ``insuranceqa``; STS on a file of scored pairs (see gist_ray.sts).
+Results print as a table and, with ``output``, are written as JSON (atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gist_ray.errors import GistRayError
+
+SHOWN = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
+STS_SHOWN = ("spearman", "pearson")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GistRayError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def _load(name: str, key: str, pooling: str | None, max_len: int | None, device):
+    """Load an encoder; pooling and max length default to what its folder declares."""
+    from gist_ray.assets import resolve_model_path
+    from gist_ray.evaluate import st_settings
+    from gist_ray.models import load_encoder
+
+    path = resolve_model_path(name)
+    own_pooling, own_len = st_settings(path) if Path(path).is_dir() else (None, None)
+    pooling, max_len = pooling or own_pooling or "mean", max_len or own_len or 128
+    enc = load_encoder(name, pooling, max_len, frozen=True, key=key).to(device)
+    return enc, {"model": name, "path": path, "pooling": pooling, "max_seq_length": max_len}
+
+
+@contextlib.contextmanager
+def _cli_logging():
+    """While the command runs: gist-ray warnings (e.g. ignored qrels) as one stderr line each,
+    and no per-model weight-loading bars. Restored afterwards (the caller may be a library)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    log = logging.getLogger("gist_ray")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gist-ray: %(levelname)s: %(message)s"))
+    bars, propagate = hf_logging.is_progress_bar_enabled(), log.propagate
+    hf_logging.disable_progress_bar()
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _log(msg: str) -> None:
+    print(f"[gist-ray] {msg}", file=sys.stderr, flush=True)
+
+
+@_cli_logging()
+def evaluate(
+    model: str,
+    *,
+    compare: str | None = None,
+    data: str | None = None,
+    split: str = "test",
+    sts: str | None = None,
+    max_queries: int = 200,
+    max_corpus: int = 2000,
+    pooling: str | None = None,
+    max_seq_length: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    seed: int = 0,
+    output: str | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (and ``compare``); print the table; return (and write) the results.
+
+    Without ``data`` and ``sts``, retrieval runs on the built-in insuranceqa. 0 in
+    ``max_queries`` / ``max_corpus`` means all."""
+    from gist_ray.data import load_eval
+    from gist_ray.evaluate import retrieval_metrics
+    from gist_ray.sts import load_sts, sts_metrics
+
+    if data is None and sts is None:
+        data = "insuranceqa"
+    progress = sys.stderr.isatty() if progress is None else progress
+    # Data first: a bad file should fail before minutes of model loading.
+    evalset = (
+        load_eval(data, split, max_queries or None, max_corpus or None, seed=seed) if data else None
+    )
+    sts_set = load_sts(sts) if sts else None
+    dev = _device(device)
+    models = [model] + ([compare] if compare else [])
+    # Load both before encoding anything, so a bad --compare fails in seconds, not minutes.
+    loaded = [
+        _load(n, k, pooling, max_seq_length, dev) for n, k in zip(models, ("MODEL", "--compare"))
+    ]
+    rows = []
+    for name, (enc, info) in zip(models, loaded):
+        t0 = time.perf_counter()
+
+        def encode(texts, enc=enc):
+            return enc.encode(texts, batch_size=batch_size)
+
+        if evalset is not None:
+            _log(
+                f"{name}: encoding {len(evalset.corpus)} documents and {len(evalset.queries)} "
+                f"queries on {dev}"
+            )
+            m = retrieval_metrics(encode, evalset, batch_size=batch_size, show_progress=progress)
+            info["retrieval"] = {k: m[k] for k in (*SHOWN, "num_queries", "skipped_queries")}
+        if sts_set is not None:
+            _log(f"{name}: encoding {len(sts_set.scores)} STS pairs on {dev}")
+            info["sts"] = sts_metrics(encode, sts_set, batch_size, show_progress=progress)
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        rows.append(info)
+    result: dict[str, Any] = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": str(dev),
+        "eval": {},
+        "models": rows,
+    }
+    if evalset is not None:
+        result["eval"]["retrieval"] = {
+            "source": data,
+            "split": split,
+            "name": evalset.name,
+            "queries": len(evalset.queries),
+            "documents": len(evalset.corpus),
+            "notes": list(evalset.notes),
+        }
+    if sts_set is not None:
+        result["eval"]["sts"] = {"file": str(sts), "pairs": len(sts_set.scores)}
+    if compare:
+        a, b = rows
+        result["diff"] = {
+            section: {k: a[section][k] - b[section][k] for k in keys}
+            for section, keys in (("retrieval", SHOWN), ("sts", STS_SHOWN))
+            if section in a
+        }
+    print(format_table(result))
+    if output:
+        write_json(output, result)
+        print(f"\nresults: {output}")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The terminal table: one column per model, plus ``diff`` (A - B) when comparing."""
+    rows, ev = result["models"], result["eval"]
+    names = "AB"[: len(rows)]
+    head = f"{'metric':<12}" + "".join(f"{n:>10}" for n in names)
+    head += f"{'diff':>10}" if len(rows) == 2 else ""
+    lines = []
+    for section, keys, title in (
+        ("retrieval", SHOWN, "Retrieval on {name}: {queries} queries, {documents} documents"),
+        ("sts", STS_SHOWN, "STS on {file}: {pairs} pairs"),
+    ):
+        if section not in ev:
+            continue
+        lines += ["" if lines else None, title.format(**ev[section]), head]
+        for k in keys:
+            vals = [r[section][k] for r in rows]
+            line = f"{k:<12}" + "".join(f"{v:>10.4f}" for v in vals)
+            lines.append(line + (f"{vals[0] - vals[1]:>+10.4f}" if len(vals) == 2 else ""))
+    lines.append("")
+    lines += [
+        f"{n} = {r['model']} ({r['pooling']} pooling, {r['seconds']:.1f} s)"
+        for n, r in zip(names, rows)
+    ]
+    if len(rows) == 2:
+        lines.append("diff = A - B")
+    return "\n".join(x for x in lines if x is not None)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp name, then rename), so no half-written file is left."""
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise GistRayError(f"--output {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN (e.g. a metric with no judged query) becomes null: JSON has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

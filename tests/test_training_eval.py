@@ -1,0 +1,76 @@
+"""Rank 0's periodic eval (no Ray): when it runs, what it logs, and the best model it keeps."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import gist_ray.evaluate as ev
+from gist_ray.config import load_config
+from gist_ray.models import load_encoder
+
+
+class FakeLogger:
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, metrics, step):
+        self.calls.append((step, dict(metrics)))
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_models, monkeypatch):
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "car insurance"}) + "\n")
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(["a", "b"]))
+    )
+    (beir / "qrels.tsv").write_text("q1\td0\t1\n")
+    cfg = load_config(
+        overrides=[f"eval.source={beir}", "eval.every=2", f"output_dir={tmp_path / 'out'}"]
+    )
+    scripted = iter([0.5, 0.4, 0.7, 0.7])  # the metric at each successive eval
+    monkeypatch.setattr(
+        ev, "retrieval_metrics", lambda *a, **k: {"ndcg@10": next(scripted), "recall@10": 1.0}
+    )
+    student = load_encoder(str(tiny_models["student"]), "mean", 16)
+    return cfg, student
+
+
+def test_eval_due_on_every_but_not_the_last_step():
+    cfg = load_config(overrides=["eval.every=2"])
+    assert [s for s in range(1, 8) if ev.eval_due(cfg, s, 6)] == [2, 4]
+    assert not any(ev.eval_due(load_config(), s, 6) for s in range(1, 7))  # every = 0
+    no_source = load_config(overrides=["eval.every=2", "eval.source="])
+    assert not any(ev.eval_due(no_source, s, 6) for s in range(1, 7))
+
+
+def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
+    cfg, student = setup
+    logger = FakeLogger()
+    evaluator = ev.TrainingEval(cfg, logger, run_id="run-a")
+    out = Path(cfg.output_dir)
+    evaluator(student, 2)
+    assert ev.read_best(out, "run-a")["step"] == 2
+    assert (out / "best-model" / "modules.json").is_file()
+    evaluator(student, 4)  # worse: best stays at step 2
+    assert ev.read_best(out, "run-a") == {
+        "step": 2,
+        "metric": "ndcg@10",
+        "value": 0.5,
+        "run_id": "run-a",
+    }
+    assert logger.calls == [
+        (2, {"eval/ndcg@10": 0.5, "eval/recall@10": 1.0}),
+        (4, {"eval/ndcg@10": 0.4, "eval/recall@10": 1.0}),
+    ]
+    # A restarted worker of the same run keeps the best so far; another run starts afresh.
+    assert ev.TrainingEval(cfg, None, run_id="run-a").best["value"] == 0.5
+    assert ev.TrainingEval(cfg, None, run_id="run-b").best is None
+    resumed = ev.TrainingEval(cfg, None, run_id="run-a")
+    resumed(student, 6)  # 0.7 > 0.5
+    assert ev.read_best(out, "run-a")["step"] == 6
+    resumed(student, 8)  # 0.7 again: ties keep the earlier step
+    assert ev.read_best(out, "run-a")["step"] == 6
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"

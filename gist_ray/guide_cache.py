@@ -126,15 +126,17 @@ def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[
     unique = sorted({t for texts in columns.values() for t in texts}, key=lambda t: (len(t), t))
     index = {t: i for i, t in enumerate(unique)}
     r, w = rank(), world_size()
-    per = -(-len(unique) // w)  # ceil: equal shard shapes, the last one padded
-    mine = unique[r * per : (r + 1) * per]
+    per = -(-len(unique) // w)  # ceil: equal shard shapes, short shards padded
+    mine = unique[r::w]  # strided, so every worker gets its share of the long texts
     emb = _encode_with_progress(guide, mine, batch_size) if mine else torch.empty(0, guide.dim)
     if is_distributed():
         pad = torch.zeros(per, emb.shape[1])
         pad[: emb.shape[0]] = emb
         parts = [torch.empty_like(pad) for _ in range(w)]
         dist.all_gather(parts, pad)
-        emb = torch.cat(parts)[: len(unique)]
+        emb = torch.empty(len(unique), pad.shape[1])
+        for i, part in enumerate(parts):
+            emb[i::w] = part[: len(unique[i::w])]
     return {name: emb[[index[t] for t in texts]] for name, texts in columns.items()}
 
 

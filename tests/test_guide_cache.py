@@ -141,3 +141,9 @@ def test_cache_guide_command_on_ray(ray_cluster, tiny_models, tmp_path):
     assert set(tensors) == {"anchor", "positive"}
     assert tensors["anchor"].shape == (20, 48)
     torch.testing.assert_close(tensors["anchor"].norm(dim=1), torch.ones(20))
+    # The shards gathered from the two workers land on the right rows.
+    from gist_ray.models import load_encoder
+
+    guide = load_encoder(str(tiny_models["guide"]), "mean", 32, frozen=True)
+    direct = guide.encode(make_sentences(20, 6))
+    torch.testing.assert_close(tensors["positive"], direct, rtol=1e-4, atol=1e-5)

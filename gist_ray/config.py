@@ -16,10 +16,9 @@ from typing import Any
 import yaml
 
 from gist_ray.errors import ConfigError
+from gist_ray.loss import BACKENDS, STRATEGIES  # one list of allowed values, shared
 
 POOLINGS = ("mean", "cls", "last_token")
-BACKENDS = ("auto", "reference", "chunked", "triton")
-STRATEGIES = ("absolute", "relative")
 EVAL_METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
 
 

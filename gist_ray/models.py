@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from gist_ray.config import POOLINGS
 from gist_ray.errors import ModelError
 
-POOLINGS = ("mean", "cls", "last_token")
 # sentence-transformers' Pooling config flag for each of our poolings.
 _ST_POOLING_FLAG = {
     "mean": "pooling_mode_mean_tokens",

@@ -153,7 +153,8 @@ def test_all_negatives_masked_gives_zero_loss_not_nan():
     ga = torch.randn(b, 4)
     gp = -ga  # t_i = -1: every other candidate's guide similarity is above it
     loss, stats = gist_loss(a, p, ga, gp, backend="reference", return_stats=True)
-    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    # Logits are s/τ (up to 100 at τ = 0.01): fp32 rounding of the two dot products is ~1e-5.
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-4)
     assert stats["no_negative_frac"] == 1.0
     loss.backward()
     assert torch.isfinite(a.grad).all()

@@ -160,7 +160,9 @@ def bench_workers(per_worker: int, steps: int, max_len: int) -> list[dict]:
                 f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             ]
         )
+        t0 = time.perf_counter()
         res = train(cfg)
+        wall = time.perf_counter() - t0
         hist = mlflow.MlflowClient(res["tracking_uri"]).get_metric_history(
             res["run_id"], "step_time_s"
         )
@@ -173,6 +175,8 @@ def bench_workers(per_worker: int, steps: int, max_len: int) -> list[dict]:
                 "global_batch": per_worker * workers,
                 "step_s": step,
                 "samples_per_s": per_worker * workers / step,
+                "step_times_s": [round(m.value, 2) for m in sorted(hist, key=lambda m: m.step)],
+                "run_wall_s": round(wall, 1),  # Ray start, guide cache, steps, save
             }
         )
         print(out[-1], flush=True)
@@ -195,6 +199,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-batches", default="256,1024,4096")
     p.add_argument("--mem-len", type=int, default=32)
+    p.add_argument("--workers-batch", type=int, default=16, help="rows per worker")
+    p.add_argument("--workers-steps", type=int, default=4)
+    p.add_argument("--workers-len", type=int, default=128)
     p.add_argument("--skip", default="", help="comma list of: cache,memory,workers")
     args = p.parse_args()
     skip = set(args.skip.split(","))
@@ -210,7 +217,7 @@ def main() -> None:
             [int(b) for b in args.mem_batches.split(",")], 16, args.mem_len
         )
     if "workers" not in skip:
-        result["workers"] = bench_workers(16, 4, 64)
+        result["workers"] = bench_workers(args.workers_batch, args.workers_steps, args.workers_len)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,23 +350,33 @@ def _insuranceqa_eval(split: str):
     return queries, dict(_iqa_answers()), qrels, pool
 
 
-def _read_jsonl(path: Path) -> dict[str, str]:
-    out = {}
+def jsonl_records(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; a line that is not a JSON object is a
+    DataError naming ``what`` (e.g. "STS file"), the file and the line."""
+    where = f"{what} {path}".strip()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                _id, text = str(rec["_id"]), rec["text"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(
-                    f"{path} line {lineno}: need a JSON object with _id and text ({e})"
-                ) from e
-            title = rec.get("title") or ""
-            if not isinstance(text, str) or not isinstance(title, str):
-                raise DataError(f"{path} line {lineno}: title and text must be strings")
-            out[_id] = " ".join(f"{title} {text}".split())
+            except ValueError as e:
+                raise DataError(f"{where} line {lineno}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise DataError(f"{where} line {lineno}: expected a JSON object")
+            yield lineno, rec
+
+
+def _read_jsonl(path: Path) -> dict[str, str]:
+    """BEIR queries/corpus: ``_id`` -> "title text"."""
+    out = {}
+    for lineno, rec in jsonl_records(path):
+        _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
+        if _id is None or text is None:
+            raise DataError(f"{path} line {lineno}: need a JSON object with _id and text")
+        if not isinstance(text, str) or not isinstance(title, str):
+            raise DataError(f"{path} line {lineno}: title and text must be strings")
+        out[str(_id)] = " ".join(f"{title} {text}".split())
     return out
 
 

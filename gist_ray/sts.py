@@ -8,7 +8,6 @@ Spearman (rank, the usual STS number) and Pearson, both of cosine similarity aga
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from gist_ray.data import jsonl_records
 from gist_ray.errors import DataError
 
 COLUMNS = ("sentence1", "sentence2", "score")
@@ -76,20 +76,10 @@ def load_sts(path: str | Path) -> StsSet:
 
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    rows: list[tuple[int, dict]] = []
+    rows = list(jsonl_records(path, "STS file"))
     columns: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"STS file {path} line {lineno}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise DataError(f"STS file {path} line {lineno}: expected a JSON object")
-            columns += [c for c in rec if c not in columns]
-            rows.append((lineno, rec))
+    for _, rec in rows:
+        columns += [c for c in rec if c not in columns]
     return rows, columns
 
 

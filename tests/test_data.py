@@ -271,3 +271,6 @@ def test_beir_bad_input(tmp_path):
         DataError, match=r"queries.jsonl line 1: need a JSON object with _id and text"
     ):
         load_eval(root)
+    (tmp_path / "beir" / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n{oops\n')
+    with pytest.raises(DataError, match=r"queries.jsonl line 2: not valid JSON"):
+        load_eval(root)

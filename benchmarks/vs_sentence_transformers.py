@@ -345,10 +345,7 @@ def verdict(results: list[dict]) -> list[str]:
             target = f" (target >= 2x: {'met' if cpu >= 2 else 'MISSED'} by CPU time)"
             live = by.get("gist-ray, live guide")
             if live:  # train_s - steps: model loading, plus the one-time cache build
-                extra = (r["train_s"] - sum(r["step_times"])) - (
-                    live["train_s"] - sum(live["step_times"])
-                )
-                saved = r["batch"] / _sps(st) - r["batch"] / _sps(r)  # wall s per step
+                extra, saved = _cache_payback(r, live, st)
                 target += (
                     f"; the one-time guide-cache build cost about {extra:.0f} s of wall time, "
                     f"repaid after about {extra / saved:.0f} steps (a later run on the same "
@@ -361,6 +358,15 @@ def verdict(results: list[dict]) -> list[str]:
     out += cached_verdict(results)
     out += memory_verdict(results)
     return out
+
+
+def _cache_payback(r: dict, no_cache: dict, st: dict) -> tuple[float, float]:
+    """(seconds the cached run spent beyond its steps more than ``no_cache`` did — model
+    loading cancels out, the one-time cache build stays; wall seconds per step saved vs ST)."""
+    extra = (r["train_s"] - sum(r["step_times"])) - (
+        no_cache["train_s"] - sum(no_cache["step_times"])
+    )
+    return extra, r["batch"] / _sps(st) - r["batch"] / _sps(r)
 
 
 def cached_verdict(results: list[dict]) -> list[str]:
@@ -377,11 +383,8 @@ def cached_verdict(results: list[dict]) -> list[str]:
                 f"{r['label']} / {st['label']} = {wall:.2f}x per wall-second, {cpu:.2f}x per "
                 f"CPU-second (target >= 2x: {'met' if min(cpu, wall) >= 2 else 'MISSED'})"
             )
-            if r.get("cache"):  # setup beyond the steps: model loading, plus the cache build
-                extra = (r["train_s"] - sum(r["step_times"])) - (
-                    st["train_s"] - sum(st["step_times"])
-                )
-                saved = r["batch"] / _sps(st) - r["batch"] / _sps(r)
+            if r.get("cache"):
+                extra, saved = _cache_payback(r, st, st)
                 line += (
                     f"; the one-time guide-cache build cost about {extra:.0f} s, repaid after "
                     f"about {extra / saved:.1f} steps; the data here is one epoch of "

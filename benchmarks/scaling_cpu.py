@@ -43,27 +43,26 @@ def _rows(n: int):
 
 def bench_guide_cache(batch: int, max_len: int, repeats: int) -> dict:
     """Live-guide step vs cached-guide step (same batch, no gradient caching), one process."""
-    import torch
 
+    from gist_ray.loss import GistLoss
     from gist_ray.models import load_encoder
     from gist_ray.train import live_guide_embeddings, training_step
 
-    cfg = _cfg(batch, max_len)
+    loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder("minilm", "mean", max_len).train()
     guide = load_encoder("mpnet", "mean", max_len, frozen=True)
     cols = _rows(batch * (repeats + 1))
-    dev = torch.device("cpu")
     out = {"live_step_s": [], "guide_forward_s": [], "cached_step_s": []}
     for r in range(repeats + 1):  # the first round warms up
         batch_cols = [c[r * batch : (r + 1) * batch] for c in cols]
         t0 = time.perf_counter()
         g = live_guide_embeddings(guide, batch_cols)
         t_guide = time.perf_counter() - t0
-        training_step(cfg, student, g, batch_cols, dev)
+        training_step(student, loss_fn, batch_cols, g)
         t_live = time.perf_counter() - t0
         student.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        training_step(cfg, student, [x.clone() for x in g], batch_cols, dev)  # cache hit
+        training_step(student, loss_fn, batch_cols, [x.clone() for x in g])  # cache hit
         t_cached = time.perf_counter() - t0
         student.zero_grad(set_to_none=True)
         if r:
@@ -82,10 +81,11 @@ def _peak_child(batch: int, mini: int, max_len: int) -> None:
     """Child process: one gradient-cached step at ``batch`` rows; prints peak RSS growth."""
     import torch
 
+    from gist_ray.loss import GistLoss
     from gist_ray.models import load_encoder
     from gist_ray.train import training_step
 
-    cfg = _cfg(batch, max_len, [f"train.mini_batch_size={mini}"])
+    loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder("minilm", "mean", max_len).train()
     cols = _rows(batch)
     gen = torch.Generator().manual_seed(0)
@@ -94,17 +94,11 @@ def _peak_child(batch: int, mini: int, max_len: int) -> None:
     ]  # the guide cache's role: embeddings read, no guide forward
     # Warm up on one mini-batch so allocator and thread-pool growth is not counted as the batch's.
     warm = [c[:mini] for c in cols]
-    training_step(
-        _cfg(mini, max_len, [f"train.mini_batch_size={mini}"]),
-        student,
-        [g[:mini] for g in guide_emb],
-        warm,
-        torch.device("cpu"),
-    )
+    training_step(student, loss_fn, warm, [g[:mini] for g in guide_emb], mini)
     student.zero_grad(set_to_none=True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    training_step(cfg, student, guide_emb, cols, torch.device("cpu"))
+    training_step(student, loss_fn, cols, guide_emb, mini)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(

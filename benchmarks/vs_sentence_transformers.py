@@ -59,8 +59,8 @@ def _data(a):
 
 
 def _evaluate(model_dir: str, a) -> dict[str, float]:
-    from gist_ray.data import load_eval
-    from gist_ray.evaluate import retrieval_metrics
+    from gist_ray.eval.metrics import retrieval_metrics
+    from gist_ray.eval.sets import load_eval
     from gist_ray.models import load_encoder
 
     ev = load_eval("insuranceqa", "test", a["eval_queries"], a["eval_corpus"], seed=0)
@@ -81,7 +81,9 @@ def run_st(a, out: Path) -> dict:
     )
 
     from gist_ray.assets import resolve_model_path
-    from gist_ray.train import GlobalBatches, lr_lambda, seed_everything
+    from gist_ray.batches import GlobalBatches
+    from gist_ray.optim import lr_lambda
+    from gist_ray.train import seed_everything
 
     t_wall = t_train = time.perf_counter()  # as for gist-ray: loading counts as training
     data = _data(a)
@@ -130,9 +132,11 @@ def run_gist_ray(a, out: Path) -> dict:
     """gist-ray's own per-worker loop, single process, per-step times read back from MLflow."""
     import mlflow
 
-    from gist_ray import tracking
+    from gist_ray.checkpoint import LocalReporter
     from gist_ray.config import load_config
-    from gist_ray.train import LocalReporter, train_worker
+    from gist_ray.progress import StepLog
+    from gist_ray.tracking import runs
+    from gist_ray.train import train_worker
 
     t_wall = time.perf_counter()
     cfg = load_config(
@@ -155,17 +159,17 @@ def run_gist_ray(a, out: Path) -> dict:
         ]
     )
     uri = f"sqlite:///{out}/mlflow.db"
-    run_id = tracking.start_run(uri, "bench", None, {}, {})
-    # rank 0 hands every step's metrics to StepLogger.log_metrics right after the step:
+    run_id = runs.start_run(uri, "bench", None, {}, {})
+    # rank 0 hands every step's metrics to StepLog.step right after the step:
     # the CPU clock at each call gives the CPU seconds of each step
     cpu = []
-    log_metrics = tracking.StepLogger.log_metrics
+    log_step = StepLog.step
 
-    def timed(self, metrics, step):
+    def timed(self, state, metrics):
         cpu.append(cpu_s())
-        log_metrics(self, metrics, step)
+        log_step(self, state, metrics)
 
-    tracking.StepLogger.log_metrics = timed
+    StepLog.step = timed
     t_train = time.perf_counter()
     summary = train_worker(cfg, LocalReporter(out), run_id, uri)
     peak = peak_rss_gib()

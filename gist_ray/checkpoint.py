@@ -1,6 +1,9 @@
-"""Training checkpoints: the student (sentence-transformers folder), optimizer, scheduler, step,
-RNG states, unflushed metrics and the MLflow run id. Written under a temporary name and renamed
-when complete.
+"""Training checkpoints: the format, and the :class:`Checkpointer` that saves and restores a
+:class:`TrainState` through a :class:`Reporter` (Ray Train's, or a local folder).
+
+A checkpoint holds the student (sentence-transformers folder), optimizer, scheduler, step, every
+rank's RNG state, the metrics not yet logged to MLflow and the MLflow run id. It is written under
+a temporary name and renamed when complete.
 
 ``meta.json`` is a small manifest (format, step, MLflow run id, the config that fixes the
 training trajectory, and the size of every file): the driver checks a checkpoint in remote
@@ -10,18 +13,25 @@ storage from it without downloading the weights, and a truncated file is caught 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from gist_ray import fileio
 from gist_ray.config import Config
+from gist_ray.distributed import is_distributed, rank, world_size
 from gist_ray.errors import GistRayError
 
+log = logging.getLogger(__name__)
+
+STAGING = "checkpoints-staging"  # rank 0 builds checkpoints here before reporting them
 STATE_FILE = "state.pt"
 MODEL_DIR = "model"
 META_FILE = "meta.json"
@@ -77,13 +87,10 @@ def _file_sizes(root: Path) -> dict[str, int]:
 
 
 def save_checkpoint(directory: str | Path, student, state: dict[str, Any]) -> Path:
-    """Write ``directory`` atomically: build it beside the target, then rename.
+    """Write ``directory`` atomically (see :func:`gist_ray.fileio.atomic_dir`).
 
     ``state`` must hold ``step``, ``identity`` and ``mlflow_run_id`` (copied into meta.json)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with fileio.atomic_dir(directory) as tmp:
         student.save(tmp / MODEL_DIR)
         torch.save({"format": FORMAT_VERSION, **state}, tmp / STATE_FILE)
         meta = {
@@ -94,13 +101,7 @@ def save_checkpoint(directory: str | Path, student, state: dict[str, Any]) -> Pa
             "files": _file_sizes(tmp),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def parse_meta(text: str | bytes, where: str) -> dict[str, Any]:
@@ -111,12 +112,16 @@ def parse_meta(text: str | bytes, where: str) -> dict[str, Any]:
             f"checkpoint {where} is corrupt: {META_FILE} is not valid JSON; "
             "delete the checkpoint or use another mlflow.run_name"
         ) from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+    _check_format(meta, where)
+    return meta
+
+
+def _check_format(obj: Any, where: str) -> None:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION:
         raise GistRayError(
             f"checkpoint {where} has an unknown format (not written by this version of gist-ray); "
             "delete it or use another mlflow.run_name"
         )
-    return meta
 
 
 def check_meta(
@@ -168,9 +173,110 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
             f"checkpoint {state_path} is corrupt or truncated ({type(e).__name__}); "
             "delete it or use another mlflow.run_name"
         ) from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise GistRayError(
-            f"checkpoint {state_path} has an unknown format; it was not written by "
-            "this version of gist-ray"
-        )
+    _check_format(state, str(state_path))
     return directory / MODEL_DIR, state
+
+
+# ----------------------------------------------------------------------------- during training
+
+
+class Reporter(Protocol):
+    """Where a worker sends metrics and checkpoints (Ray Train, or a local folder)."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+
+    def latest_checkpoint(self) -> str | None: ...
+
+
+class LocalReporter:
+    """Keeps checkpoints under ``<output_dir>/checkpoints`` (runs without Ray)."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir and rank() == 0:
+            target = self.root / Path(checkpoint_dir).name
+            if Path(checkpoint_dir).resolve() != target.resolve():
+                fileio.copy_dir(checkpoint_dir, target)
+
+    def latest_checkpoint(self) -> str | None:
+        found = sorted(self.root.glob("checkpoint-*")) if self.root.is_dir() else []
+        return str(found[-1]) if found else None
+
+
+@dataclass
+class TrainState:
+    """Everything that moves during training besides the weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    run_id: str | None  # the MLflow run the steps are logged to
+    step: int = 0  # optimizer steps taken; also fixes the data position
+    # Rank 0: (step, metrics) of steps not yet logged to MLflow. They are logged only once a
+    # checkpoint covering them is committed, so a replayed step is never logged twice.
+    pending: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+class Checkpointer:
+    """Saves and restores the student and a :class:`TrainState` through a Reporter. ``save`` is
+    collective (every rank calls it); rank 0 writes."""
+
+    def __init__(self, cfg: Config, reporter: Reporter) -> None:
+        self.cfg, self.reporter = cfg, reporter
+        self.identity = identity(cfg)
+        self.staging = Path(cfg.output_dir) / STAGING
+        if rank() == 0:  # a worker killed mid-save leaves a half-written folder here
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.cfg.train.checkpoint_every == 0 or step == total
+
+    def restore(self, state: TrainState, student) -> bool:
+        """Load the latest checkpoint into ``state`` and ``student``; False when there is none."""
+        latest = self.reporter.latest_checkpoint()
+        if not latest:
+            return False
+        model_dir, saved = load_checkpoint(latest, self.identity)
+        student.load_weights(model_dir)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        state.step = saved["step"]
+        state.run_id = state.run_id or saved.get("mlflow_run_id")
+        state.pending = saved.get("pending_metrics", [])
+        rngs, world = saved["rng"], world_size()
+        if len(rngs) != world:
+            log.warning(
+                "checkpoint has %d RNG states for %d workers; dropout will not replay exactly",
+                len(rngs),
+                world,
+            )
+        set_rng_state(rngs[rank() % len(rngs)])  # each rank continues its own dropout stream
+        log.info("resumed from %s at step %d", latest, state.step)
+        return True
+
+    def save(self, state: TrainState, student, metrics: dict[str, float]) -> None:
+        """Checkpoint ``state``; returns once the checkpoint is committed (a restart would resume
+        from it)."""
+        rngs: list[Any] = [None] * world_size()  # every rank's, so dropout replays on resume
+        if is_distributed():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        path = None
+        if rank() == 0:
+            path = save_checkpoint(
+                self.staging / f"checkpoint-{state.step:07d}",
+                student,
+                {
+                    "optimizer": state.optimizer.state_dict(),
+                    "scheduler": state.scheduler.state_dict(),
+                    "step": state.step,
+                    "rng": rngs,
+                    "mlflow_run_id": state.run_id,
+                    "pending_metrics": state.pending,
+                    "identity": self.identity,
+                    "config": self.cfg.to_dict(),
+                },
+            )
+        self.reporter.report(metrics, str(path) if path else None)

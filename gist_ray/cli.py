@@ -1,5 +1,6 @@
-"""The ``gist-ray`` command line: ``train``, ``config``, ``eval``.
+"""The ``gist-ray`` command line: ``train``, ``cache-guide``, ``config``, ``eval``.
 
+Progress lines come from the ``gist_ray`` logger (configured here, once); results go to stdout.
 User errors print as one line (``gist-ray: error: ...``) and exit 2; ``--debug`` shows the
 traceback instead.
 """
@@ -10,7 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gist_ray import log
 from gist_ray.errors import GistRayError
+from gist_ray.models import POOLINGS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -68,9 +71,7 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument("--max-queries", type=int, default=200, help="0 = all (default: 200)")
     ev.add_argument("--max-corpus", type=int, default=2000, help="0 = all (default: 2000)")
-    ev.add_argument(
-        "--pooling", choices=("mean", "cls", "last_token"), help="default: the model's own"
-    )
+    ev.add_argument("--pooling", choices=POOLINGS, help="default: the model's own")
     ev.add_argument("--max-seq-length", type=int, help="tokens; default: the model's own or 128")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
@@ -83,27 +84,15 @@ def _add_eval_parser(sub) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gist_ray.errors import ConfigError
-    from gist_ray.evalcmd import evaluate
+    from gist_ray.eval.command import evaluate
 
     for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
         value = getattr(args, name)
         if value is not None and value < (1 if name in ("batch_size", "max_seq_length") else 0):
             raise ConfigError(f"--{name.replace('_', '-')} = {value} is not allowed")
-    evaluate(
-        args.model,
-        compare=args.compare,
-        data=args.data,
-        split=args.split,
-        sts=args.sts,
-        max_queries=args.max_queries,
-        max_corpus=args.max_corpus,
-        pooling=args.pooling,
-        max_seq_length=args.max_seq_length,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        output=args.output,
-    )
+    options = ("compare", "data", "split", "sts", "max_queries", "max_corpus", "pooling")
+    options += ("max_seq_length", "batch_size", "device", "seed", "output")
+    evaluate(args.model, **{k: getattr(args, k) for k in options})
     return 0
 
 
@@ -133,8 +122,14 @@ def _cmd_cache_guide(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": _cmd_train, "config": _cmd_config, "cache-guide": _cmd_cache_guide}
-    handlers["eval"] = _cmd_eval
+    # eval prints its table on stdout: its progress goes to stderr, out of a pipe's way.
+    log.configure(stream="stderr" if args.command == "eval" else "stdout")
+    handlers = {
+        "train": _cmd_train,
+        "cache-guide": _cmd_cache_guide,
+        "config": _cmd_config,
+        "eval": _cmd_eval,
+    }
     try:
         return handlers[args.command](args)
     except GistRayError as e:

@@ -16,10 +16,11 @@ from typing import Any
 import yaml
 
 from gist_ray.errors import ConfigError
-from gist_ray.loss import BACKENDS, STRATEGIES  # one list of allowed values, shared
 
-POOLINGS = ("mean", "cls", "last_token")
-EVAL_METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
+# Each list of allowed values lives with the code that implements it.
+from gist_ray.eval.metrics import REPORTED as EVAL_METRICS
+from gist_ray.loss import BACKENDS, STRATEGIES
+from gist_ray.models import POOLINGS
 
 
 @dataclass

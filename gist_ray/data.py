@@ -1,4 +1,4 @@
-"""Training pairs and retrieval eval sets, loaded with Hugging Face `datasets`.
+"""Training pairs, loaded with Hugging Face `datasets`.
 
 Training data has canonical columns `anchor`, `positive` and optionally `negative_1..negative_k`.
 Sources: a local .json/.jsonl/.csv/.parquet file, a `save_to_disk` folder, a hub dataset name
@@ -8,25 +8,21 @@ Every bad input raises a one-line DataError naming the source, column and row.
 
 from __future__ import annotations
 
-import csv
-import functools
-import json
-import logging
-import random
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gist_ray import insuranceqa
 from gist_ray.errors import DataError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from gist_ray.config import Config
 
-BUILTIN = "insuranceqa"
+BUILTIN = insuranceqa.NAME
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _NEG = re.compile(r"negative_([1-9][0-9]*)")
 _ROLES_HINT = "allowed: anchor, positive, negative, negative_1, negative_2, ..."
@@ -50,9 +46,15 @@ def load_pairs(
     (`columns` does not apply to it). `split` picks a split of a saved DatasetDict or hub dataset.
     """
     source = str(source)
-    _check_limit("max_examples", max_examples)
+    check_limit("max_examples", max_examples)
     if source.strip().lower() == BUILTIN and not Path(source).exists():
-        ds, label = _insuranceqa_pairs(seed, split, max_examples), BUILTIN
+        if split != "train":
+            raise DataError(
+                f"built-in '{BUILTIN}' training split must be 'train' (got {split!r}); "
+                "valid and test are held out for eval"
+            )
+        ds = datasets.Dataset.from_dict(insuranceqa.train_rows(seed, max_examples))
+        label = BUILTIN
         roles = {c: c for c in ds.column_names}
     else:
         ds, label = _load_source(source, split)
@@ -124,7 +126,7 @@ def _looks_like_path(s: str) -> bool:
     )
 
 
-def _check_limit(name: str, value: int | None) -> None:
+def check_limit(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise DataError(f"{name} must be a positive integer or None, got {value!r}")
 
@@ -219,204 +221,14 @@ def _check_texts(
             raise DataError(f"{where} row {row} (0-based) is {what}; {rule}")
 
 
-# ----------------------------------------------------------------------------- insuranceqa
+def load_training_data(cfg: Config) -> datasets.Dataset:
+    """The training pairs a config names (``data.train``, ``data.columns``,
+    ``data.max_examples``; the built-in set is sampled with ``train.seed``)."""
+    d = cfg.data
+    return load_pairs(d.train, d.columns or None, d.max_examples or None, seed=cfg.train.seed)
 
 
-def _norm(s: str) -> str:
-    return " ".join(s.split())  # the package's texts have doubled and non-breaking spaces
-
-
-def _insuranceqa():
-    try:
-        import insuranceqa_data
-    except ImportError as e:
-        raise DataError(
-            f"built-in source '{BUILTIN}' needs the package insuranceqa-data==1.0 "
-            "(pip install insuranceqa-data==1.0)"
-        ) from e
-    return insuranceqa_data
-
-
-@functools.cache
-def _iqa_split(split: str) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """Question id -> (question, positive answer ids, candidate ids); cached, English only."""
-    iqa = _insuranceqa()
-    data = {"train": iqa.load_train, "test": iqa.load_test, "valid": iqa.load_valid}[split]()
-    return {
-        q: (_norm(v["en"]), tuple(v["answers"]), tuple(v["negatives"])) for q, v in data.items()
-    }
-
-
-@functools.cache
-def _iqa_answers() -> dict[str, str]:
-    return {a: _norm(v["en"]) for a, v in _insuranceqa().load_answers().items()}
-
-
-def _insuranceqa_pairs(seed: int, split: str, max_examples: int | None) -> datasets.Dataset:
-    """One row per (question, positive answer); negative_1 = one of its 200 candidate answers."""
-    if split != "train":
-        raise DataError(
-            f"built-in '{BUILTIN}' training split must be 'train' (got {split!r}); "
-            "valid and test are held out for load_eval"
-        )
-    questions, answers = _iqa_split("train"), _iqa_answers()
-    rng = random.Random(seed)
-    rows = []
-    for qid in sorted(questions, key=int):
-        text, positives, candidates = questions[qid]
-        pool = [a for a in candidates if a not in positives]
-        rows.extend((text, answers[a], answers[rng.choice(pool)]) for a in positives)
-    # shuffle after sampling negatives, so a row's content does not depend on max_examples
-    rng.shuffle(rows)
-    anchor, positive, negative = (list(c) for c in zip(*rows[:max_examples]))
-    return datasets.Dataset.from_dict(
-        {"anchor": anchor, "positive": positive, "negative_1": negative}
-    )
-
-
-# ----------------------------------------------------------------------------- eval sets
-
-
-@dataclass
-class EvalSet:
-    """A retrieval eval set: queries and corpus by id, qrels query id -> {doc id: relevance}."""
-
-    queries: dict[str, str]
-    corpus: dict[str, str]
-    qrels: dict[str, dict[str, int]]
-    name: str = ""
-    notes: list[str] = field(default_factory=list)  # e.g. dropped qrels, for logs and MLflow
-
-
-def load_eval(
-    source: str = BUILTIN,
-    split: str = "test",
-    max_queries: int | None = 200,
-    max_corpus: int | None = 2000,
-    seed: int = 0,
-) -> EvalSet:
-    """Load a retrieval eval set: built-in insuranceqa (test or valid) or a BEIR-style folder.
-
-    `max_queries` queries are sampled with `seed` among those with a relevant doc; the corpus is
-    cut to `max_corpus` docs, always keeping every judged doc of the sampled queries (for
-    insuranceqa the rest comes from those queries' candidate pools), so encoding stays cheap.
-    """
-    source = str(source)
-    _check_limit("max_queries", max_queries)
-    _check_limit("max_corpus", max_corpus)
-    if source.strip().lower() == BUILTIN and not Path(source).exists():
-        queries, corpus, qrels, pool = _insuranceqa_eval(split)
-        notes: list[str] = []
-        label = f"{BUILTIN}/{split}"
-    else:
-        queries, corpus, qrels, notes = _beir(Path(source).expanduser(), source, split)
-        pool = None
-        label = f"{source}/{split}"
-    rng = random.Random(seed)
-    qids = sorted((q for q, rel in qrels.items() if any(v > 0 for v in rel.values())), key=_idkey)
-    if not qids:
-        raise DataError(f"{label}: eval set is empty (no query has a relevant document)")
-    rng.shuffle(qids)
-    qids = sorted(qids[:max_queries] if max_queries else qids, key=_idkey)
-    judged = {d for q in qids for d in qrels[q]}
-    others = sorted((pool(qids) if pool else set(corpus)) - judged, key=_idkey)
-    rng.shuffle(others)
-    room = max(0, max_corpus - len(judged)) if max_corpus else len(others)
-    keep = judged | set(others[:room])
-    return EvalSet(
-        queries={q: queries[q] for q in qids},
-        corpus={d: corpus[d] for d in sorted(keep, key=_idkey)},
-        qrels={q: dict(qrels[q]) for q in qids},
-        name=label,
-        notes=notes,
-    )
-
-
-def _idkey(s: str) -> tuple:
-    return (0, int(s), "") if s.isdigit() else (1, 0, s)  # numeric ids in numeric order
-
-
-def _insuranceqa_eval(split: str):
-    split = "valid" if split == "validation" else split
-    if split not in ("test", "valid"):
-        raise DataError(f"built-in '{BUILTIN}' eval split {split!r} is not one of: test, valid")
-    data = _iqa_split(split)
-    queries = {q: v[0] for q, v in data.items()}
-    qrels = {q: dict.fromkeys(v[1], 1) for q, v in data.items()}
-
-    def pool(qids: list[str]) -> set[str]:
-        return {a for q in qids for a in data[q][2]}
-
-    return queries, dict(_iqa_answers()), qrels, pool
-
-
-def jsonl_records(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-blank line; a line that is not a JSON object is a
-    DataError naming ``what`` (e.g. "STS file"), the file and the line."""
-    where = f"{what} {path}".strip()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where} line {lineno}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise DataError(f"{where} line {lineno}: expected a JSON object")
-            yield lineno, rec
-
-
-def _read_jsonl(path: Path) -> dict[str, str]:
-    """BEIR queries/corpus: ``_id`` -> "title text"."""
-    out = {}
-    for lineno, rec in jsonl_records(path):
-        _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
-        if _id is None or text is None:
-            raise DataError(f"{path} line {lineno}: need a JSON object with _id and text")
-        if not isinstance(text, str) or not isinstance(title, str):
-            raise DataError(f"{path} line {lineno}: title and text must be strings")
-        out[str(_id)] = " ".join(f"{title} {text}".split())
-    return out
-
-
-def _beir(folder: Path, source: str, split: str):
-    if not folder.is_dir():
-        raise DataError(f"eval source {source} does not exist (need a BEIR folder or '{BUILTIN}')")
-    qrels_path = next(
-        (p for p in (folder / "qrels" / f"{split}.tsv", folder / "qrels.tsv") if p.is_file()), None
-    )
-    missing = [n for n in ("queries.jsonl", "corpus.jsonl") if not (folder / n).is_file()]
-    if missing or qrels_path is None:
-        missing += [] if qrels_path else [f"qrels/{split}.tsv or qrels.tsv"]
-        raise DataError(f"{source}: BEIR eval folder lacks {', '.join(missing)}")
-    queries, corpus = _read_jsonl(folder / "queries.jsonl"), _read_jsonl(folder / "corpus.jsonl")
-    qrels: dict[str, dict[str, int]] = {}
-    unknown, first = 0, ""
-    with open(qrels_path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not row or (lineno == 1 and not row[-1].strip().lstrip("-").isdigit()):
-                continue  # blank line or the header (query-id, corpus-id, score)
-            try:
-                qid, did, score = row[0], row[1], int(row[2])
-            except (IndexError, ValueError) as e:
-                raise DataError(
-                    f"{qrels_path} line {lineno}: need query-id, corpus-id, integer score"
-                ) from e
-            if qid not in queries or did not in corpus:
-                unknown += 1
-                first = first or (
-                    f"line {lineno}: query {qid!r} is not in queries.jsonl"
-                    if qid not in queries
-                    else f"line {lineno}: document {did!r} is not in corpus.jsonl"
-                )
-                continue
-            qrels.setdefault(qid, {})[did] = score
-    notes = []
-    if unknown:
-        notes.append(
-            f"{qrels_path}: ignored {unknown} qrels naming unknown queries or documents "
-            f"(first: {first})"
-        )
-        log.warning(notes[-1])
-    return queries, corpus, qrels, notes
+def text_columns(ds: datasets.Dataset) -> dict[str, list[str]]:
+    """The texts by column, in loss order: anchor, positive, negative_1..k."""
+    negatives = sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))
+    return {c: ds[c] for c in ["anchor", "positive", *negatives]}

@@ -5,9 +5,14 @@ use; the launcher forwards the variable to Ray workers."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
+
+from gist_ray.log import ALL_RANKS, ROOT
+
+log = logging.getLogger(__name__)
 
 ENV = "GIST_RAY_FAULT_INJECT"
 
@@ -21,5 +26,7 @@ def maybe_fail(output_dir: str | Path, rank: int, step: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
-    print(f"[gist-ray] fault injection: rank {rank} kills itself after step {step}", flush=True)
+    log.info("fault injection: rank %d kills itself after step %d", rank, step, extra=ALL_RANKS)
+    for handler in logging.getLogger(ROOT).handlers:
+        handler.flush()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import logging
+import time
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from gist_ray import fileio
 from gist_ray.distributed import is_distributed, rank, world_size
 from gist_ray.errors import GistRayError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gist-ray-guide-cache-v1"
 
@@ -85,22 +88,15 @@ def load(path: Path, fp: dict[str, str], rows: int) -> dict[str, torch.Tensor] |
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - truncated files raise assorted errors
-        print(
-            f"[gist-ray] guide cache {path} is truncated or corrupt ({type(e).__name__}); "
-            "rebuilding it",
-            flush=True,
+        log.info(
+            "guide cache %s is truncated or corrupt (%s); rebuilding it", path, type(e).__name__
         )
         return None
     if {k: meta.get(k) for k in fp} != fp:
-        print(
-            f"[gist-ray] guide cache {path} was built for another guide or dataset; rebuilding it",
-            flush=True,
-        )
+        log.info("guide cache %s was built for another guide or dataset; rebuilding it", path)
         return None
     if any(t.shape[0] != rows for t in tensors.values()):
-        print(
-            f"[gist-ray] guide cache {path} has the wrong number of rows; rebuilding it", flush=True
-        )
+        log.info("guide cache %s has the wrong number of rows; rebuilding it", path)
         return None
     return tensors
 
@@ -108,15 +104,8 @@ def load(path: Path, fp: dict[str, str], rows: int) -> dict[str, torch.Tensor] |
 def save(path: Path, fp: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=fp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with fileio.atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=fp)
 
 
 @torch.no_grad()
@@ -141,19 +130,18 @@ def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[
 
 
 def _encode_with_progress(guide, texts: list[str], batch_size: int) -> torch.Tensor:
-    """Batched guide inference; rank 0 prints progress about every 10% (it takes minutes)."""
-    import time
-
+    """Batched guide inference; rank 0 reports progress about every 10% (it takes minutes)."""
     chunks, t0, next_report = [], time.perf_counter(), 0.1
     for i in range(0, len(texts), batch_size):
         chunks.append(guide.encode(texts[i : i + batch_size], batch_size=batch_size))
         done = min(i + batch_size, len(texts)) / len(texts)
-        if rank() == 0 and (done >= next_report or done == 1.0):
+        if done >= next_report or done == 1.0:
             elapsed = time.perf_counter() - t0
-            print(
-                f"[gist-ray] guide cache: {done:.0%} of this worker's {len(texts)} texts, "
-                f"ETA {elapsed / done - elapsed:.0f}s",
-                flush=True,
+            log.info(
+                "guide cache: %.0f%% of this worker's %d texts, ETA %.0fs",
+                100 * done,
+                len(texts),
+                elapsed / done - elapsed,
             )
             next_report = done + 0.1
     return torch.cat(chunks)

@@ -13,10 +13,10 @@ reloads the run's checkpoint list from storage, so rerunning a command resumes i
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,8 +25,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gist_ray import checkpoint as ckpt
+from gist_ray import fileio
 from gist_ray.config import Config
 from gist_ray.errors import GistRayError
+
+log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 # Mount types every node can share (prefix match; "fuse." = gcsfuse, s3fs, juicefs, ...); a local
@@ -83,8 +86,11 @@ class RayReporter:
 
 def _ray_entry(payload: dict[str, Any]) -> None:
     """Runs on each Ray worker: rebuild the config and hand over to plain torch code."""
+    from gist_ray import log
     from gist_ray.config import load_config_dict
     from gist_ray.train import train_worker
+
+    log.configure()
 
     train_worker(
         load_config_dict(payload["config"]),
@@ -166,7 +172,6 @@ def connect(cfg: Config) -> None:
         return
     # A fresh temp dir: a stale ray_current_cluster file from an earlier `ray stop` confuses init.
     tmp = tempfile.mkdtemp(prefix="gist-ray-ray-")
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
     ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=tmp, log_to_driver=True)
 
 
@@ -314,34 +319,44 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
 def export_checkpoint(cfg: Config, checkpoint) -> Path:
     """Copy a (possibly remote) checkpoint to ``<output_dir>/final-checkpoint``."""
     local = Path(cfg.output_dir) / "final-checkpoint"
-    if local.exists():
-        shutil.rmtree(local)
-    checkpoint.to_directory(str(local))
+    with fileio.atomic_dir(local) as tmp:
+        checkpoint.to_directory(str(tmp))
     return local
+
+
+def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
+    """A TorchTrainer running ``entry(payload)`` on ``ray.num_workers`` workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # V2's print patch echoes every line twice
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    return TorchTrainer(
+        entry,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=storage_path(cfg), worker_runtime_env={"env_vars": env}, **run_config
+        ),
+    )
 
 
 def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
     """Fit on the cluster (resuming the run's latest checkpoint if it has one); return the final
     checkpoint's directory (local copy)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # V2's print patch echoes every line twice
-    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    trainer = TorchTrainer(
+    payload = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri}
+    trainer = _trainer(
+        cfg,
         _ray_entry,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_dir_name(cfg, run_id),
-            storage_path=storage_path(cfg),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": env},
-        ),
+        payload,
+        name=run_dir_name(cfg, run_id),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     try:
         result = trainer.fit()
@@ -362,11 +377,10 @@ def _resume_hint(cfg: Config, name: str) -> None:
     except GistRayError:
         return
     if found is not None:
-        print(
-            f"[gist-ray] training failed after the checkpoint at step {found.step}: rerun the "
-            "same command to resume from it",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            "training failed after the checkpoint at step %d: rerun the same command to resume "
+            "from it",
+            found.step,
         )
 
 
@@ -393,30 +407,18 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 def _ray_cache_entry(payload: dict[str, Any]) -> None:
+    from gist_ray import log
     from gist_ray.config import load_config_dict
     from gist_ray.train import cache_guide_worker
+
+    log.configure()
 
     cache_guide_worker(load_config_dict(payload["config"]))
 
 
 def run_cache_guide(cfg: Config) -> None:
     """``gist-ray cache-guide``: the guide embeds the training texts, sharded over the workers."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    trainer = TorchTrainer(
-        _ray_cache_entry,
-        train_loop_config={"config": cfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu
-        ),
-        run_config=ray.train.RunConfig(
-            storage_path=cfg.ray.storage_path or str(Path(cfg.output_dir) / "ray"),
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-    )
     try:
-        trainer.fit()
+        _trainer(cfg, _ray_cache_entry, {"config": cfg.to_dict()}).fit()
     except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's error
         raise _unwrap(e) from e

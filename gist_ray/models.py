@@ -4,25 +4,24 @@ format so ``SentenceTransformer(path)`` and ``AutoModel.from_pretrained(path)`` 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer
 
-from gist_ray.config import POOLINGS
+from gist_ray import fileio
 from gist_ray.errors import ModelError
 
+POOLINGS = ("mean", "cls", "last_token")
 # sentence-transformers' Pooling config flag for each of our poolings.
 _ST_POOLING_FLAG = {
     "mean": "pooling_mode_mean_tokens",
     "cls": "pooling_mode_cls_token",
     "last_token": "pooling_mode_lasttoken",
 }
+MODEL_DIR = "model"  # <output_dir>/model: the exported model
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -90,12 +89,15 @@ class Encoder(nn.Module):
             self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
 
+    def load_weights(self, folder: str | Path) -> None:
+        """Load the encoder weights of a folder :meth:`save` wrote (e.g. a checkpoint's)."""
+        from transformers import AutoModel
+
+        self.model.load_state_dict(AutoModel.from_pretrained(folder).state_dict())
+
     def save(self, path: str | Path) -> Path:
         """Write a sentence-transformers model folder atomically (temp name, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with fileio.atomic_dir(path) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             (tmp / "1_Pooling").mkdir()
@@ -106,27 +108,17 @@ class Encoder(nn.Module):
             }
             _write_json(tmp / "1_Pooling" / "config.json", pooling_cfg)
             (tmp / "2_Normalize").mkdir()
+            modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
             _write_json(
                 tmp / "modules.json",
                 [
                     {
-                        "idx": 0,
-                        "name": "0",
-                        "path": "",
-                        "type": "sentence_transformers.models.Transformer",
-                    },
-                    {
-                        "idx": 1,
-                        "name": "1",
-                        "path": "1_Pooling",
-                        "type": "sentence_transformers.models.Pooling",
-                    },
-                    {
-                        "idx": 2,
-                        "name": "2",
-                        "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize",
-                    },
+                        "idx": i,
+                        "name": str(i),
+                        "path": sub,
+                        "type": f"sentence_transformers.models.{t}",
+                    }
+                    for i, (sub, t) in enumerate(modules)
                 ],
             )
             _write_json(
@@ -137,17 +129,7 @@ class Encoder(nn.Module):
                 tmp / "config_sentence_transformers.json",
                 {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
             )
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return Path(path)
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -165,6 +147,8 @@ def load_encoder(
     """Load a hub name, local folder or built-in alias; ``frozen`` for the guide (eval, no grad).
 
     ``key`` names the config key in error messages."""
+    from transformers import AutoModel, AutoTokenizer
+
     from gist_ray.assets import resolve_model_path
 
     path = resolve_model_path(name_or_path)
@@ -182,3 +166,34 @@ def load_encoder(
         enc.eval()
         enc.requires_grad_(False)
     return enc
+
+
+_POOLING_OF_FLAG = {flag: name for name, flag in _ST_POOLING_FLAG.items()}
+
+
+def st_settings(
+    folder: str | Path, default: tuple[Any, Any] = (None, None)
+) -> tuple[str | None, int | None]:
+    """(pooling, max_seq_length) a sentence-transformers folder declares; ``default`` for each
+    one it does not (a hub name, a plain transformers folder, a pooling gist-ray lacks)."""
+    folder = Path(folder)
+    pooling, max_len = default
+    try:
+        flags = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        pooling = next(
+            (name for flag, name in _POOLING_OF_FLAG.items() if flags.get(flag)), pooling
+        )
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        max_len = int(
+            json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return pooling, max_len
+
+
+def export_model(checkpoint_model: str | Path, output_dir: str | Path) -> Path:
+    """Copy a checkpoint's model folder to ``<output_dir>/model`` (atomically); return it."""
+    return fileio.copy_dir(checkpoint_model, Path(output_dir) / MODEL_DIR)

@@ -4,8 +4,7 @@ export and evaluate the trained model, and log everything to one MLflow run."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 
 from gist_ray.config import Config
 from gist_ray.errors import GistRayError
+
+log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("ndcg@10", "recall@10", "mrr@10")
 
@@ -35,17 +36,11 @@ def _absolutize(cfg: Config) -> Config:
 
 
 def evaluate_model(model: str, cfg: Config, evalset) -> dict[str, float]:
-    from gist_ray.evaluate import retrieval_metrics
+    from gist_ray.eval.metrics import retrieval_metrics
     from gist_ray.models import load_encoder
 
     enc = load_encoder(model, cfg.model.pooling, cfg.model.max_seq_length)
     return retrieval_metrics(lambda texts: enc.encode(texts, batch_size=64), evalset)
-
-
-def _print_metrics(before: dict[str, float], after: dict[str, float]) -> None:
-    print(f"{'metric':<12}{'before':>10}{'after':>10}{'change':>10}")
-    for k in EVAL_KEYS:
-        print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}{after[k] - before[k]:>+10.4f}")
 
 
 @dataclass
@@ -60,7 +55,8 @@ class _Run:
 def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
     """A new MLflow run, or, when ``mlflow.run_name`` names an existing one, that run resumed
     from its latest checkpoint under ``ray.storage_path/run_name`` (refusing a mismatch)."""
-    from gist_ray import launcher, tracking
+    from gist_ray import launcher
+    from gist_ray.tracking import runs as tracking
 
     tags = {
         "student": cfg.model.student,
@@ -95,14 +91,14 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
     tracking.reopen_run(tracking_uri, existing.run_id, cfg.flat(), tags)
     done = found.step if found else 0
     complete = found is not None and found.step >= steps
-    print(
-        f"[gist-ray] MLflow run {name!r} ({existing.run_id}, was {existing.status}): "
-        + (
-            f"already complete ({done}/{steps} steps); not training again, exporting its model"
-            if complete
-            else f"resuming at step {done}/{steps}"
-        ),
-        flush=True,
+    log.info(
+        "MLflow run %r (%s, was %s): %s",
+        name,
+        existing.run_id,
+        existing.status,
+        f"already complete ({done}/{steps} steps); not training again, exporting its model"
+        if complete
+        else f"resuming at step {done}/{steps}",
     )
     prefix = "eval/before/"
     before = {
@@ -115,96 +111,53 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
-    from gist_ray import launcher, results, tracking
-    from gist_ray.data import load_eval, load_pairs
-    from gist_ray.models import load_encoder
-    from gist_ray.train import total_steps
+    from gist_ray import launcher
+    from gist_ray.models import export_model
+    from gist_ray.tracking import results, runs
 
     cfg = _absolutize(cfg)
     t0 = time.perf_counter()
-    # Fail on bad data or models here, before any cluster starts.
-    data = load_pairs(
-        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
-    )
-    if len(data) < cfg.train.batch_size:
-        raise GistRayError(
-            f"train.batch_size = {cfg.train.batch_size} is larger than the "
-            f"dataset {cfg.data.train!r} ({len(data)} rows)"
-        )
-    load_encoder(cfg.model.student, cfg.model.pooling, cfg.model.max_seq_length)
-    load_encoder(
-        cfg.model.guide, cfg.model.guide_pooling, cfg.model.max_seq_length, key="model.guide"
-    )
-    ev = cfg.eval
-    evalset = (
-        load_eval(
-            ev.source, ev.split, ev.max_queries or None, ev.max_corpus or None, seed=cfg.train.seed
-        )
-        if ev.source
-        else None
-    )
-
-    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    steps, evalset = _check_inputs(cfg)  # fail on bad data or models before any cluster starts
+    tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     launcher.connect(cfg)
     launcher.check_resources(cfg)
-
-    steps = total_steps(cfg, len(data) // cfg.train.batch_size)
     run = _open_run(cfg, tracking_uri, steps)
-    run_id = run.run_id
     before = run.before
     if evalset is not None and not before:
-        print(
-            f"[gist-ray] evaluating {cfg.model.student} before training "
-            f"({len(evalset.queries)} queries, {len(evalset.corpus)} documents)",
-            flush=True,
+        log.info(
+            "evaluating %s before training (%d queries, %d documents)",
+            cfg.model.student,
+            len(evalset.queries),
+            len(evalset.corpus),
         )
         before = evaluate_model(cfg.model.student, cfg, evalset)
     # A resumed run keeps its summary metrics: they must not gain a second value.
-    logger = tracking.RunLogger(tracking_uri, run_id, skip_logged=run.resumed)
+    logger = runs.RunLogger(tracking_uri, run.run_id, skip_logged=run.resumed)
     logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
-    monitor = tracking.start_system_metrics(tracking_uri, run_id)
-    tracking.log_config(tracking_uri, run_id, cfg.to_yaml())
+    monitor = runs.start_system_metrics(tracking_uri, run.run_id)
+    runs.log_config(tracking_uri, run.run_id, cfg.to_yaml())
     try:
         final_ckpt = (
             launcher.export_checkpoint(cfg, run.found.checkpoint)
             if run.complete
-            else launcher.run_training(cfg, run_id, tracking_uri)
+            else launcher.run_training(cfg, run.run_id, tracking_uri)
         )
-        model_dir = Path(cfg.output_dir) / "model"
-        tmp = model_dir.with_name(".model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(final_ckpt / "model", tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
-        after: dict[str, float] = {}
-        if evalset is not None:
-            after = evaluate_model(str(model_dir), cfg, evalset)
-            logger.log_metrics({f"eval/after/{k}": v for k, v in after.items()}, step=0)
-        final = results.finish(cfg, tracking_uri, run_id, model_dir, steps, before, after)
+        model_dir = export_model(final_ckpt / "model", cfg.output_dir)
+        after = evaluate_model(str(model_dir), cfg, evalset) if evalset is not None else {}
+        logger.log_metrics({f"eval/after/{k}": v for k, v in after.items()}, step=0)
+        final = results.finish(cfg, tracking_uri, run.run_id, model_dir, steps, before, after)
         wall = time.perf_counter() - t0
         logger.log_metrics({"wall_time_s": wall}, step=0)
-        tracking.stop_system_metrics(monitor)
+        runs.stop_system_metrics(monitor)
         logger.set_terminated("FINISHED")
     except BaseException:
-        tracking.stop_system_metrics(monitor)
+        runs.stop_system_metrics(monitor)
         logger.set_terminated("FAILED")
         raise
-
-    print()
-    if evalset is not None:
-        print(
-            f"Retrieval on {evalset.name} ({len(evalset.queries)} held-out queries, "
-            f"{len(evalset.corpus)} documents):"
-        )
-        _print_metrics(before, after)
-    print(f"\nmodel:       {model_dir}")
-    print(f"MLflow run:  {run_id} (experiment {cfg.mlflow.experiment!r}, store {tracking_uri})")
-    print(f"MLflow UI:   {tracking.ui_command(tracking_uri)}")
-    print("\n".join(final.lines()))
-    print(f"wall time:   {wall / 60:.1f} min")
+    _print_summary(cfg, evalset, before, after, model_dir, run.run_id, tracking_uri, final, wall)
     return {
         "model_dir": str(model_dir),
-        "run_id": run_id,
+        "run_id": run.run_id,
         "tracking_uri": tracking_uri,
         "before": before,
         "after": after,
@@ -213,16 +166,49 @@ def train(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _check_inputs(cfg: Config) -> tuple[int, Any]:
+    """Load the data, both models and the eval set once on the driver, so bad input fails in
+    seconds; returns the number of training steps and the eval set (or None)."""
+    from gist_ray.batches import GlobalBatches
+    from gist_ray.data import load_training_data
+    from gist_ray.eval.sets import load_eval_for
+    from gist_ray.models import load_encoder
+
+    batches = GlobalBatches.for_config(cfg, len(load_training_data(cfg)))
+    m = cfg.model
+    load_encoder(m.student, m.pooling, m.max_seq_length)
+    load_encoder(m.guide, m.guide_pooling, m.max_seq_length, key="model.guide")
+    return batches.total_steps(cfg), load_eval_for(cfg)
+
+
+def _print_summary(cfg, evalset, before, after, model_dir, run_id, tracking_uri, final, wall):
+    """The command's result, on stdout."""
+    from gist_ray.tracking.runs import ui_command
+
+    print()
+    if evalset is not None:
+        print(
+            f"Retrieval on {evalset.name} ({len(evalset.queries)} held-out queries, "
+            f"{len(evalset.corpus)} documents):"
+        )
+        print(f"{'metric':<12}{'before':>10}{'after':>10}{'change':>10}")
+        for k in EVAL_KEYS:
+            print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}{after[k] - before[k]:>+10.4f}")
+    print(f"\nmodel:       {model_dir}")
+    print(f"MLflow run:  {run_id} (experiment {cfg.mlflow.experiment!r}, store {tracking_uri})")
+    print(f"MLflow UI:   {ui_command(tracking_uri)}")
+    print("\n".join(final.lines()))
+    print(f"wall time:   {wall / 60:.1f} min")
+
+
 def cache_guide(cfg: Config) -> None:
     """``gist-ray cache-guide``: validate the data, then build the guide cache on Ray."""
     from gist_ray import launcher
-    from gist_ray.data import load_pairs
+    from gist_ray.data import load_training_data
 
     cfg = _absolutize(cfg)
-    load_pairs(
-        cfg.data.train, cfg.data.columns or None, cfg.data.max_examples or None, seed=cfg.train.seed
-    )
+    load_training_data(cfg)
     launcher.connect(cfg)
     launcher.check_resources(cfg)
     launcher.run_cache_guide(cfg)
-    print("[gist-ray] guide cache ready; `gist-ray train` with the same data and guide uses it")
+    log.info("guide cache ready; `gist-ray train` with the same data and guide uses it")

@@ -82,6 +82,14 @@ def build_tiny_bert(
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _console_log():
+    """gist-ray's progress lines, as the CLI configures them; propagated for ``caplog``."""
+    from gist_ray import log
+
+    log.configure(propagate=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Two different tiny BERTs: a student (hidden 32) and a guide (hidden 48)."""

@@ -187,5 +187,5 @@ def test_assembled_mpnet_loads_offline_and_embeds_sensibly(mpnet_path):
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     similar, unrelated = (emb[0] @ emb[1]).item(), (emb[0] @ emb[2]).item()
     print(f"mpnet cosines: similar {similar:.4f}, unrelated {unrelated:.4f}")
-    assert similar == pytest.approx(0.84, abs=0.02)  # ASSETS.md sanity check
+    assert similar == pytest.approx(0.84, abs=0.02)  # docs/assets.md sanity check
     assert -0.09 < unrelated < -0.03

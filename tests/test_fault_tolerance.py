@@ -46,8 +46,9 @@ def _reference_worker(rank: int, cfg_dict: dict, port: int, losses_file: str) ->
     """One rank of the uninterrupted reference: train_worker under plain torch.distributed."""
     import torch.distributed as dist
 
+    from gist_ray.checkpoint import LocalReporter
     from gist_ray.config import load_config_dict
-    from gist_ray.train import LocalReporter, train_worker
+    from gist_ray.train import train_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # like a Ray worker with one CPU

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gist_ray.config import load_config
+from gist_ray.loss import GistLoss
 from gist_ray.models import load_encoder
 from gist_ray.train import training_step
 from tests.conftest import make_sentences
@@ -35,18 +36,11 @@ def _setup(tiny_models, dropout: bool):
 def test_gradcache_equals_one_backward_with_dropout(tiny_models, backend):
     """Dropout on: the no-cache pass embeds the same mini-batches with a graph, from the same
     RNG state; gradient caching must replay those dropout masks exactly."""
-    cfg = load_config(
-        overrides=[
-            "train.batch_size=16",
-            "ray.num_workers=1",
-            "train.mini_batch_size=4",
-            f"loss.backend={backend}",
-        ]
-    )
     student, columns, guide_emb = _setup(tiny_models, dropout=True)
+    loss_fn = GistLoss(backend=backend)
 
     torch.manual_seed(7)
-    loss_cached, _ = training_step(cfg, student, guide_emb, columns, torch.device("cpu"))
+    loss_cached, _ = training_step(student, loss_fn, columns, guide_emb, mini_batch_size=4)
     cached = _grads(student)
     rng_after = torch.get_rng_state()
 
@@ -67,14 +61,12 @@ def test_gradcache_equals_one_backward_with_dropout(tiny_models, backend):
 
 def test_gradcache_equals_full_batch_without_dropout(tiny_models):
     """Dropout off: mini-batches of 4 give the gradients of one batch of 16 (padding differs)."""
-    base = ["train.batch_size=16", "ray.num_workers=1"]
     student, columns, guide_emb = _setup(tiny_models, dropout=False)
-    dev = torch.device("cpu")
-    loss_full, _ = training_step(load_config(overrides=base), student, guide_emb, columns, dev)
+    loss_fn = GistLoss()
+    loss_full, _ = training_step(student, loss_fn, columns, guide_emb)
     full = _grads(student)
     student.zero_grad(set_to_none=True)
-    cfg = load_config(overrides=[*base, "train.mini_batch_size=4"])
-    loss_cached, _ = training_step(cfg, student, guide_emb, columns, dev)
+    loss_cached, _ = training_step(student, loss_fn, columns, guide_emb, mini_batch_size=4)
     torch.testing.assert_close(loss_cached, loss_full, rtol=1e-5, atol=1e-6)
     assert_rel_close(_grads(student), full, 1e-5)
     assert full.abs().sum() > 0

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from gist_ray import guide_cache
+from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
-from gist_ray.train import LocalReporter, train_worker
+from gist_ray.train import train_worker
 
 
 @pytest.fixture()

@@ -132,8 +132,9 @@ def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tm
     import mlflow
     from safetensors.torch import load_file
 
+    from gist_ray.checkpoint import LocalReporter
     from gist_ray.run import train
-    from gist_ray.train import LocalReporter, train_worker
+    from gist_ray.train import train_worker
     from tests.conftest import build_tiny_bert
 
     student = build_tiny_bert(tmp_path / "student", hidden=32, seed=3, dropout=0.0)
@@ -194,8 +195,8 @@ def test_eval_metrics_on_the_step_axis_and_best_step(trained):
     """eval.every=2 over 5 steps: base model at 0, rank 0 at 2 and 4, the exported model at 5."""
     import mlflow
 
-    from gist_ray.evaluate import read_best
-    from gist_ray.plots import history
+    from gist_ray.tracking.plots import history
+    from gist_ray.training_eval import read_best
 
     cfg, result = trained
     client = mlflow.MlflowClient(result["tracking_uri"])

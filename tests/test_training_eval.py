@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import gist_ray.evaluate as ev
+import gist_ray.training_eval as ev
 from gist_ray.config import load_config
 from gist_ray.models import load_encoder
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from gist_ray.data import jsonl_records
 from gist_ray.errors import DataError
+from gist_ray.fileio import jsonl_records
 
 COLUMNS = ("sentence1", "sentence2", "score")
 
@@ -112,7 +112,7 @@ def sts_metrics(
     show_progress: bool = False,
 ) -> dict[str, float]:
     """Spearman and Pearson of cosine(sentence1, sentence2) against the gold scores."""
-    from gist_ray.evaluate import encode_all
+    from gist_ray.eval.metrics import encode_all
 
     if len(sts.scores) < 2:
         raise DataError(f"STS set {sts.name}: need at least 2 pairs, got {len(sts.scores)}")

@@ -4,7 +4,7 @@ params and final results; rank 0 re-attaches to the same run id to log per-step 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,66 +180,45 @@ class RunLogger:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
-    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
-
     def set_terminated(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
 
-@dataclass
 class StepLogger:
-    """Rank 0's per-step metrics, held back until the step is inside a committed checkpoint.
+    """Rank 0's per-step training metrics. The training loop hands it only steps covered by a
+    committed checkpoint (see :class:`gist_ray.checkpoint.TrainState`), so MLflow holds every
+    step exactly once even when a restart replays steps; whole steps go in one batch, so the
+    presence of ``loss`` at a step means the step is complete."""
 
-    A worker that dies replays the steps after the last checkpoint; had those steps been logged,
-    MLflow would hold two values per step. So steps are buffered and flushed only once the
-    checkpoint that covers them is committed: MLflow then holds every step exactly once, at
-    the cost of lagging by up to ``train.checkpoint_every`` steps. The pending steps also go
-    into the checkpoint, so a crash between commit and flush loses nothing (see ``resume``)."""
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        import mlflow
 
-    tracking_uri: str
-    run_id: str
-    pending: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.run_id = run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.pending.append((step, dict(metrics)))
-
-    def flush(self) -> None:
-        """Log the pending steps, whole steps per batch (so ``loss`` marks complete steps)."""
+    def log_steps(self, steps: list[tuple[int, dict[str, float]]]) -> None:
         import time
 
         import mlflow
 
-        if not self.pending:
-            return
-        client = mlflow.MlflowClient(self.tracking_uri)
         ts = int(time.time() * 1000)
         batch: list = []
-        for step, metrics in self.pending:
+        for step, metrics in steps:
             row = [
                 mlflow.entities.Metric(metric_name(k), float(v), ts, step)
                 for k, v in metrics.items()
             ]
             if batch and len(batch) + len(row) > MAX_BATCH:
-                client.log_batch(self.run_id, metrics=batch)
+                self.client.log_batch(self.run_id, metrics=batch)
                 batch = []
             batch.extend(row)
         if batch:
-            client.log_batch(self.run_id, metrics=batch)
-        self.pending = []
+            self.client.log_batch(self.run_id, metrics=batch)
 
-    def resume(self, pending: list[tuple[int, dict[str, float]]]) -> None:
-        """After a restart: flush the checkpoint's pending steps that never reached MLflow."""
-        import mlflow
-
-        if not pending:
-            return
-        last = last_logged_step(mlflow.MlflowClient(self.tracking_uri), self.run_id)
-        self.pending = [(s, m) for s, m in pending if s > last]
-        self.flush()
+    def log_unlogged(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """After a restart: log the checkpoint's steps that never reached MLflow."""
+        last = last_logged_step(self.client, self.run_id)
+        self.log_steps([(s, m) for s, m in steps if s > last])
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -1,5 +1,5 @@
-"""Retrieval metrics: pure functions on rankings, an end-to-end eval on an EvalSet, and the
-periodic eval that rank 0 runs during training (which also keeps the best model).
+"""Retrieval metrics: pure functions on rankings and an end-to-end eval of an encoder on an
+:class:`~gist_ray.eval.sets.EvalSet`.
 
 Conventions (those of BEIR / pytrec_eval):
 - a document is relevant when its qrels score is > 0; nDCG uses the score as a linear gain,
@@ -14,23 +14,18 @@ Conventions (those of BEIR / pytrec_eval):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from gist_ray.errors import DataError
 
-if TYPE_CHECKING:  # keeps this module free of the `datasets` import
-    from gist_ray.config import Config
-    from gist_ray.data import EvalSet
-    from gist_ray.models import Encoder
+if TYPE_CHECKING:
+    from gist_ray.eval.sets import EvalSet
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +100,9 @@ def map_at_k(ranked: Ranked, qrels: Qrels, k: int, warn: bool = True) -> float:
 
 
 METRICS = {"ndcg": ndcg_at_k, "recall": recall_at_k, "mrr": mrr_at_k, "map": map_at_k}
+K_VALUES = (1, 10, 100)
+# The metrics gist-ray reports, selects the best step by (eval.metric) and plots.
+REPORTED = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
 
 
 def encode_all(
@@ -136,34 +134,6 @@ def encode_all(
     return F.normalize(emb, dim=-1)
 
 
-_ST_POOLING = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_lasttoken": "last_token",
-    "pooling_mode_mean_tokens": "mean",
-}
-
-
-def st_settings(
-    folder: str | Path, default: tuple[Any, Any] = (None, None)
-) -> tuple[str | None, int | None]:
-    """(pooling, max_seq_length) a sentence-transformers folder declares; ``default`` for each
-    one it does not (a hub name, a plain transformers folder, a pooling gist-ray lacks)."""
-    folder = Path(folder)
-    pooling, max_len = default
-    try:
-        flags = json.loads((folder / "1_Pooling" / "config.json").read_text())
-        pooling = next((name for flag, name in _ST_POOLING.items() if flags.get(flag)), pooling)
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        max_len = int(
-            json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return pooling, max_len
-
-
 def rank(
     query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_ids: list[str], k: int, chunk: int = 0
 ) -> list[list[str]]:
@@ -186,7 +156,7 @@ def rank(
 def retrieval_metrics(
     encode_fn: Callable[[list[str]], torch.Tensor],
     evalset: EvalSet,
-    k_values: Sequence[int] = (1, 10, 100),
+    k_values: Sequence[int] = K_VALUES,
     batch_size: int = 64,
     show_progress: bool = False,
 ) -> dict[str, float]:
@@ -226,70 +196,3 @@ def retrieval_metrics(
     }
     result.update(num_queries=len(kept), skipped_queries=len(skipped))
     return result
-
-
-# ----------------------------------------------------------------------------- during training
-
-BEST_DIR = "best-model"  # under output_dir: the best model by eval.metric (sentence-transformers)
-BEST_INFO = "best-model.json"  # beside it: {"step", "metric", "value", "run_id"}
-
-
-def eval_due(cfg: Config, step: int, total: int) -> bool:
-    """Whether the training loop evaluates after ``step`` (the same answer on every rank).
-
-    The final step is left to the driver, which evaluates the exported model anyway."""
-    ev = cfg.eval
-    return bool(ev.source) and ev.every > 0 and step % ev.every == 0 and step < total
-
-
-def read_best(output_dir: str | Path, run_id: str | None) -> dict[str, Any] | None:
-    """The best-model record of this run, or None (no record, or another run's)."""
-    try:
-        info = json.loads((Path(output_dir) / BEST_INFO).read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and info.get("run_id") == run_id else None
-
-
-def write_best(output_dir: str | Path, info: dict[str, Any]) -> None:
-    path = Path(output_dir) / BEST_INFO
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
-
-
-class TrainingEval:
-    """Rank 0's eval every ``eval.every`` steps: retrieval metrics logged as ``eval/<metric>`` on
-    the step axis, and the student saved to ``<output_dir>/best-model`` (atomically) whenever
-    ``eval.metric`` improves. A resumed run keeps its best so far (read from best-model.json)."""
-
-    def __init__(self, cfg: Config, logger: Any = None, run_id: str | None = None) -> None:
-        from gist_ray.data import load_eval
-
-        ev = cfg.eval
-        self.evalset = load_eval(
-            ev.source, ev.split, ev.max_queries or None, ev.max_corpus or None, seed=cfg.train.seed
-        )
-        self.metric, self.logger, self.run_id = ev.metric, logger, run_id
-        self.output_dir = Path(cfg.output_dir)
-        self.best = read_best(self.output_dir, run_id)
-
-    def __call__(self, student: Encoder, step: int) -> dict[str, float]:
-        metrics = retrieval_metrics(lambda t: student.encode(t, batch_size=64), self.evalset)
-        value = metrics[self.metric]
-        improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
-        if improved:
-            student.save(self.output_dir / BEST_DIR)
-            self.best = {"step": step, "metric": self.metric, "value": value}
-            write_best(self.output_dir, {**self.best, "run_id": self.run_id})
-        if self.logger is not None:
-            self.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
-        note = "best so far, saved" if improved else ""
-        if not improved and self.best is not None:
-            note = f"best {self.best['value']:.4f} at step {self.best['step']}"
-        print(
-            f"[gist-ray] eval step {step}: {self.metric} {value:.4f}"
-            + (f" ({note})" if note else ""),
-            flush=True,
-        )
-        return metrics

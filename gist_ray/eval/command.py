@@ -1,7 +1,7 @@
 """``gist-ray eval``: retrieval and STS metrics of one model, or two side by side.
 
 Retrieval runs on a BEIR-style folder (queries.jsonl, corpus.jsonl, qrels/<split>.tsv or
-qrels.tsv) or the built-in ``insuranceqa``; STS on a file of scored pairs (see gist_ray.sts).
+qrels.tsv) or the built-in ``insuranceqa``; STS on a file of scored pairs (see gist_ray.eval.sts).
 Results print as a table and, with ``output``, are written as JSON (atomically).
 """
 
@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
-import os
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from gist_ray import fileio
 from gist_ray.errors import GistRayError
+from gist_ray.eval.metrics import REPORTED
 
-SHOWN = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
+log = logging.getLogger(__name__)
+
+SHOWN = REPORTED
 STS_SHOWN = ("spearman", "pearson")
 
 
@@ -35,8 +38,7 @@ def _device(name: str):
 def _load(name: str, key: str, pooling: str | None, max_len: int | None, device):
     """Load an encoder; pooling and max length default to what its folder declares."""
     from gist_ray.assets import resolve_model_path
-    from gist_ray.evaluate import st_settings
-    from gist_ray.models import load_encoder
+    from gist_ray.models import load_encoder, st_settings
 
     path = resolve_model_path(name)
     own_pooling, own_len = st_settings(path) if Path(path).is_dir() else (None, None)
@@ -46,34 +48,21 @@ def _load(name: str, key: str, pooling: str | None, max_len: int | None, device)
 
 
 @contextlib.contextmanager
-def _cli_logging():
-    """While the command runs: gist-ray warnings (e.g. ignored qrels) as one stderr line each,
-    and no per-model weight-loading bars. Restored afterwards (the caller may be a library)."""
-    import logging
-
+def _no_weight_loading_bars():
+    """No per-model "Loading weights" bars while the command runs (restored afterwards: the
+    caller may be a library)."""
     from transformers.utils import logging as hf_logging
 
-    log = logging.getLogger("gist_ray")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("gist-ray: %(levelname)s: %(message)s"))
-    bars, propagate = hf_logging.is_progress_bar_enabled(), log.propagate
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    log.addHandler(handler)
-    log.propagate = False
     try:
         yield
     finally:
-        log.removeHandler(handler)
-        log.propagate = propagate
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _log(msg: str) -> None:
-    print(f"[gist-ray] {msg}", file=sys.stderr, flush=True)
-
-
-@_cli_logging()
+@_no_weight_loading_bars()
 def evaluate(
     model: str,
     *,
@@ -95,9 +84,9 @@ def evaluate(
 
     Without ``data`` and ``sts``, retrieval runs on the built-in insuranceqa. 0 in
     ``max_queries`` / ``max_corpus`` means all."""
-    from gist_ray.data import load_eval
-    from gist_ray.evaluate import retrieval_metrics
-    from gist_ray.sts import load_sts, sts_metrics
+    from gist_ray.eval.metrics import retrieval_metrics
+    from gist_ray.eval.sets import load_eval
+    from gist_ray.eval.sts import load_sts, sts_metrics
 
     if data is None and sts is None:
         data = "insuranceqa"
@@ -121,14 +110,17 @@ def evaluate(
             return enc.encode(texts, batch_size=batch_size)
 
         if evalset is not None:
-            _log(
-                f"{name}: encoding {len(evalset.corpus)} documents and {len(evalset.queries)} "
-                f"queries on {dev}"
+            log.info(
+                "%s: encoding %d documents and %d queries on %s",
+                name,
+                len(evalset.corpus),
+                len(evalset.queries),
+                dev,
             )
             m = retrieval_metrics(encode, evalset, batch_size=batch_size, show_progress=progress)
             info["retrieval"] = {k: m[k] for k in (*SHOWN, "num_queries", "skipped_queries")}
         if sts_set is not None:
-            _log(f"{name}: encoding {len(sts_set.scores)} STS pairs on {dev}")
+            log.info("%s: encoding %d STS pairs on %s", name, len(sts_set.scores), dev)
             info["sts"] = sts_metrics(encode, sts_set, batch_size, show_progress=progress)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(info)
@@ -192,13 +184,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp name, then rename), so no half-written file is left."""
+    """Write the results as JSON, atomically; NaN becomes null."""
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise GistRayError(f"--output {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    fileio.write_json(path, _finite(obj), allow_nan=False)
 
 
 def _finite(obj: Any) -> Any:

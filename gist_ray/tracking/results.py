@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gist_ray.config import Config
-from gist_ray.evaluate import BEST_DIR, read_best, write_best
-from gist_ray.tracking import metric_name
+from gist_ray.fileio import copy_dir
+from gist_ray.tracking.runs import metric_name
+from gist_ray.training_eval import BEST_DIR, read_best, write_best
 
 MODEL_URI_TAG = "gist_ray.model_uri"  # set once the pyfunc is logged: a rerun does not log twice
 
@@ -65,25 +64,10 @@ def _log_step_metrics(client, run_id: str, metrics: dict[str, float], step: int)
         client.log_batch(run_id, metrics=batch)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def best_step(client, run_id: str, metric: str, final_step: int) -> tuple[int | None, float, float]:
     """(best step >= 1, its value, the step-0 value) from the run's ``eval/<metric>`` history;
     ties go to the earlier step (a later model must be strictly better)."""
-    from gist_ray.plots import history
+    from gist_ray.tracking.plots import history
 
     points = history(client, run_id, f"eval/{metric_name(metric)}")
     base = next((v for s, v in points if s == 0), math.nan)
@@ -106,8 +90,8 @@ def finish(
     """Everything after the final eval; the run itself is closed by the caller."""
     import mlflow
 
-    from gist_ray.plots import plot_run
-    from gist_ray.pyfunc import log_embedding_model
+    from gist_ray.tracking.plots import plot_run
+    from gist_ray.tracking.pyfunc import log_embedding_model
 
     client = mlflow.MlflowClient(tracking_uri)
     out_dir = Path(cfg.output_dir)
@@ -121,7 +105,7 @@ def finish(
         )
         if cfg.eval.every and final.best_step is not None:
             if final.best_step == final_step:  # the exported model is the best one
-                _copy_atomic(Path(model_dir), out_dir / BEST_DIR)
+                copy_dir(model_dir, out_dir / BEST_DIR)
                 best = {"step": final_step, "metric": cfg.eval.metric, "value": final.best_value}
                 write_best(out_dir, {**best, "run_id": run_id})
             info = read_best(out_dir, run_id)

@@ -6,8 +6,11 @@ works on headless nodes and inside threads.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from gist_ray.eval.metrics import REPORTED
+from gist_ray.fileio import atomic_file
+from gist_ray.tracking.runs import metric_name
 
 # (file, title, metric keys or a prefix ending in "/"); eval keys are MLflow names (no "@").
 PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -19,18 +22,7 @@ PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "GIST diagnostics",
         ("threshold_mean", "positive_rank_mean", "no_negative_frac"),
     ),
-    (
-        "eval.png",
-        "retrieval on the eval set",
-        (
-            "eval/ndcg_at_10",
-            "eval/recall_at_1",
-            "eval/recall_at_10",
-            "eval/recall_at_100",
-            "eval/mrr_at_10",
-            "eval/map_at_100",
-        ),
-    ),
+    ("eval.png", "retrieval on the eval set", tuple(f"eval/{metric_name(m)}" for m in REPORTED)),
 )
 
 
@@ -79,8 +71,7 @@ def plot_run(tracking_uri: str, run_id: str, out_dir: str | Path) -> list[Path]:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / filename
-        tmp = path.with_name(f".{filename}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
         written.append(path)
     return written

@@ -34,8 +34,7 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
     """Wraps :func:`gist_ray.models.load_encoder` on the saved sentence-transformers folder."""
 
     def load_context(self, context) -> None:
-        from gist_ray.evaluate import st_settings
-        from gist_ray.models import load_encoder
+        from gist_ray.models import load_encoder, st_settings
 
         folder = context.artifacts[ARTIFACT]
         pooling, max_len = st_settings(folder, default=("mean", 128))

@@ -7,9 +7,8 @@ import zlib
 import pytest
 import torch
 
-from gist_ray.data import EvalSet
 from gist_ray.errors import DataError
-from gist_ray.evaluate import (
+from gist_ray.eval.metrics import (
     map_at_k,
     mrr_at_k,
     ndcg_at_k,
@@ -17,6 +16,7 @@ from gist_ray.evaluate import (
     recall_at_k,
     retrieval_metrics,
 )
+from gist_ray.eval.sets import EvalSet
 
 L3, L5 = math.log2(3), math.log2(5)
 
@@ -50,7 +50,7 @@ def test_recall_mrr_map_several_relevant():
 
 
 def test_queries_without_relevant_docs_are_skipped_and_reported(caplog):
-    with caplog.at_level(logging.WARNING, logger="gist_ray.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="gist_ray.eval.metrics"):
         both = recall_at_k(RANKED, QRELS, 4)
     assert both == pytest.approx((1.0 + 2 / 3) / 2)  # q3 is not averaged in as a zero
     assert "skipped 1 of 3 queries" in caplog.text

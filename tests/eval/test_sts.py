@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gist_ray.errors import DataError
-from gist_ray.sts import StsSet, load_sts, pearson, spearman, sts_metrics
+from gist_ray.eval.sts import StsSet, load_sts, pearson, spearman, sts_metrics
 
 
 def test_pearson_and_spearman_hand_values():

@@ -1,0 +1,148 @@
+"""Retrieval eval sets: queries, a corpus and relevance judgements (qrels), from the built-in
+InsuranceQA test/valid splits or a BEIR-style folder (queries.jsonl, corpus.jsonl,
+qrels/<split>.tsv or qrels.tsv). Bad files are one-line DataErrors naming the file and line."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gist_ray import insuranceqa
+from gist_ray.data import check_limit
+from gist_ray.errors import DataError
+from gist_ray.fileio import jsonl_records
+
+if TYPE_CHECKING:
+    from gist_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """A retrieval eval set: queries and corpus by id, qrels query id -> {doc id: relevance}."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    name: str = ""
+    notes: list[str] = field(default_factory=list)  # e.g. dropped qrels, for logs and MLflow
+
+
+def load_eval(
+    source: str = insuranceqa.NAME,
+    split: str = "test",
+    max_queries: int | None = 200,
+    max_corpus: int | None = 2000,
+    seed: int = 0,
+) -> EvalSet:
+    """Load a retrieval eval set: built-in insuranceqa (test or valid) or a BEIR-style folder.
+
+    `max_queries` queries are sampled with `seed` among those with a relevant doc; the corpus is
+    cut to `max_corpus` docs, always keeping every judged doc of the sampled queries (for
+    insuranceqa the rest comes from those queries' candidate pools), so encoding stays cheap.
+    """
+    source = str(source)
+    check_limit("max_queries", max_queries)
+    check_limit("max_corpus", max_corpus)
+    if source.strip().lower() == insuranceqa.NAME and not Path(source).exists():
+        queries, corpus, qrels, pool = insuranceqa.eval_split(split)
+        notes: list[str] = []
+        label = f"{insuranceqa.NAME}/{split}"
+    else:
+        queries, corpus, qrels, notes = _beir(Path(source).expanduser(), source, split)
+        pool = None
+        label = f"{source}/{split}"
+    rng = random.Random(seed)
+    qids = sorted((q for q, rel in qrels.items() if any(v > 0 for v in rel.values())), key=_idkey)
+    if not qids:
+        raise DataError(f"{label}: eval set is empty (no query has a relevant document)")
+    rng.shuffle(qids)
+    qids = sorted(qids[:max_queries] if max_queries else qids, key=_idkey)
+    judged = {d for q in qids for d in qrels[q]}
+    others = sorted((pool(qids) if pool else set(corpus)) - judged, key=_idkey)
+    rng.shuffle(others)
+    room = max(0, max_corpus - len(judged)) if max_corpus else len(others)
+    keep = judged | set(others[:room])
+    return EvalSet(
+        queries={q: queries[q] for q in qids},
+        corpus={d: corpus[d] for d in sorted(keep, key=_idkey)},
+        qrels={q: dict(qrels[q]) for q in qids},
+        name=label,
+        notes=notes,
+    )
+
+
+def _idkey(s: str) -> tuple:
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)  # numeric ids in numeric order
+
+
+def _read_jsonl(path: Path) -> dict[str, str]:
+    """BEIR queries/corpus: ``_id`` -> "title text"."""
+    out = {}
+    for lineno, rec in jsonl_records(path):
+        _id, text, title = rec.get("_id"), rec.get("text"), rec.get("title") or ""
+        if _id is None or text is None:
+            raise DataError(f"{path} line {lineno}: need a JSON object with _id and text")
+        if not isinstance(text, str) or not isinstance(title, str):
+            raise DataError(f"{path} line {lineno}: title and text must be strings")
+        out[str(_id)] = " ".join(f"{title} {text}".split())
+    return out
+
+
+def _beir(folder: Path, source: str, split: str):
+    if not folder.is_dir():
+        raise DataError(
+            f"eval source {source} does not exist (need a BEIR folder or '{insuranceqa.NAME}')"
+        )
+    qrels_path = next(
+        (p for p in (folder / "qrels" / f"{split}.tsv", folder / "qrels.tsv") if p.is_file()), None
+    )
+    missing = [n for n in ("queries.jsonl", "corpus.jsonl") if not (folder / n).is_file()]
+    if missing or qrels_path is None:
+        missing += [] if qrels_path else [f"qrels/{split}.tsv or qrels.tsv"]
+        raise DataError(f"{source}: BEIR eval folder lacks {', '.join(missing)}")
+    queries, corpus = _read_jsonl(folder / "queries.jsonl"), _read_jsonl(folder / "corpus.jsonl")
+    qrels: dict[str, dict[str, int]] = {}
+    unknown, first = 0, ""
+    with open(qrels_path, encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not row or (lineno == 1 and not row[-1].strip().lstrip("-").isdigit()):
+                continue  # blank line or the header (query-id, corpus-id, score)
+            try:
+                qid, did, score = row[0], row[1], int(row[2])
+            except (IndexError, ValueError) as e:
+                raise DataError(
+                    f"{qrels_path} line {lineno}: need query-id, corpus-id, integer score"
+                ) from e
+            if qid not in queries or did not in corpus:
+                unknown += 1
+                first = first or (
+                    f"line {lineno}: query {qid!r} is not in queries.jsonl"
+                    if qid not in queries
+                    else f"line {lineno}: document {did!r} is not in corpus.jsonl"
+                )
+                continue
+            qrels.setdefault(qid, {})[did] = score
+    notes = []
+    if unknown:
+        notes.append(
+            f"{qrels_path}: ignored {unknown} qrels naming unknown queries or documents "
+            f"(first: {first})"
+        )
+        log.warning(notes[-1])
+    return queries, corpus, qrels, notes
+
+
+def load_eval_for(cfg: Config) -> EvalSet | None:
+    """The eval set the ``eval`` section names (sampled with ``train.seed``), or None."""
+    ev = cfg.eval
+    if not ev.source:
+        return None
+    return load_eval(
+        ev.source, ev.split, ev.max_queries or None, ev.max_corpus or None, seed=cfg.train.seed
+    )

@@ -1,0 +1,72 @@
+"""Evaluation during training: every ``eval.every`` steps rank 0 measures retrieval on the eval
+set, logs ``eval/<metric>`` on the step axis and keeps the best model so far in
+``<output_dir>/best-model`` (a sentence-transformers folder) with ``best-model.json`` beside it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gist_ray import fileio
+from gist_ray.eval.metrics import retrieval_metrics
+
+if TYPE_CHECKING:
+    from gist_ray.config import Config
+    from gist_ray.models import Encoder
+
+log = logging.getLogger(__name__)
+
+BEST_DIR = "best-model"  # under output_dir: the best model by eval.metric
+BEST_INFO = "best-model.json"  # beside it: {"step", "metric", "value", "run_id"}
+
+
+def eval_due(cfg: Config, step: int, total: int) -> bool:
+    """Whether the training loop evaluates after ``step`` (the same answer on every rank).
+
+    The final step is left to the driver, which evaluates the exported model anyway."""
+    ev = cfg.eval
+    return bool(ev.source) and ev.every > 0 and step % ev.every == 0 and step < total
+
+
+def read_best(output_dir: str | Path, run_id: str | None) -> dict[str, Any] | None:
+    """The best-model record of this run, or None (no record, or another run's)."""
+    try:
+        info = json.loads((Path(output_dir) / BEST_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("run_id") == run_id else None
+
+
+def write_best(output_dir: str | Path, info: dict[str, Any]) -> None:
+    fileio.write_json(Path(output_dir) / BEST_INFO, info)
+
+
+class TrainingEval:
+    """Rank 0's periodic eval. A resumed run keeps its best so far (from best-model.json)."""
+
+    def __init__(self, cfg: Config, logger: Any = None, run_id: str | None = None) -> None:
+        from gist_ray.eval.sets import load_eval_for
+
+        self.evalset = load_eval_for(cfg)
+        self.metric, self.logger, self.run_id = cfg.eval.metric, logger, run_id
+        self.output_dir = Path(cfg.output_dir)
+        self.best = read_best(self.output_dir, run_id)
+
+    def __call__(self, student: Encoder, step: int) -> dict[str, float]:
+        metrics = retrieval_metrics(lambda t: student.encode(t, batch_size=64), self.evalset)
+        value = metrics[self.metric]
+        improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
+        if improved:
+            student.save(self.output_dir / BEST_DIR)
+            self.best = {"step": step, "metric": self.metric, "value": value}
+            write_best(self.output_dir, {**self.best, "run_id": self.run_id})
+        if self.logger is not None:
+            self.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+        note = "best so far, saved" if improved else ""
+        if not improved and self.best is not None:
+            note = f"best {self.best['value']:.4f} at step {self.best['step']}"
+        log.info("eval step %d: %s %.4f%s", step, self.metric, value, f" ({note})" if note else "")
+        return metrics

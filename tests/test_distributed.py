@@ -1,12 +1,15 @@
 """The global negative pool: W workers × b rows == 1 process × W·b rows, loss and gradients.
 
 Two real gloo processes (torch.multiprocessing) run the same small encoder on their halves of a
-fixed batch with ``gather=True``; after averaging gradients as training does, the loss and every
-parameter gradient must match a single process on the whole batch.
+fixed batch through ``GistLoss(gather=True)``; after averaging gradients as training does, the
+loss and every parameter gradient must match a single process on the whole batch. The gather's
+backward is run both ways it can go (all-to-all, gloo's default, and reduce-scatter, NCCL's),
+and checked on its own against the sum it must compute.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import pytest
@@ -14,9 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gist_ray.loss import gist_loss
+import gist_ray.distributed as gdist
+from gist_ray.loss import GistLoss
 
 B, D_IN, D, D_G = 12, 10, 8, 6  # global rows; encoder input, student and guide widths
+MODES = ("all_to_all", "reduce_scatter")
 
 
 def _encoder() -> torch.nn.Module:
@@ -34,46 +39,54 @@ def _batch(num_neg: int, seed: int):
 
 
 def _loss_and_grads(model, x, gx, backend, gather):
-    emb = [model(xi) for xi in x]
-    loss = gist_loss(
-        emb[0],
-        emb[1],
-        gx[0],
-        gx[1],
-        emb[2:],
-        gx[2:],
-        temperature=0.05,
-        backend=backend,
-        gather=gather,
-    )
+    loss_fn = GistLoss(temperature=0.05, backend=backend, gather=gather)
+    loss, stats = loss_fn([model(xi) for xi in x], gx)
     model.zero_grad()
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], stats
 
 
 CASES = [(backend, k) for backend in ("reference", "chunked", "triton") for k in (0, 1, 2)]
 
 
+def _gather_grad_check(rank: int, world: int) -> float:
+    """d/dx_r of Σ_j w_j · gathered_j with w different on every rank: the gradient of rank r's
+    rows is the sum over ranks of their weights' block r."""
+    x = torch.full((3, 2), float(rank), requires_grad=True)
+    w = torch.arange(world * 6, dtype=torch.float32).view(world * 3, 2) * (rank + 1)
+    gathered = gdist.all_gather_with_grad(x)
+    assert torch.equal(gathered[rank * 3 : (rank + 1) * 3], x.detach())
+    (gathered * w).sum().backward()
+    block = torch.arange(world * 6, dtype=torch.float32).view(world * 3, 2)[rank * 3 : rank * 3 + 3]
+    expected = block * sum(r + 1 for r in range(world))
+    return (x.grad - expected).abs().max().item()
+
+
 def _worker(rank: int, world: int, init_file: str, out: str, seed: int) -> None:
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in this process
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for backend, num_neg in CASES:
-            model = _encoder()
-            x, gx = _batch(num_neg, seed)
-            b = B // world
-            rows = slice(rank * b, (rank + 1) * b)
-            loss, grads = _loss_and_grads(
-                model, [t[rows] for t in x], [t[rows] for t in gx], backend, gather=True
-            )
-            # What training does: average the loss for logging and the gradients (DDP).
-            dist.all_reduce(loss)
-            for g in grads:
-                dist.all_reduce(g)
-            results[(backend, num_neg)] = {
-                "loss": loss / world,
-                "grads": [g / world for g in grads],
-            }
+        for mode in MODES:
+            gdist.GATHER_BACKWARD = mode
+            results[("gather_grad_err", mode)] = _gather_grad_check(rank, world)
+            for backend, num_neg in CASES:
+                model = _encoder()
+                x, gx = _batch(num_neg, seed)
+                b = B // world
+                rows = slice(rank * b, (rank + 1) * b)
+                loss, grads, stats = _loss_and_grads(
+                    model, [t[rows] for t in x], [t[rows] for t in gx], backend, gather=True
+                )
+                # What training does: average the loss for logging and the gradients (DDP).
+                dist.all_reduce(loss)
+                for g in grads:
+                    dist.all_reduce(g)
+                results[(mode, backend, num_neg)] = {
+                    "loss": loss / world,
+                    "grads": [g / world for g in grads],
+                }
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -96,12 +109,14 @@ def two_worker_results(tmp_path_factory):
     return seed, torch.load(out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("backend", "num_neg"), CASES)
-def test_two_workers_equal_one_process(backend, num_neg, two_worker_results):
+def test_two_workers_equal_one_process(mode, backend, num_neg, two_worker_results):
     seed, results = two_worker_results
-    two = results[(backend, num_neg)]
+    two = results[(mode, backend, num_neg)]
     x, gx = _batch(num_neg, seed)
-    one_loss, one_grads = _loss_and_grads(_encoder(), x, gx, backend, gather=False)
+    one_loss, one_grads, _ = _loss_and_grads(_encoder(), x, gx, backend, gather=False)
     torch.testing.assert_close(two["loss"], one_loss, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
     for g2, g1 in zip(two["grads"], one_grads):
         err = ((g2 - g1).norm() / g1.norm()).item()  # relative error of each parameter's grad
@@ -109,9 +124,14 @@ def test_two_workers_equal_one_process(backend, num_neg, two_worker_results):
     assert any(g.abs().sum() > 0 for g in one_grads)
 
 
-def test_gather_is_identity_without_process_group():
-    from gist_ray.distributed import all_gather_with_grad
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_gather_backward_sums_every_rank(mode, two_worker_results):
+    _, results = two_worker_results
+    assert results[("gather_grad_err", mode)] == 0.0
 
+
+def test_gather_is_identity_without_process_group():
     x = torch.randn(3, 4, requires_grad=True)
-    assert all_gather_with_grad(x) is x
+    assert gdist.all_gather_with_grad(x) is x
     assert not dist.is_initialized()

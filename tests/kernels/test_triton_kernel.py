@@ -9,33 +9,21 @@ Interpreter tiles are 32 × 32 with K steps of 32, the forward splits each segme
 two (in multiples of 32) and the backward works in chunks of 64 columns, so b, N and d here cross
 every row, column, split, chunk and K seam.
 
-The comparison harness (inputs, tolerances, checks) is the one of tests/loss/test_chunked.py.
+The comparison harness (inputs, tolerances, checks) is tests/loss/harness.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+import tests.loss.harness as H
 from gist_ray.loss.triton_backend import triton_backend
 
-
-def _load_harness():
-    path = Path(__file__).parents[1] / "loss" / "test_chunked.py"
-    spec = importlib.util.spec_from_file_location("gist_loss_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
-
-H = _load_harness()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

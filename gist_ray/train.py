@@ -59,7 +59,7 @@ def train_worker(
     step_log = StepLog(cfg, state, total, tracking_uri)
     evaluator = None  # rank 0 evaluates every eval.every steps and keeps the best model
     if rank() == 0 and cfg.eval.source and cfg.eval.every:
-        evaluator = TrainingEval(cfg, step_log.mlflow, state.run_id)
+        evaluator = TrainingEval(cfg, state.run_id)
     loss_fn = GistLoss.from_config(cfg.loss, gather=is_distributed())
 
     log.info(
@@ -83,7 +83,8 @@ def train_worker(
         step_log.step(state, metrics)
         if eval_due(cfg, state.step, total):  # before the checkpoint, which flushes the metrics
             if evaluator is not None:
-                evaluator(student, state.step)
+                scores = evaluator(student, state.step)
+                step_log.add(state, {f"eval/{k}": v for k, v in scores.items()})
             if is_distributed():
                 dist.barrier()  # the other ranks wait for rank 0's eval
         if checkpointer.due(state.step, total):

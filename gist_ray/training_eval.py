@@ -45,13 +45,14 @@ def write_best(output_dir: str | Path, info: dict[str, Any]) -> None:
 
 
 class TrainingEval:
-    """Rank 0's periodic eval. A resumed run keeps its best so far (from best-model.json)."""
+    """Rank 0's periodic eval; returns the metrics (the loop logs them with the step's). A
+    resumed run keeps its best so far (from best-model.json)."""
 
-    def __init__(self, cfg: Config, logger: Any = None, run_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_id: str | None = None) -> None:
         from gist_ray.eval.sets import load_eval_for
 
         self.evalset = load_eval_for(cfg)
-        self.metric, self.logger, self.run_id = cfg.eval.metric, logger, run_id
+        self.metric, self.run_id = cfg.eval.metric, run_id
         self.output_dir = Path(cfg.output_dir)
         self.best = read_best(self.output_dir, run_id)
 
@@ -63,8 +64,6 @@ class TrainingEval:
             student.save(self.output_dir / BEST_DIR)
             self.best = {"step": step, "metric": self.metric, "value": value}
             write_best(self.output_dir, {**self.best, "run_id": self.run_id})
-        if self.logger is not None:
-            self.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
         note = "best so far, saved" if improved else ""
         if not improved and self.best is not None:
             note = f"best {self.best['value']:.4f} at step {self.best['step']}"

@@ -82,12 +82,13 @@ def build_tiny_bert(
     return path
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _console_log():
-    """gist-ray's progress lines, as the CLI configures them; propagated for ``caplog``."""
+    """gist-ray's progress lines on stdout, as ``gist-ray train`` configures them (a test of
+    ``gist-ray eval`` moves them to stderr); propagated for ``caplog``."""
     from gist_ray import log
 
-    log.configure(propagate=True)
+    log.configure(stream="stdout", propagate=True)
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +126,10 @@ def ray_cluster():
     ray.init(num_cpus=2, _temp_dir=tmp, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Every test on the shared Ray instance is slow (a cold TorchTrainer fit takes ~25 s)."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_default_run_reduced(tmp_path):
     exe = shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli"

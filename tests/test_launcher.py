@@ -55,6 +55,7 @@ def test_dashboard_or_malformed_address_is_explained():
         launcher.probe_address("just-a-host")
 
 
+@pytest.mark.slow  # the CLI loads both models and the data before probing the address
 def test_cli_reports_an_unreachable_cluster_in_one_line(tiny_models, tiny_pairs_file, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

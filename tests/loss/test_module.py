@@ -39,7 +39,8 @@ def test_module_equals_functional(k):
 def test_from_config_reads_attributes():
     cfg = SimpleNamespace(**SETTINGS)
     loss_fn = GistLoss.from_config(cfg, gather=True)
-    assert (loss_fn.temperature, loss_fn.margin_strategy, loss_fn.gather) == (0.05, "relative", True)
+    settings = (loss_fn.temperature, loss_fn.margin_strategy, loss_fn.gather)
+    assert settings == (0.05, "relative", True)
     assert loss_fn.contrast_positives is False and loss_fn.backend == "chunked"
     assert "margin_strategy='relative'" in repr(loss_fn)
 

@@ -11,12 +11,11 @@ reports registers, spills and shared memory; this module does that for every var
   guide tile) and the diagonal kernel;
 * dtypes: float32, float16, bfloat16 (one dtype for every operand: the launchers refuse mixed
   student/guide dtypes, the front end casts);
-* every tile plan of :data:`gist_function.PLANS` on every architecture that can pick it: the
-  sm90 plans on sm_90a (their default), the sm80 plans on sm_80 (their default) and on sm_90a
-  (the fallback when the sm90 plan's shared memory does not fit a device);
-* the two alignments the JIT specialises on: ``aligned`` (16-byte aligned operands, widths and
-  strides multiples of 16: real embedding widths) and ``unaligned`` (none of them).
-  Other integer arguments are marked ``do_not_specialize`` in the kernels, so they add none.
+* every tile plan of :data:`gist_function.PLANS` on the architecture that picks it
+  (:func:`gist_function.plan_for`): the sm90 plans on sm_90a, the sm80 plans on sm_80;
+* the one specialisation the launchers let the JIT make: operands 16-byte aligned, widths and
+  row strides multiples of 16 (``gist_function.aligned`` pads anything else); every other
+  pointer and integer argument is marked not to specialise.
 
 Must run without ``TRITON_INTERPRET`` (the tests start it in a subprocess). Exit status 1 if
 any variant fails to compile.
@@ -47,7 +46,7 @@ KERNELS = {
     "bwd_recompute": ("gist_prob_kernel", {"LOAD_BITS": False}, "fwd"),
     "diag": ("gist_diag_kernel", {}, "fwd"),
 }
-PICKABLE = {"sm90": ("sm_90a",), "sm80": ("sm_80", "sm_90a")}  # plan family -> archs
+PICKABLE = {"sm90": ("sm_90a",), "sm80": ("sm_80",)}  # plan family -> archs (plan_for)
 OPERANDS = ("L", "GL", "C", "GC", "P")  # pointers in the compute dtype
 FP32_PTRS = ("RL", "RC", "LIMIT", "POS", "LSE_PART", "T_OUT", "POS_OUT", "LSE", "W")
 ALIGNED = ("L", "GL", "C", "GC", "d", "d_g", "stride_l", "stride_gl", "stride_c", "stride_gc")
@@ -64,8 +63,6 @@ class Variant:
     block_k: int
     num_warps: int
     num_stages: int
-    alignment: str
-    default: bool  # what the launcher picks on this arch for aligned inputs
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -79,19 +76,14 @@ def variants(archs: list[str]) -> list[Variant]:
 
     out = []
     for (itemsize, family), plan in PLANS.items():
-        for arch in PICKABLE[family]:
-            if arch not in archs:
-                continue
-            default = family == ("sm90" if arch == "sm_90a" else "sm80")
+        for arch in (a for a in PICKABLE[family] if a in archs):
             for dtype in (d for d in DTYPES if ITEMSIZE[d] == itemsize):
                 for kernel, (_, _, which) in KERNELS.items():
                     c = getattr(plan, which)
-                    for alignment in ("aligned", "unaligned"):
-                        out.append(Variant(
-                            plan.name, kernel, arch, dtype, c.block_m, c.block_n, c.block_k,
-                            c.num_warps, c.num_stages, alignment,
-                            default and alignment == "aligned",
-                        ))  # fmt: skip
+                    out.append(Variant(
+                        plan.name, kernel, arch, dtype, c.block_m, c.block_n, c.block_k,
+                        c.num_warps, c.num_stages,
+                    ))  # fmt: skip
     return out
 
 
@@ -118,7 +110,7 @@ def _signature(fn, dtype: str, v: Variant) -> tuple[dict, dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        if v.alignment == "aligned" and name in ALIGNED:
+        if name in ALIGNED:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, constexprs, attrs
 
@@ -170,18 +162,17 @@ def run(archs: list[str], jobs: int) -> list[Variant]:
 
 
 def summary(results: list[Variant]) -> str:
-    lines = [f"{'plan':<12}{'kernel':<14}{'arch':<8}{'dtype':<6}{'tile':<17}{'align':<10}"
-             f"{'regs':>5}{'spill':>7}{'smem KiB':>9}  default"]  # fmt: skip
+    lines = [f"{'plan':<12}{'kernel':<14}{'arch':<8}{'dtype':<6}{'tile':<17}"
+             f"{'regs':>5}{'spill':>7}{'smem KiB':>9}{'compile s':>10}"]  # fmt: skip
     for v in results:
         tile = f"{v.block_m}x{v.block_n}x{v.block_k}/{v.num_warps}w{v.num_stages}s"
         if v.error:
-            lines.append(f"{v.plan:<12}{v.kernel:<14}{v.arch:<8}{v.dtype:<6}{tile:<17}{v.alignment:<10}"
+            lines.append(f"{v.plan:<12}{v.kernel:<14}{v.arch:<8}{v.dtype:<6}{tile:<17}"
                          f"  ERROR {v.error.splitlines()[0][:80]}")  # fmt: skip
             continue
         lines.append(
-            f"{v.plan:<12}{v.kernel:<14}{v.arch:<8}{v.dtype:<6}{tile:<17}{v.alignment:<10}"
-            f"{v.registers:>5}"
-            f"{v.spill_stores:>7}{v.smem / 1024:>9.1f}  {'*' if v.default else ''}"
+            f"{v.plan:<12}{v.kernel:<14}{v.arch:<8}{v.dtype:<6}{tile:<17}{v.registers:>5}"
+            f"{v.spill_stores:>7}{v.smem / 1024:>9.1f}{v.compile_s:>10.1f}"
         )
     return "\n".join(lines)
 

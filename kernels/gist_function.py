@@ -25,7 +25,7 @@ is bit-identical to the forward's. Nothing here reads a device value on the host
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -60,11 +60,11 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """The tiles of one dtype on one GPU family. ``fwd`` serves the forward, the diagonal
-    kernel and a backward that recomputes the guide tile (so a recomputed mask is bit-identical
-    to the forward's); ``bwd`` the backward that reads the mask bits (one GEMM per tile, so it
-    affords wider tiles). ``smem``: the most shared memory any of its kernels needs, on any
-    architecture that can pick it (the compile gate checks it)."""
+    """The tiles of one dtype on one GPU family (:func:`plan_for`). ``fwd`` serves the forward,
+    the diagonal kernel and a backward that recomputes the guide tile (so a recomputed mask is
+    bit-identical to the forward's); ``bwd`` the backward that reads the mask bits (one GEMM
+    per tile, so it affords wider tiles). ``smem``: the most shared memory any of its kernels
+    needs on the architecture that picks it (the compile gate checks it)."""
 
     name: str
     fwd: TileConfig
@@ -73,18 +73,20 @@ class TilePlan:
 
 
 # Chosen with the compile gate (kernels/compile_check.py): the widest tiles whose 16-bit kernels
-# spill no register on their architecture. On sm_90 a forward tile computes two GEMMs (guide,
-# then student) and its epilogue, so 128×256 spills (132-196 B with 8 warps) where the
-# backward's single GEMM does not.
+# spill no register on their architecture. A forward tile runs two GEMMs (guide, then student)
+# and an online-softmax epilogue: at 128×256 with 8 warps it spills 132-196 B on sm_90a (one
+# accumulator of 128 registers plus the epilogue and both GEMMs' operand pointers), where the
+# backward's single GEMM does not; sm_80 keeps MMA operands in registers, so its forward tiles
+# are smaller still. fp32 (tf32x3, three MMAs per product) is not held to zero spills on sm_80.
 PLANS: dict[tuple[int, str], TilePlan] = {
     (2, "sm90"): TilePlan("sm90-16bit", TileConfig(128, 128, 64, 8, 3),
                           TileConfig(128, 256, 64, 8, 3), 144 * 1024),
     (2, "sm80"): TilePlan("sm80-16bit", TileConfig(64, 64, 64, 4, 3),
-                          TileConfig(128, 128, 64, 8, 3), 96 * 1024),
+                          TileConfig(128, 128, 64, 8, 3), 64 * 1024),
     (4, "sm90"): TilePlan("sm90-fp32", TileConfig(128, 64, 32, 8, 3),
                           TileConfig(128, 128, 32, 8, 3), 96 * 1024),
     (4, "sm80"): TilePlan("sm80-fp32", TileConfig(128, 64, 32, 8, 3),
-                          TileConfig(128, 64, 32, 8, 3), 64 * 1024),
+                          TileConfig(128, 64, 32, 8, 3), 48 * 1024),
 }  # fmt: skip
 # Under the interpreter (~40 ms per program) 32-wide tiles give tests with b, N < 100 a few
 # programs per launch, yet still cross row, column, split, chunk and K seams.
@@ -99,18 +101,25 @@ MIN_SPLIT_TILES = 4  # column tiles per forward program, at least
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def plan_for(itemsize: int, major: int, smem_limit: int) -> TilePlan:
+    """The tile plan for an element size on a GPU of compute capability ``major``: sm80's on
+    sm_8x, sm90's on sm_9x; on newer GPUs (not compiled by the gate) sm90's if its shared
+    memory fits, else sm80's."""
+    families = {8: ("sm80",), 9: ("sm90",)}.get(major, ("sm90", "sm80") if major > 9 else ())
+    for family in families:
+        plan = PLANS[(itemsize, family)]
+        if plan.smem <= smem_limit:
+            return plan
+    raise RuntimeError(f"no GIST tile plan for compute capability {major}.x and {smem_limit} B "
+                       "of shared memory")  # fmt: skip
+
+
 def pick_plan(dtype: torch.dtype, device: torch.device) -> TilePlan:
-    """The sm90 plan on compute capability >= 9 when its shared memory fits, else sm80's."""
     if INTERPRETED:
         return INTERPRET_PLAN
     props = torch.cuda.get_device_properties(device)
-    limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    families = ("sm90", "sm80") if props.major >= 9 else ("sm80",)
-    for family in families:
-        plan = PLANS[(dtype.itemsize, family)]
-        if plan.smem <= limit:
-            return plan
-    raise RuntimeError(f"no GIST tile plan fits {limit} bytes of shared memory on {props.name}")
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return plan_for(dtype.itemsize, props.major, smem)
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -173,21 +182,40 @@ def _operands(p: Problem, seg) -> tuple[torch.Tensor, ...]:
     return p.left[seg.left], p.guide_left[seg.left], p.cands[seg.cand], p.guide_cands[seg.cand]
 
 
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if it is 16-byte aligned with width and row stride multiples of 16, else a
+    copy padded with zero columns (dot products unchanged). Real embedding widths (384, 768,
+    1024, ...) never copy; the point is that the kernels only ever see one specialisation."""
+    w = x.shape[1]
+    if w % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    out = x.new_zeros(x.shape[0], -(-w // 16) * 16)
+    out[:, :w] = x
+    return out
+
+
 def _setup(p: Problem):
+    """dtype, device, tile plan, flags, guide inverse norms and the kernels' view of ``p``
+    (aligned operands; the backward's GEMMs keep using ``p`` itself)."""
     dtype = check(p)
     dev = p.left[0].device
     plan = pick_plan(dtype, dev)
     rl = [inv_norm(x) for x in p.guide_left]
     rc = [inv_norm(x) for x in p.guide_cands]
-    return dtype, dev, plan, _flags(dtype), rl, rc
+    kp = replace(
+        p, left=tuple(map(aligned, p.left)), cands=tuple(map(aligned, p.cands)),
+        guide_left=tuple(map(aligned, p.guide_left)),
+        guide_cands=tuple(map(aligned, p.guide_cands)),
+    )  # fmt: skip
+    return dtype, dev, plan, _flags(dtype), rl, rc, kp
 
 
 def forward(p: Problem):
     """``(loss, masked, above, threshold, lse, bits)`` per local row (plan.BackendOutput)."""
-    dtype, dev, plan, flags, rl, rc = _setup(p)
+    dtype, dev, plan, flags, rl, rc, kp = _setup(p)
     b, n, inv_tau, cfg = p.rows, p.pool, 1.0 / p.temperature, plan.fwd
-    d, d_g = p.left[0].shape[1], p.guide_left[0].shape[1]
-    threshold, pos = _diagonal(p, cfg, flags, rl, rc)
+    d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
+    threshold, pos = _diagonal(kp, cfg, flags, rl, rc)
     limit = mask_limit(threshold, p.margin, p.strategy).contiguous()
     splits, per = column_splits(b, n, cfg, dev)
     parts = splits * len(p.segments)
@@ -198,7 +226,7 @@ def forward(p: Problem):
     store = bits.numel() > 0
     grid = (triton.cdiv(b, cfg.block_m), splits)
     for j, seg in enumerate(p.segments):
-        L, GL, C, GC = _operands(p, seg)
+        L, GL, C, GC = _operands(kp, seg)
         plane = bits[j] if store else bits
         _launch(
             gist_fwd_kernel, grid, cfg, L, GL, C, GC, rl[seg.left], rc[seg.cand], limit, pos,
@@ -231,14 +259,14 @@ def backward(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients of ``Σ_i grad_i · loss_i`` w.r.t. ``p.left`` and ``p.cands`` (their dtype);
     ``lse`` and ``bits`` come from :func:`forward` on the same problem."""
-    dtype, dev, plan, flags, rl, rc = _setup(p)
+    dtype, dev, plan, flags, rl, rc, kp = _setup(p)
     b, n, inv_tau = p.rows, p.pool, 1.0 / p.temperature
-    d, d_g = p.left[0].shape[1], p.guide_left[0].shape[1]
+    d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
     load = bits.numel() > 0
     cfg = plan.bwd if load else plan.fwd  # a recomputed mask needs the forward's tiles
     limit = lse  # unused by the kernel when the mask comes from the bits
     if not load:
-        limit = mask_limit(_diagonal(p, cfg, flags, rl, rc)[0], p.margin, p.strategy)
+        limit = mask_limit(_diagonal(kp, cfg, flags, rl, rc)[0], p.margin, p.strategy)
     # w_i = dloss_i / τ, scaled to max |w| = 1 so that 16-bit P does not underflow; the scale
     # goes back on the float32 side.
     weight = grad.float() / p.temperature
@@ -253,10 +281,10 @@ def backward(
         groups.setdefault(seg.cand, []).append(j)
     biggest = max(len(g) for g in groups.values())
     prob = torch.empty(biggest * b * min(chunk, n), dtype=dtype, device=dev)
-    dleft = [torch.zeros(b, d, dtype=torch.float32, device=dev) for _ in p.left]
+    dleft = [torch.zeros(x.shape, dtype=torch.float32, device=dev) for x in p.left]
     dcands = [torch.empty_like(c) for c in p.cands]
     for ci, members in groups.items():
-        C, GC = p.cands[ci], p.guide_cands[ci]
+        C, GC, C_k = p.cands[ci], kp.guide_cands[ci], kp.cands[ci]
         lefts = [p.left[p.segments[j].left] for j in members]
         stacked = lefts[0] if len(lefts) == 1 else torch.cat(lefts)
         for lo in range(0, n, chunk):
@@ -264,14 +292,14 @@ def backward(
             pbuf = prob[: len(members) * b * width].view(len(members) * b, width)
             for r, j in enumerate(members):
                 seg = p.segments[j]
-                L, GL, _, _ = _operands(p, seg)
+                L, GL, _, _ = _operands(kp, seg)
                 pr = pbuf[r * b : (r + 1) * b]
                 plane = bits[j] if load else bits
                 grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(width, cfg.block_n))
                 _launch(
-                    gist_prob_kernel, grid, cfg, L, GL, C, GC, rl[seg.left], rc[ci], limit, lse,
-                    w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset, seg.diag, inv_tau,
-                    L.stride(0), GL.stride(0), C.stride(0), GC.stride(0),
+                    gist_prob_kernel, grid, cfg, L, GL, C_k, GC, rl[seg.left], rc[ci], limit,
+                    lse, w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset, seg.diag, inv_tau,
+                    L.stride(0), GL.stride(0), C_k.stride(0), GC.stride(0),
                     plane.stride(0) if load else 0, pr.stride(0), LOAD_BITS=load, **flags,
                 )  # fmt: skip
                 dleft[seg.left] += torch.mm(pr, C[lo : lo + width])

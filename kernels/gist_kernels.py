@@ -30,8 +30,23 @@ the sizes this kernel exists for.
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
+
+# The launchers hand every kernel 16-byte aligned operands with widths and row strides that are
+# multiples of 16 (gist_function.aligned), so the JIT specialises those the same way every time.
+# The other pointers (small vectors, P, the bits planes) and the other integers must not
+# specialise at all, or each call could pick a variant the compile gate never saw.
+_ALIGN_FLAG = "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+
+
+def _jit(ints: list[str], pointers: list[str]):
+    kw = {"do_not_specialize": ints + (pointers if not _ALIGN_FLAG else [])}
+    if _ALIGN_FLAG:
+        kw["do_not_specialize_on_alignment"] = pointers
+    return triton.jit(**kw)
 
 
 @triton.jit
@@ -130,7 +145,8 @@ def _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N: tl.constexpr):
     return BITS + rows.to(tl.int64)[:, None] * stride_bits + byte[None, :], byte
 
 
-@triton.jit(do_not_specialize=["b", "n", "cols_per_split", "offset", "part_row0", "diag_code"])
+@_jit(["b", "n", "cols_per_split", "offset", "part_row0", "diag_code", "stride_bits"],
+      ["RL", "RC", "LIMIT", "POS", "LSE_PART", "MASKED_PART", "ABOVE_PART", "BITS"])
 def gist_fwd_kernel(
     L, GL, C, GC, RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
     b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau,
@@ -193,7 +209,7 @@ def gist_fwd_kernel(
     tl.store(ABOVE_PART + out, n_above, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["b", "n", "offset"])
+@_jit(["b", "n", "offset"], ["RL", "RC", "T_OUT", "POS_OUT"])
 def gist_diag_kernel(
     L, GL, C, GC, RL, RC, T_OUT, POS_OUT,
     b, n, d, d_g, offset, inv_tau, stride_l, stride_gl, stride_c, stride_gc,
@@ -229,7 +245,8 @@ def gist_diag_kernel(
     tl.store(POS_OUT + rows, pos, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code"])
+@_jit(["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code", "stride_bits", "stride_p"],
+      ["RL", "RC", "LIMIT", "LSE", "W", "BITS", "P"])
 def gist_prob_kernel(
     L, GL, C, GC, RL, RC, LIMIT, LSE, W, BITS, P,
     b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau,

@@ -117,3 +117,22 @@ def test_backward_recomputes_the_mask_when_bits_do_not_fit(monkeypatch):
     plan and gets the same gradients."""
     monkeypatch.setattr(plan, "MASK_BITS_FRACTION", 0.0)
     H.check_problem(triton_backend, _case(b=45, world=2, rank=1, k=1, margin=0.05))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_confident_rows_16_bit(dtype):
+    """Per-row 16-bit gradient accuracy against float64 on rows where the positive dominates:
+    ``w·(P - onehot)`` is formed in float32 before the one rounding to 16 bits."""
+    H.check_confident_rows("triton", dtype, DEVICE)
+
+
+def test_launcher_refuses_mixed_dtypes_before_any_launch():
+    """One dtype for every operand (the front end casts): the launcher checks it itself and
+    names the tensor, before anything is launched."""
+    from gist_ray.kernels import gist_function
+
+    case = _case(b=8, k=1)
+    p = H.make_problem(case, H.make_inputs(case, H.fresh_seed()))
+    bad = replace(p, guide_cands=(p.guide_cands[0].half(), *p.guide_cands[1:]))
+    with pytest.raises(ValueError, match="guide candidates 0 are torch.float16, anchor rows"):
+        gist_function.forward(bad)

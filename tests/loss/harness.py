@@ -17,12 +17,12 @@ possible; it is checked against the reference with the positive logit shifted by
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import pytest
 import torch
 
 from gist_ray.loss import gist_loss
@@ -163,7 +163,7 @@ def check_front_end(backend: str, case: Case) -> dict[str, float]:
             # A rival within rounding of the positive's logit may flip per backend (ties).
             assert abs(stats[key] - value) <= 1.0 + 1e-9, key
         else:
-            assert stats[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+            assert math.isclose(stats[key], value, rel_tol=1e-12, abs_tol=1e-12), key
     names = ["anchor", "positive"] + [f"negative_{j + 1}" for j in range(case.k)]
     for name, g, g_ref in zip(names, grads, ref_grads):
         assert g.dtype == case.dtype, f"grad of {name} is {g.dtype}"
@@ -263,7 +263,7 @@ def tie_inputs(case: Case, seed: int) -> list[torch.Tensor]:
             x[0][dst], g[0][dst] = x[0][src], g[0][src]
         inputs = [t.to(case.dtype) for t in x + g]
         if _tie_gap(case, inputs) >= TIE_GAP:
-            return inputs
+            return [t.to(case.device) for t in inputs]
     raise AssertionError("could not draw inputs without near-ties")
 
 
@@ -271,8 +271,8 @@ def _guide_cosines(case: Case, inputs: list[torch.Tensor]):
     """Per segment (name, left slot, ``[b, N]`` float64 guide cosines, exact-tie mask) of the
     local rows, and ``t``; ties are pairs whose guide rows equal row i's positive's exactly."""
     k, b, r = case.k, case.b, case.rank
-    guide = [torch.nn.functional.normalize(x.double(), dim=-1) for x in inputs[2 + k :]]
-    raw = inputs[2 + k :]
+    raw = [x.cpu() for x in inputs[2 + k :]]
+    guide = [torch.nn.functional.normalize(x.double(), dim=-1) for x in raw]
     loc = slice(r * b, (r + 1) * b)
     t = (guide[0][loc] * guide[1][loc]).sum(-1)
     segs, sources = build_segments(k, case.contrast_anchors, case.contrast_positives)
@@ -314,6 +314,103 @@ def check_ties(backend: Callable[[Problem], BackendOutput], case: Case) -> None:
     assert int(expected.sum()) > 0
     problem = make_problem(case, inputs)
     ref, out = reference_backend(problem), backend(problem)
-    assert torch.equal(ref.masked, expected), "reference"
-    assert torch.equal(out.masked, expected), "backend"
+    assert torch.equal(ref.masked.cpu(), expected), "reference"
+    assert torch.equal(out.masked.cpu(), expected), "backend"
     assert_close(out.loss, ref.loss, TOL[case.dtype], "loss")
+
+
+# ------------------------------------------------- 16-bit gradients on confident rows (float64)
+
+CONFIDENT = (0.9, 0.995)  # the positive's softmax weight on the rows that are checked
+
+
+def confident_inputs(dtype: torch.dtype, seed: int, b: int = 48, d: int = 64, d_g: int = 32):
+    """Student rows whose positive takes 0.8-1.0 of the softmax (anchor-positive cosines
+    0.4-0.8 at τ = 0.05), rounded to ``dtype``; dyadic guides (exact masks everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    a = unit(torch.randn(b, d, generator=gen))
+    spread = torch.linspace(0.8, 2.2, b).unsqueeze(1)
+    p = a + spread * unit(torch.randn(b, d, generator=gen))
+    n = torch.randn(b, d, generator=gen)
+    guide = [dyadic(torch.randn(b, d_g, generator=gen)) for _ in range(3)]
+    return [x.to(dtype) for x in (a, p, n)], guide
+
+
+def _segment_masks(guide: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """(left column, candidate column, dropped ``[b, b]``) for AP, AA, PP, AN by the definition
+    (margin 0), in float64."""
+    g = [torch.nn.functional.normalize(x.double(), dim=-1) for x in guide]
+    b = g[0].shape[0]
+    t = (g[0] * g[1]).sum(-1, keepdim=True)
+    eye = torch.eye(b, dtype=torch.bool)
+    out = []
+    for left, cand, diag in ((0, 1, 1), (0, 0, 2), (1, 1, 2), (0, 2, 0)):
+        drop = g[left] @ g[cand].T > t
+        if diag == 1:
+            drop &= ~eye
+        if diag == 2:
+            drop |= eye
+        out.append((left, cand, drop))
+    return out
+
+
+def oracle_grads(student: list[torch.Tensor], guide, temperature: float):
+    """float64 loss of every row, the positive's weight and the anchor and positive gradients."""
+    leaves = [x.double().requires_grad_() for x in student]
+    x = [torch.nn.functional.normalize(v, dim=-1) for v in leaves]
+    scores = [(x[lf] @ x[c].T / temperature).masked_fill(drop, float("-inf"))
+              for lf, c, drop in _segment_masks(guide)]  # fmt: skip
+    scores = torch.cat(scores, 1)
+    b = scores.shape[0]
+    rows = torch.arange(b)
+    loss = torch.logsumexp(scores, 1) - scores[rows, rows]
+    loss.mean().backward()
+    weight = torch.softmax(scores.detach(), 1)[rows, rows]
+    return weight, leaves[0].grad, leaves[1].grad
+
+
+def autocast_grads(student: list[torch.Tensor], guide, temperature: float, device: str = "cpu"):
+    """The plain autocast recipe: float32 normalise, 16-bit GEMM (16-bit logits), float32
+    masked cross-entropy. Returns the anchor and positive gradients (on the CPU)."""
+    leaves = [x.clone().to(device).requires_grad_() for x in student]
+    x = [torch.nn.functional.normalize(v.float(), dim=-1).to(v.dtype) for v in leaves]
+    scores = [(x[lf] @ x[c].T).float().div(temperature).masked_fill(drop.to(device), -math.inf)
+              for lf, c, drop in _segment_masks(guide)]  # fmt: skip
+    scores = torch.cat(scores, 1)
+    target = torch.arange(scores.shape[0], device=device)
+    torch.nn.functional.cross_entropy(scores, target).backward()
+    return leaves[0].grad.cpu(), leaves[1].grad.cpu()
+
+
+def row_errors(grad: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    return (grad.double() - exact).norm(dim=1) / exact.norm(dim=1)
+
+
+def check_confident_rows(backend: str, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Per-row relative error of the anchor and positive gradients of ``gist_loss`` against a
+    float64 oracle on the same rounded inputs, on rows where the positive's weight is in
+    CONFIDENT: at most twice the worst row error of the autocast recipe, in this very test."""
+    tau = 0.05
+    student, guide = confident_inputs(dtype, fresh_seed())
+    weight, exact_a, exact_p = oracle_grads(student, guide, tau)
+    rows = (weight >= CONFIDENT[0]) & (weight <= CONFIDENT[1])
+    assert rows.sum() >= 8, f"only {int(rows.sum())} confident rows"
+    ref_a, ref_p = autocast_grads(student, guide, tau, device)
+    leaves = [x.clone().to(device).requires_grad_() for x in student]
+    loss = gist_loss(leaves[0], leaves[1], guide[0].to(device), guide[1].to(device), [leaves[2]],
+                     [guide[2].to(device)], temperature=tau, backend=backend)  # fmt: skip
+    loss.backward()
+    result = {}
+    for name, ours, auto, exact in (
+        ("anchor", leaves[0].grad.cpu(), ref_a, exact_a),
+        ("positive", leaves[1].grad.cpu(), ref_p, exact_p),
+    ):
+        err, err_auto = row_errors(ours, exact)[rows], row_errors(auto, exact)[rows]
+        result[name] = (float(err.max()), float(err_auto.max()))
+        assert err.max() <= 2 * err_auto.max(), (
+            f"{name} gradient: worst row error {float(err.max()):.3g} > 2 × autocast's "
+            f"{float(err_auto.max()):.3g}"
+        )
+    print(result)
+    return result

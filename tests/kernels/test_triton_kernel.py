@@ -1,13 +1,14 @@
 """The ``triton`` backend (gist_ray.kernels) against the ``reference`` oracle.
 
 Without a GPU the kernels run under the Triton interpreter (tests/kernels/conftest.py sets
-``TRITON_INTERPRET=1``); the launcher then upcasts every tile to fp32 before ``tl.dot``, since the
-interpreter's dot is wrong on bf16 operands, so bf16 inputs are tested with the upcast (their
-native tensor-core path is exercised on a GPU only: benchmarks/gpu_check.py, or this file on a
-CUDA machine). Sizes stay below ~70 rows and columns: the interpreter costs ~40 ms per program.
-Interpreter tiles are 32 × 32 with K steps of 32, the forward splits each segment's columns in
-two (in multiples of 32) and the backward works in chunks of 64 columns, so b, N and d here cross
-every row, column, split, chunk and K seam.
+``TRITON_INTERPRET=1``); tiles are then upcast to fp32 and multiplied by broadcast-and-sum (the
+interpreter's dot is wrong on bf16), so 16-bit inputs are tested through that path (their native
+tensor-core path runs on a GPU only: benchmarks/gpu_check.py, or this file on a CUDA machine;
+compilation is checked by tests/kernels/test_compile_gate.py). Sizes stay below ~70 rows and
+columns: the interpreter costs ~40 ms per program. Interpreter tiles are 32 × 32 with K steps of
+32, the forward splits each segment's columns into 32-column splits and the backward works in
+chunks of 64 columns, so b, N and d here cross every row, column, split, chunk and K seam (and
+widths that are not multiples of 16 cross the launcher's padding).
 
 The comparison harness (inputs, tolerances, checks) is tests/loss/harness.py.
 """

@@ -25,36 +25,30 @@ def test_unsupported_student_dtype(dtype):
     _fails(student, guide, rf"positive has dtype {dtype}; supported: float32, bfloat16, float16")
 
 
-def test_unsupported_guide_dtype():
-    student, guide = _batch()
-    guide[2] = guide[2].double()
-    _fails(student, guide, "guide_negative_1 has dtype torch.float64")
+# (student or guide, column, the bad tensor, the message)
+ONE_BAD_TENSOR = {
+    "guide dtype": ("guide", 2, torch.randn(4, 6).double(),
+                    "guide_negative_1 has dtype torch.float64"),
+    "devices": ("guide", 0, torch.randn(4, 6, device="meta"),
+                "guide_anchor is on meta but anchor is on cpu"),
+    "student width": ("student", 2, torch.randn(4, 9), "negative_1 has width 9, anchor has 8"),
+    "guide width": ("guide", 1, torch.randn(4, 7),
+                    "guide_positive has width 7, guide_anchor has 6"),
+    "rows": ("guide", 2, torch.randn(3, 6), "guide_negative_1 has 3 rows, anchor has 4"),
+    "not 2-d": ("student", 0, torch.randn(4, 8, 1),
+                r"anchor must be a 2-d tensor \[rows, width\], got shape \(4, 8, 1\)"),
+}  # fmt: skip
 
 
-def test_operands_on_different_devices():
+@pytest.mark.parametrize("side, column, bad, match", ONE_BAD_TENSOR.values(), ids=ONE_BAD_TENSOR)
+def test_one_bad_tensor_is_named(side, column, bad, match):
     student, guide = _batch()
-    guide[0] = guide[0].to("meta")
-    _fails(student, guide, "guide_anchor is on meta but anchor is on cpu")
+    (student if side == "student" else guide)[column] = bad
+    _fails(student, guide, match)
 
 
-def test_widths_must_match_between_segments():
-    student, guide = _batch()
-    student[2] = torch.randn(4, 9)
-    _fails(student, guide, "negative_1 has width 9, anchor has 8")
-    student, guide = _batch()
-    guide[1] = torch.randn(4, 7)
-    _fails(student, guide, "guide_positive has width 7, guide_anchor has 6")
-
-
-def test_rows_and_shapes():
-    student, guide = _batch()
-    guide[2] = torch.randn(3, 6)
-    _fails(student, guide, "guide_negative_1 has 3 rows, anchor has 4")
-    student, guide = _batch()
-    student[0] = torch.randn(4, 8, 1)
-    _fails(student, guide, r"anchor must be a 2-d tensor \[rows, width\], got shape \(4, 8, 1\)")
-    student, guide = _batch(b=0)
-    _fails(student, guide, "anchor has no rows")
+def test_empty_batch():
+    _fails(*_batch(b=0), "anchor has no rows")
 
 
 def test_mixed_dtypes_are_brought_to_one():

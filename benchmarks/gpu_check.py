@@ -325,6 +325,8 @@ def main() -> None:
     ap.add_argument("--n-start", type=int, default=262144, help="size search: first N")
     ap.add_argument("--n-cap", type=int, default=1 << 23, help="size search: stop here")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (TRITON_INTERPRET=1)")
+    ap.add_argument("--stages", default="speed,correctness,references,max_n",
+                    help="comma-separated subset, in this order")  # fmt: skip
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     global DEV
@@ -339,6 +341,8 @@ def main() -> None:
     stages = [("speed", stage_speed), ("correctness", stage_correctness),
               ("references", stage_references), ("max_n", stage_max_n)]  # fmt: skip
     for name, fn in stages:
+        if name not in a.stages.split(","):
+            continue
         if elapsed() > a.budget_s:
             s[name] = "skipped: time budget"
         else:

@@ -145,8 +145,10 @@ def _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N: tl.constexpr):
     return BITS + rows.to(tl.int64)[:, None] * stride_bits + byte[None, :], byte
 
 
-@_jit(["b", "n", "cols_per_split", "offset", "part_row0", "diag_code", "stride_bits"],
-      ["RL", "RC", "LIMIT", "POS", "LSE_PART", "MASKED_PART", "ABOVE_PART", "BITS"])
+@_jit(
+    ["b", "n", "cols_per_split", "offset", "part_row0", "diag_code", "stride_bits"],
+    ["RL", "RC", "LIMIT", "POS", "LSE_PART", "MASKED_PART", "ABOVE_PART", "BITS"],
+)
 def gist_fwd_kernel(
     L, GL, C, GC, RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
     b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau,
@@ -245,8 +247,10 @@ def gist_diag_kernel(
     tl.store(POS_OUT + rows, pos, mask=row_ok)
 
 
-@_jit(["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code", "stride_bits", "stride_p"],
-      ["RL", "RC", "LIMIT", "LSE", "W", "BITS", "P"])
+@_jit(
+    ["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code", "stride_bits", "stride_p"],
+    ["RL", "RC", "LIMIT", "LSE", "W", "BITS", "P"],
+)
 def gist_prob_kernel(
     L, GL, C, GC, RL, RC, LIMIT, LSE, W, BITS, P,
     b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau,

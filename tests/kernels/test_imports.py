@@ -1,6 +1,7 @@
 """The loss and the kernels import and run without Ray, MLflow or datasets (the GPU machine
 has none of them), and importing ``gist_ray.loss`` does not import triton (so a test can still
-choose the interpreter before the kernels are defined)."""
+choose the interpreter before the kernels are defined). Each test starts fresh Python processes
+(5-25 s): marked slow."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +34,7 @@ def _run(code: str, **env: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_loss_runs_without_ray_mlflow_datasets_or_triton():
     out = _run(
         "import torch, gist_ray.loss as L\n"
@@ -44,6 +48,7 @@ def test_loss_runs_without_ray_mlflow_datasets_or_triton():
     assert out.split()[1] == "False", "the CPU path loaded the Triton kernels"
 
 
+@pytest.mark.slow
 def test_kernels_and_compile_gate_import_without_ray_mlflow_datasets():
     _run(
         "import gist_ray.kernels.gist_function, gist_ray.kernels.compile_check\n"
@@ -53,6 +58,7 @@ def test_kernels_and_compile_gate_import_without_ray_mlflow_datasets():
     _run("import gist_ray.kernels.gist_function, gist_ray.kernels.compile_check\n")
 
 
+@pytest.mark.slow
 def test_gpu_check_imports_from_a_plain_checkout():
     """benchmarks/gpu_check.py runs from the checkout, without install (the GPU machine)."""
     _run(

@@ -35,10 +35,9 @@ SMALL = sm.Step(workers=2, rows=4, d=8, d_g=16, negatives=1)
 @pytest.mark.parametrize("aa, pp", [(True, True), (False, True), (False, False)])
 def test_pairs_match_the_segment_plan(k, aa, pp):
     s = replace(SMALL, negatives=k, contrast_anchors=aa, contrast_positives=pp)
-    segments = build_segments(s.rows, s.pool_rows, k, aa, pp)
+    segments, _ = build_segments(k, aa, pp)  # every segment spans the whole gathered pool
     assert s.segments == len(segments)
-    assert all(seg.size == s.pool_rows for seg in segments)
-    assert sm.pairs(s) == s.rows * sum(seg.size for seg in segments)
+    assert sm.pairs(s) == s.rows * s.pool_rows * len(segments)
 
 
 def test_loss_flops_by_hand():

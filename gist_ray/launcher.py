@@ -235,14 +235,10 @@ def _relay_worker_output() -> None:
     def route(data: dict[str, Any], ignore_prefix: bool = False) -> None:
         others = []
         from_worker = data.get("pid") not in ("raylet", "autoscaler")
-        who = (
-            f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
-        )
+        name = data.get("actor_name") or data.get("task_name") or "worker"
         for line in data.get("lines") or ():
             if from_worker and line.startswith(console_log.PREFIX):
-                console_log.to_file(
-                    f"({data.get('actor_name') or 'worker'} pid={data.get('pid')}) {line}"
-                )
+                console_log.to_file(f"({name} pid={data.get('pid')}) {line}")
                 stream = "stderr" if data.get("is_err") else "stdout"
                 relay.show(line[len(console_log.PREFIX) :], stream)
             else:

@@ -292,8 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`gist-ray eval ... | head`): stop quietly, as `cat` would.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # Python's last flush of stdout at exit would fail again and print a traceback.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (an embedding caller's)
+            pass
         return EXIT_PIPE
     except Exception as e:  # noqa: BLE001 - one line for users, traceback with --debug
         log.to_file(traceback.format_exc())

@@ -210,14 +210,41 @@ def _gcs_address() -> str:
         return "?"
 
 
+class WorkerOutput:
+    """Where a batch of lines that Ray relays from a worker, an actor or the raylet goes: a
+    worker's gist-ray line is shown as ours (progress as a live bar, :class:`progress.Relay`)
+    and copied to the log file; every other line goes, with Ray's ``(Actor pid=...)`` prefix,
+    to stderr, which is the log file while one is open (``--verbose`` shows it live)."""
+
+    def __init__(self, print_worker_logs) -> None:
+        from gist_ray.progress import Relay
+
+        self._print = print_worker_logs  # Ray's formatter: prefix, colour, tqdm_ray handling
+        self.relay = Relay()
+
+    def __call__(self, data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        from gist_ray import log as console_log
+
+        others = []
+        from_worker = data.get("pid") not in ("raylet", "autoscaler")
+        name = data.get("actor_name") or data.get("task_name") or "worker"
+        for line in data.get("lines") or ():
+            if from_worker and line.startswith(console_log.PREFIX):
+                console_log.to_file(f"({name} pid={data.get('pid')}) {line}")
+                stream = "stderr" if data.get("is_err") else "stdout"
+                self.relay.show(line[len(console_log.PREFIX) :], stream)
+            else:
+                others.append(line)
+        if others:
+            self._print({**data, "lines": others}, sys.stderr, ignore_prefix)
+
+
 def _relay_worker_output() -> None:
-    """Ray prints every line its workers and actors write (Ray Train's own INFO lines, C++
-    core warnings, libraries' progress bars) on the driver's stdout/stderr. Route them: a
-    worker's gist-ray line is shown as ours (progress as a live bar, :class:`progress.Relay`);
-    everything else goes, with Ray's ``(Actor pid=...)`` prefix, to stderr, which is the log
-    file while one is open (``--verbose`` shows it live). Uses the dispatcher Ray feeds worker
-    output to (``ray.init(log_to_driver=True)``) and the function it prints the raylet's
-    messages (a dead worker, an OOM kill) with; left as Ray has it where those are missing."""
+    """Ray prints every line its workers and actors write (Ray Train's INFO lines, C++ core
+    messages, libraries' progress bars) on the driver's stdout/stderr; route them through
+    :class:`WorkerOutput` instead. Hooks the dispatcher Ray feeds worker output to
+    (``ray.init(log_to_driver=True)``) and the function it prints the raylet's messages (a dead
+    worker, an OOM kill) with; leaves Ray as it is where those are missing."""
     try:
         from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -226,26 +253,10 @@ def _relay_worker_output() -> None:
     if not hasattr(ray_worker, "print_worker_logs"):
         return
     from gist_ray import log as console_log
-    from gist_ray.progress import Relay
 
-    relay = Relay()
     if console_log.log_file() is not None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in the log file
-
-    def route(data: dict[str, Any], ignore_prefix: bool = False) -> None:
-        others = []
-        from_worker = data.get("pid") not in ("raylet", "autoscaler")
-        name = data.get("actor_name") or data.get("task_name") or "worker"
-        for line in data.get("lines") or ():
-            if from_worker and line.startswith(console_log.PREFIX):
-                console_log.to_file(f"({name} pid={data.get('pid')}) {line}")
-                stream = "stderr" if data.get("is_err") else "stdout"
-                relay.show(line[len(console_log.PREFIX) :], stream)
-            else:
-                others.append(line)
-        if others:
-            ray_worker.print_worker_logs({**data, "lines": others}, sys.stderr, ignore_prefix)
-
+    route = WorkerOutput(ray_worker.print_worker_logs)
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", route)
     ray_worker.print_to_stdstream = route

@@ -43,6 +43,8 @@ class _RankZero(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "all_ranks", False):
             return True
+        if "torch.distributed" not in sys.modules:  # not even imported: not distributed
+            return True
         from gist_ray.distributed import rank
 
         return rank() == 0

@@ -187,9 +187,10 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
     # The job's driver joined this cluster through RAY_ADDRESS instead of starting its own
     # (Ray reports the GCS under the machine's IP even with --node-ip-address=127.0.0.1).
     gcs_port = ray_head["gcs"].rsplit(":", 1)[1]
-    assert re.search(
-        rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b", proc.stdout
-    )
+    assert re.search(rf"\[gist-ray\] joined the Ray cluster at \S+:{gcs_port}\b", proc.stdout)
+    # Ray's own lines are in the run's log file, not in the job's output
+    assert "Connecting to existing Ray cluster" not in proc.stdout
+    assert "Connecting to existing Ray cluster" in (out / "gist-ray.log").read_text()
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("jobs")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gist_ray import log
-from gist_ray.errors import GistRayError
+from gist_ray.errors import ConfigError, GistRayError
 
 _log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -70,23 +70,25 @@ class _Poolings:
         return iter(self._values())
 
 
-def _add_common_args(p: argparse.ArgumentParser, top: bool = False) -> None:
-    """--debug and --verbose, before or after the command (``gist-ray -v train`` or
-    ``gist-ray train -v``)."""
+def _add_common_args(p: argparse.ArgumentParser, top: bool = False, verbose: bool = True) -> None:
+    """--debug, and --verbose where there is a log file to show, before or after the command
+    (``gist-ray -v train`` or ``gist-ray train -v``)."""
     default = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument(
         "--debug", action="store_true", help="show tracebacks instead of one-line errors", **default
     )
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="also show Ray's, MLflow's and the libraries' output live (it is always in the log)",
-        **default,
-    )
+    if verbose:
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="train, cache-guide: also show the output of Ray, MLflow and the libraries "
+            "live (it is always in <output_dir>/gist-ray.log)",
+            **default,
+        )
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file")
     p.add_argument(
         "--set",
@@ -96,7 +98,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.lr=3e-5 (repeatable)",
     )
-    _add_common_args(p)
+    _add_common_args(p, verbose=verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="gist-ray.yaml", help="the file to write (default: %(default)s)"
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing config file")
-    _add_common_args(init)
+    _add_common_args(init, verbose=False)
     train = sub.add_parser("train", help="fine-tune a student with a guide (default: offline demo)")
     _add_config_args(train)
     cache = sub.add_parser(
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(cache)
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
-    _add_config_args(cfg)
+    _add_config_args(cfg, verbose=False)
     _add_eval_parser(sub)
     return parser
 
@@ -164,11 +166,10 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     ev.add_argument("--seed", type=int, default=0, help="query and corpus sampling seed")
     ev.add_argument("--output", metavar="FILE", help="also write the results as JSON")
-    _add_common_args(ev)
+    _add_common_args(ev, verbose=False)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gist_ray.errors import ConfigError
     from gist_ray.eval.command import evaluate
 
     for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
@@ -207,7 +208,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _open_log(cfg, args: argparse.Namespace) -> Path:
     """The command's log file in the output folder, announced with what is being run."""
-    path = log.start_log_file(cfg.output_dir, args.verbose, f"gist-ray {args.command}")
+    try:
+        path = log.start_log_file(cfg.output_dir, args.verbose, f"gist-ray {args.command}")
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir = {cfg.output_dir!r}: cannot write {log.LOG_NAME} there "
+            f"({e.strerror or e})"
+        ) from e
     m = cfg.model
     _log.info(
         "loading student %s, guide %s and data %s (%d %s worker(s))",

@@ -58,6 +58,14 @@ def test_user_error_exits_2_with_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("gist-ray: error: unknown config key 'train.nope'")
 
 
+def test_an_output_dir_that_cannot_hold_the_log_is_a_user_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    assert cli.main(["train", "--set", f"output_dir={blocker}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"gist-ray: error: output_dir = '{blocker}': cannot write gist-ray.log")
+
+
 def test_bad_command_line_exits_2():
     with pytest.raises(SystemExit) as done:
         cli.main(["train", "--no-such-flag"])
@@ -186,3 +194,46 @@ def test_init_needs_two_text_columns(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "two text columns" in err and "id (numbers)" in err
     assert not (tmp_path / "c.yaml").exists()
+
+
+# ----------------------------------------------------------------------------- a worker's error
+
+
+@pytest.mark.slow  # starts a local Ray cluster through the console script
+def test_a_workers_error_is_one_line_with_the_log(tiny_models, tiny_pairs_file, tmp_path):
+    """Rank 0 cannot write the guide cache (a file is where its folder goes): the terminal
+    gets that error, not Ray's wrapper, and the log's path; the log has the tracebacks."""
+    import os
+    import shutil
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(tiny_pairs_file, data)
+    (tmp_path / ".gist-ray-guide-cache").write_text("in the way\n")
+    sets = [
+        f"model.student={tiny_models['student']}",
+        f"model.guide={tiny_models['guide']}",
+        "model.max_seq_length=32",
+        f"data.train={data}",
+        "eval.source=",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        f"output_dir={tmp_path / 'out'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    exe = shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [*exe.split(), "train", *sum((["--set", s] for s in sets), [])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    log = tmp_path / "out" / "gist-ray.log"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("gist-ray: error: cannot write the guide cache ")
+    assert line.endswith(f"(full log: {log})")
+    assert "Training failed" not in proc.stdout + proc.stderr
+    text = log.read_text()
+    assert "WorkerGroupError" in text and "gist_ray/guide_cache.py" in text

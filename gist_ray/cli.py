@@ -229,24 +229,24 @@ def _open_log(cfg, args: argparse.Namespace) -> Path:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gist_ray.config import load_config
     from gist_ray.run import train
 
-    cfg = load_config(args.config, args.overrides)
-    path = _open_log(cfg, args)
-    train(cfg)
-    log.console.end_status()
-    print(f"full log:    {path}")
-    return 0
+    return _logged(args, train)
 
 
 def _cmd_cache_guide(args: argparse.Namespace) -> int:
-    from gist_ray.config import load_config
     from gist_ray.run import cache_guide
+
+    return _logged(args, cache_guide)
+
+
+def _logged(args: argparse.Namespace, command) -> int:
+    """Run a command on Ray with its log file open; the log's path ends the output."""
+    from gist_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     path = _open_log(cfg, args)
-    cache_guide(cfg)
+    command(cfg)
     log.console.end_status()
     print(f"full log:    {path}")
     return 0
@@ -315,8 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log.log_file() is not None:
             from gist_ray import launcher
 
-            launcher.shutdown()  # Ray's last words go to the log, not the terminal
-            log.stop_log_file()
+            try:
+                launcher.shutdown()  # Ray's last words go to the log, not the terminal
+            finally:
+                log.stop_log_file()
 
 
 if __name__ == "__main__":

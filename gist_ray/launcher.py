@@ -482,33 +482,27 @@ def _resume_hint(cfg: Config, name: str) -> None:
 
 def _unwrap(e: BaseException) -> BaseException:
     """The error a worker raised, rather than Ray's wrapper around it: a user error
-    (:class:`GistRayError`) from any worker, else the lowest failing rank's; the latter gets a
-    ``gist_ray_origin`` attribute ("Ray worker rank 1") for the CLI's one-line message. Ray's
-    exception is returned when no worker's error can be found in it."""
+    (:class:`GistRayError`) from any worker, else the lowest failing rank's (or the Train
+    controller's); the latter gets a ``gist_ray_origin`` attribute ("Ray worker rank 1") for the
+    CLI's one-line message. Ray's exception is returned when it wraps no such error."""
     found: list[tuple[BaseException, str | None]] = []
     seen: set[int] = set()
 
     def walk(cur: BaseException | None, origin: str | None) -> None:
         while cur is not None and id(cur) not in seen:
             seen.add(id(cur))
-            failures = getattr(cur, "worker_failures", None)
+            failures = getattr(cur, "worker_failures", None) or getattr(cur, "errors", None)
             if isinstance(failures, dict) and failures:
-                for rank in sorted(failures):
+                for rank in sorted(failures, key=str):
                     walk(failures[rank], f"Ray worker rank {rank}")
                 return
-            inner = next(
-                (
-                    x
-                    for x in (
-                        getattr(cur, "_base_exc", None),  # Ray Train: the worker's exception
-                        getattr(cur, "controller_failure", None),
-                        getattr(cur, "cause", None),  # RayTaskError
-                    )
-                    if isinstance(x, BaseException)
-                ),
-                None,
-            )
-            if inner is None:
+            controller = getattr(cur, "controller_failure", None)
+            if isinstance(controller, BaseException):
+                walk(controller, "the Ray Train controller")
+                return
+            # Ray Train's wrapper of the worker's exception; Ray core's (RayTaskError)
+            inner = getattr(cur, "_base_exc", None) or getattr(cur, "cause", None)
+            if not isinstance(inner, BaseException):
                 found.append((cur, origin))
                 inner = cur.__cause__ or cur.__context__
             cur = inner

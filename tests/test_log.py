@@ -205,6 +205,15 @@ def test_unwrap_prefers_a_user_error_over_its_fallout_on_other_ranks():
     assert err is user
 
 
+def test_unwrap_surfaces_the_train_controllers_error():
+    from ray.train import ControllerError
+
+    from gist_ray.launcher import _unwrap
+
+    err = _unwrap(ControllerError(TimeoutError("worker group did not start in 60 s")))
+    assert type(err) is TimeoutError and err.gist_ray_origin == "the Ray Train controller"
+
+
 def test_unwrap_leaves_an_error_without_a_worker_error_alone():
     from gist_ray.launcher import _unwrap
 

@@ -67,6 +67,7 @@ class Console:
         self._lock = threading.RLock()
         self._status = ""  # shown on stdout, a terminal, below the last line
         self.stderr_override: TextIO | None = None
+        self.shared = False  # others' output is shown live too (--verbose): no status line
 
     def stream(self, name: str) -> TextIO:
         if name == "stderr" and self.stderr_override is not None:
@@ -74,6 +75,9 @@ class Console:
         return getattr(sys, name)
 
     def is_terminal(self) -> bool:
+        """Whether a live status line can be drawn: stdout is a terminal nobody else writes to."""
+        if self.shared:
+            return False
         try:
             return self.stream("stdout").isatty()
         except (AttributeError, ValueError):
@@ -185,7 +189,11 @@ class _LogFile:
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         self.terminal = os.fdopen(
-            os.dup(self._saved_fd), "w", buffering=1, encoding="utf-8", errors="replace"
+            os.dup(self._saved_fd),
+            "w",
+            buffering=1,
+            encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+            errors="replace",
         )
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 2)
@@ -277,7 +285,7 @@ def start_log_file(output_dir: str | Path, verbose: bool = False, title: str = "
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     _active.write(f"===== {stamp} {title or 'gist-ray'} (pid {os.getpid()})\n".encode())
     logging.getLogger(ROOT).addHandler(_active.handler)
-    console.stderr_override = _active.terminal
+    console.stderr_override, console.shared = _active.terminal, verbose
     return path
 
 
@@ -287,7 +295,7 @@ def stop_log_file() -> None:
     if _active is None:
         return
     logging.getLogger(ROOT).removeHandler(_active.handler)
-    console.stderr_override = None
+    console.stderr_override, console.shared = None, False
     active, _active = _active, None
     active.stop()
 

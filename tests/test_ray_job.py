@@ -182,7 +182,9 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
         timeout=60,
         env=_env(),
     )
-    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", logs + status.stderr[-2000:]
+    assert status.stdout.strip().splitlines()[-1:] == ["SUCCEEDED"], (
+        logs + status.stdout[-1000:] + status.stderr[-2000:]
+    )
     assert proc.returncode == 0, logs
     # The job's driver joined this cluster through RAY_ADDRESS instead of starting its own
     # (Ray reports the GCS under the machine's IP even with --node-ip-address=127.0.0.1).

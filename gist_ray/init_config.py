@@ -99,11 +99,13 @@ def describe_columns(ds) -> list[Column]:
                 kind = f"not texts ({', '.join(sorted(kinds))})"
             out.append(Column(name, kind))
             continue
+        lengths = sorted(len(t) for t in texts) or [0]
         distinct = len(set(texts))
-        if len(texts) >= 20 and distinct <= max(10, len(texts) // 20):
+        # Few distinct short values: a label or a category (a query repeated for several
+        # positives is longer than a label).
+        if len(texts) >= 20 and distinct <= max(10, len(texts) // 20) and lengths[-1] <= 24:
             out.append(Column(name, f"labels ({distinct} distinct values)"))
             continue
-        lengths = sorted(len(t) for t in texts) or [0]
         p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
         out.append(Column(name, "text", statistics.fmean(lengths), p90))
     return out

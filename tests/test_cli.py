@@ -14,6 +14,7 @@ import yaml
 from gist_ray import cli
 from gist_ray.config import load_config
 from gist_ray.data import load_pairs
+from gist_ray.init_config import write_starter
 
 
 def test_version_names_gist_ray_and_what_it_runs_on(capsys):
@@ -141,6 +142,14 @@ def test_init_maps_columns_by_name_explains_and_loads(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "anchor   <- question" in out and "not used: id, label" in out
     assert "gist-ray train --config gist-ray.yaml" in out
+
+
+def test_init_leaves_out_labels_but_keeps_repeated_queries(tmp_path):
+    rows = [(QUESTIONS[i // 3], ANSWERS[i], ["yes", "no"][i % 2]) for i in range(30)]
+    data = _write_csv(tmp_path / "d.csv", ["query", "document", "relevant_to"], rows)
+    done = write_starter(str(data), tmp_path / "c.yaml")
+    assert done.mapping.roles == {"anchor": "query", "positive": "document"}
+    assert done.mapping.unused == {"relevant_to": "labels (2 distinct values)"}
 
 
 def test_init_falls_back_to_contents_and_numbered_negatives(tmp_path):

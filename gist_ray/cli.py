@@ -208,6 +208,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _open_log(cfg, args: argparse.Namespace) -> Path:
     """The command's log file in the output folder, announced with what is being run."""
+    from gist_ray.paths import check_job_paths
+
+    check_job_paths(cfg, "")  # not in a Ray job's doomed working dir (run.py checks the rest)
     try:
         path = log.start_log_file(cfg.output_dir, args.verbose, f"gist-ray {args.command}")
     except OSError as e:

@@ -339,11 +339,12 @@ def is_shared_storage(path: str) -> bool:
 def check_storage(cfg: Config, alive_nodes: int) -> None:
     """Checkpoints of a multi-node run must land where every node (and the driver) can read."""
     path = storage_path(cfg)
-    if alive_nodes > 1 and not is_shared_storage(path):
+    if alive_nodes > 1 and not (cfg.ray.shared_storage or is_shared_storage(path)):
         raise GistRayError(
             f"ray.storage_path = {path!r} is node-local but the cluster has {alive_nodes} nodes: "
             "workers on other nodes cannot write or restore checkpoints there; set "
-            "ray.storage_path to shared storage (s3://BUCKET/PATH, gs://..., or an NFS mount)"
+            "ray.storage_path to shared storage (s3://BUCKET/PATH, gs://..., or an NFS mount), "
+            "or ray.shared_storage=true if that path is a mount every node shares"
         )
 
 

@@ -181,7 +181,7 @@ def _submit(ray_head, config: dict, job_dir: Path) -> tuple[str, str]:
         env=_env(),
     )
     logs = proc.stdout[-6000:] + proc.stderr[-3000:] + status.stderr[-2000:]
-    return status.stdout.strip().splitlines()[-1], logs
+    return (status.stdout.strip().splitlines() or ["(no status)"])[-1], logs
 
 
 def test_ray_job_submit_trains_on_an_existing_cluster(
@@ -195,7 +195,11 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
     # The job's driver joined this cluster through RAY_ADDRESS instead of starting its own
     # (Ray reports the GCS under the machine's IP even with --node-ip-address=127.0.0.1).
     gcs_port = ray_head["gcs"].rsplit(":", 1)[1]
-    assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b", logs)
+    assert re.search(rf"\[gist-ray\] joined the Ray cluster at \S+:{gcs_port}\b", logs)
+    # Ray's own lines are in the run's log file, not in the job's output
+    assert "Connecting to existing Ray cluster" not in logs
+    log_file = tmp_path / "out" / "gist-ray.log"
+    assert "Connecting to existing Ray cluster" in log_file.read_text()
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("jobs")

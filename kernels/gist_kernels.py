@@ -25,7 +25,8 @@ matmul, rounds the edge columns of its register blocks differently; there tiles 
 float32 and multiplied by broadcast-and-sum, the same summation for every entry.
 
 All row offsets are widened to int64 before multiplying by a stride: ``N × d`` exceeds 2**31 at
-the sizes this kernel exists for.
+the sizes this kernel exists for. P's stay int32 (one fewer register per entry of the stored
+tile): a P buffer holds at most ``gist_function.P_ELEMS`` = 2**27 elements per segment.
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""The run's data in MLflow: every training dataset as a dataset input (context ``training``,
+with its source, digest and schema) and the eval set (context ``evaluation``), which the final
+eval metrics name."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _source(source: str) -> str:
+    """What MLflow records as where the data came from."""
+    from pathlib import Path
+
+    if Path(source).exists():
+        return Path(source).resolve().as_uri()
+    if source == "insuranceqa":
+        return "pypi:insuranceqa-data==1.0 (train split)"
+    return f"hf://datasets/{source}"
+
+
+def training_dataset(training_set) -> Any:
+    """An ``mlflow.data`` dataset of one :class:`gist_ray.data.TrainingSet`."""
+    import datasets
+    import mlflow.data
+
+    ds = datasets.Dataset.from_dict(training_set.texts)
+    return mlflow.data.from_huggingface(
+        ds, name=training_set.name, source=_source(training_set.spec.source)
+    )
+
+
+def eval_dataset(evalset) -> Any:
+    """An ``mlflow.data`` dataset of an eval set: its queries and their relevant documents."""
+    import mlflow.data
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "query_id": list(evalset.queries),
+            "query": list(evalset.queries.values()),
+            "relevant": [",".join(sorted(evalset.qrels.get(q, {}))) for q in evalset.queries],
+        }
+    )
+    return mlflow.data.from_pandas(frame, source=evalset.name, name=evalset.name)
+
+
+def log_inputs(client, run_id: str, named: list[tuple[Any, str]]) -> None:
+    """Log (dataset, context) pairs the run does not hold yet (a resumed run logs none twice)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    run = client.get_run(run_id)
+    held = {(i.dataset.name, i.dataset.digest) for i in (run.inputs.dataset_inputs or [])}
+    new = [
+        DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for ds, context in named
+        if (ds.name, ds.digest) not in held
+    ]
+    if new:
+        client.log_inputs(run_id, datasets=new)

@@ -146,30 +146,31 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> SentenceT
 
 
 def _load_error(spec: ModelSpec, path: str, e: Exception) -> ModelError:
-    text = str(e)
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+    text = str(e).strip()
+    first = text.splitlines()[0][:200] if text else type(e).__name__
     where = f"{spec.key} = {spec.name!r}"
+    bad = _unimportable_module(Path(path))
+    if bad is not None:
+        return ModelError(
+            f"{Path(path) / 'modules.json'}: module {bad!r} cannot be imported; install the "
+            f"package that defines it, or fix {spec.key}"
+        )
     if "trust_remote_code" in text:
         return ModelError(
             f"{where} runs code from its repository ({first.split('. ')[0]}); set "
             f"{spec.prefix}trust_remote_code=true if you trust it"
         )
-    bad = _unimportable_module(Path(path)) if isinstance(e, ImportError) else None
-    if bad is not None:
-        return ModelError(
-            f"{Path(path) / 'modules.json'}: module {bad!r} cannot be imported ({first}); "
-            f"install the package that defines it or fix {spec.key}"
-        )
-    exists = Path(path).exists()
-    what = "a local folder" if exists else "a local folder or a cached hub model"
+    what = "a local folder" if Path(path).exists() else "a local folder or a cached hub model"
     return ModelError(
-        f"{where} cannot be loaded: not {what} that sentence-transformers can read "
-        f"offline ({type(e).__name__}: {first})"
+        f"{where} cannot be loaded: not {what} that sentence-transformers can read offline "
+        f"({type(e).__name__}: {first})"
     )
 
 
 def _unimportable_module(folder: Path) -> str | None:
-    """The first ``type`` in ``folder/modules.json`` whose class cannot be imported."""
+    """The first ``type`` in ``folder/modules.json`` whose class neither imports from the
+    installed packages nor ships as a file in the model folder (custom code, which loads with
+    trust_remote_code)."""
     try:
         entries = json.loads((folder / "modules.json").read_text())
     except (OSError, ValueError):
@@ -177,11 +178,15 @@ def _unimportable_module(folder: Path) -> str | None:
     for entry in entries if isinstance(entries, list) else []:
         ref = str(entry.get("type", ""))
         module, _, cls = ref.rpartition(".")
+        sub = folder / str(entry.get("path", ""))
+        if any((d / f"{module.split('.')[-1]}.py").is_file() for d in (folder, sub)):
+            continue
         try:
-            if not hasattr(importlib.import_module(module), cls):
-                return ref
+            if hasattr(importlib.import_module(module), cls):
+                continue
         except Exception:  # noqa: BLE001 - any failure to import is the answer
-            return ref
+            pass
+        return ref
     return None
 
 
@@ -303,7 +308,7 @@ class Encoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        return int(self.model.get_embedding_dimension())
 
     @contextlib.contextmanager
     def _truncation(self) -> Iterator[None]:

@@ -5,6 +5,7 @@ eval metrics name."""
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,11 @@ def training_dataset(training_set) -> Any:
     import mlflow.data
 
     ds = datasets.Dataset.from_dict(training_set.texts)
-    return mlflow.data.from_huggingface(
-        ds, name=training_set.name, source=_source(training_set.spec.source)
-    )
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a file URI
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_huggingface(
+            ds, name=training_set.name, source=_source(training_set.spec.source)
+        )
 
 
 def eval_dataset(evalset) -> Any:

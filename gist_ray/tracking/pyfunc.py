@@ -126,6 +126,7 @@ def log_embedding_model(
         )
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             return Model.log(
+                artifact_path=None,
                 name=name,
                 flavor=_Flavor,
                 model=model,

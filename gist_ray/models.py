@@ -56,30 +56,28 @@ class ModelSpec:
 
     @classmethod
     def student(cls, cfg: Config) -> ModelSpec:
-        m = cfg.model
-        return cls(
-            m.student,
-            "model.student",
-            m.revision,
-            m.trust_remote_code,
-            dict(m.model_kwargs),
-            m.pooling,
-            m.max_seq_length,
-            m.export_max_seq_length,
-        )
+        return cls._of(cfg, "student", "")
 
     @classmethod
     def guide(cls, cfg: Config) -> ModelSpec:
+        return cls._of(cfg, "guide", "guide_")
+
+    @classmethod
+    def _of(cls, cfg: Config, which: str, prefix: str) -> ModelSpec:
         m = cfg.model
+        is_guide = which == "guide"
         return cls(
-            m.guide,
-            "model.guide",
-            m.guide_revision,
-            m.guide_trust_remote_code,
-            dict(m.guide_model_kwargs),
-            m.guide_pooling,
-            m.guide_max_seq_length or m.max_seq_length,
-            cap_at_own=not m.guide_max_seq_length,  # as sentence-transformers' GISTEmbedLoss
+            getattr(m, which),
+            f"model.{which}",
+            getattr(m, f"{prefix}revision"),
+            getattr(m, f"{prefix}trust_remote_code"),
+            dict(getattr(m, f"{prefix}model_kwargs")),
+            getattr(m, f"{prefix}pooling"),
+            (m.guide_max_seq_length or m.max_seq_length) if is_guide else m.max_seq_length,
+            0 if is_guide else m.export_max_seq_length,
+            # The guide reads the student's truncation, at most its own length, as
+            # sentence-transformers' GISTEmbedLoss does.
+            cap_at_own=is_guide and not m.guide_max_seq_length,
         )
 
     @property
@@ -245,27 +243,19 @@ def saved_prompts(path: str, revision: str = "") -> dict[str, str]:
 
 
 def column_prompts(
-    setting: str | dict[str, Any] | None,
-    dataset: str,
-    columns: list[str],
-    key: str,
-    own: dict[str, str],
+    setting: str | dict[str, Any] | None, dataset: str, columns: list[str], own: dict[str, str]
 ) -> dict[str, str]:
     """The prompt of each of ``columns`` (anchor, positive, negative_1..k) for one dataset.
 
     ``setting`` is the config's value: None = ``own`` (the model's prompts), a string for every
     column, {column: prompt} or {dataset: {column: prompt}} as sentence-transformers' trainer
-    takes them; ``negative`` applies to every negative column. A column the dataset does not
-    have is a ConfigError naming ``key``."""
+    takes them; ``negative`` applies to every negative column."""
     if setting is None:
         setting = own
     elif isinstance(setting, str):
         setting = dict.fromkeys(columns, setting)
-    elif setting and all(isinstance(v, dict) for v in setting.values()):
-        setting, key = setting.get(dataset, {}), f"{key}.{dataset}"
-        _check_columns(setting, dataset, columns, key)
-    else:
-        _check_columns(setting, dataset, columns, key)
+    elif _per_dataset(setting):
+        setting = setting.get(dataset, {})
     out = {}
     for col in columns:
         generic = setting.get("negative", "") if col.startswith("negative_") else ""
@@ -274,13 +264,34 @@ def column_prompts(
     return out
 
 
-def _check_columns(setting: dict[str, str], dataset: str, columns: list[str], key: str) -> None:
-    allowed = list(columns) + (["negative"] if len(columns) > 2 else [])
+def check_prompt_columns(
+    setting: str | dict[str, Any] | None, key: str, columns: dict[str, list[str]]
+) -> None:
+    """A prompt for a column no dataset has (``columns``: dataset -> its columns) is a
+    ConfigError naming ``key``. A {column: prompt} mapping shared by several datasets needs
+    each column in one of them; a per-dataset mapping, in that dataset."""
+    if not isinstance(setting, dict):
+        return
+    if _per_dataset(setting):
+        for name, inner in setting.items():
+            _check_columns(inner, f"dataset {name!r}", columns.get(name, []), f"{key}.{name}")
+        return
+    where = f"dataset {next(iter(columns))!r}" if len(columns) == 1 else "any dataset"
+    _check_columns(setting, where, [c for cols in columns.values() for c in cols], key)
+
+
+def _per_dataset(setting: dict[str, Any]) -> bool:
+    return bool(setting) and all(isinstance(v, dict) for v in setting.values())
+
+
+def _check_columns(setting: dict[str, str], where: str, columns: list[str], key: str) -> None:
+    allowed = list(dict.fromkeys(columns))
+    if any(c.startswith("negative_") for c in allowed):
+        allowed.append("negative")
     for col in setting:
         if col not in allowed:
             raise ConfigError(
-                f"{key}: no column {col!r} in dataset {dataset!r}; its columns are "
-                f"{', '.join(allowed)}"
+                f"{key}: no column {col!r} in {where}; the columns are {', '.join(allowed)}"
             )
 
 

@@ -31,6 +31,7 @@ from gist_ray.loss import GistLoss
 from gist_ray.models import (
     Encoder,
     ModelSpec,
+    check_prompt_columns,
     column_prompts,
     load_encoder,
     own_prompts,
@@ -126,13 +127,16 @@ def student_prompts(
 ) -> list[list[str]]:
     """Per dataset, the student's prompt of each column in loss order ("" = none): the
     dataset's own ``prompts``, else ``model.prompts``, else the model's own (``model_prompts``,
-    its prompts by name)."""
+    its prompts by name). A prompt for a column the data lacks is a ConfigError."""
     own = own_prompts(model_prompts)
+    check_prompt_columns(cfg.model.prompts, "model.prompts", {s.name: list(s.texts) for s in sets})
     out = []
     for s in sets:
-        setting = s.spec.prompts if s.spec.prompts is not None else cfg.model.prompts
-        key = f"{s.spec.key}.prompts" if s.spec.prompts is not None else "model.prompts"
-        by_col = column_prompts(setting, s.name, list(s.texts), key, own)
+        setting = cfg.model.prompts
+        if s.spec.prompts is not None:
+            setting = s.spec.prompts
+            check_prompt_columns(setting, f"{s.spec.key}.prompts", {s.name: list(s.texts)})
+        by_col = column_prompts(setting, s.name, list(s.texts), own)
         out.append([by_col.get(c, "") for c in s.texts])
     return out
 
@@ -246,9 +250,8 @@ def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
     spec = ModelSpec.guide(cfg)
     own = own_prompts(saved_prompts(resolve_model_path(spec.name), spec.revision))
     setting = cfg.model.guide_prompts
-    return [
-        column_prompts(setting, s.name, list(s.texts), "model.guide_prompts", own) for s in sets
-    ]
+    check_prompt_columns(setting, "model.guide_prompts", {s.name: list(s.texts) for s in sets})
+    return [column_prompts(setting, s.name, list(s.texts), own) for s in sets]
 
 
 def guide_source(cfg: Config, sets: list[TrainingSet], device: torch.device) -> GuideFn:

@@ -58,6 +58,20 @@ def build_tiny_bert(
     return path
 
 
+def write_triplets(path: Path, rows: int, seed: int) -> Path:
+    """A jsonl file of (anchor, positive, negative) sentences."""
+    import json
+
+    a, p, n = (make_sentences(rows, seed + i) for i in range(3))
+    path.write_text(
+        "".join(
+            json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
+            for x, y, z in zip(a, p, n)
+        )
+    )
+    return path
+
+
 @functools.cache
 def _word_piece(add_specials: bool):
     """The tiny models' tokenizer: WordPiece trained on WORDS, once per session (training it
@@ -143,17 +157,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_pairs_file(tmp_path_factory) -> Path:
     """A jsonl training file with anchor/positive/negative columns."""
-    import json
-
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    a, p, n = make_sentences(64, 1), make_sentences(64, 2), make_sentences(64, 3)
-    path.write_text(
-        "".join(
-            json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
-            for x, y, z in zip(a, p, n)
-        )
-    )
-    return path
+    return write_triplets(tmp_path_factory.mktemp("data") / "pairs.jsonl", 64, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import torch
 
 from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
-from tests.conftest import build_tiny_bert, build_tiny_decoder, make_sentences
+from tests.conftest import build_tiny_bert, build_tiny_decoder, write_triplets
 
 PROMPTS = {"query": "query: ", "document": "passage: "}
 TEXTS = ["what does my car insurance cover", "cancel a life policy", "renters deductible"]
@@ -92,15 +92,7 @@ def guides(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    a, p, n = make_sentences(48, 21), make_sentences(48, 22), make_sentences(48, 23)
-    path.write_text(
-        "".join(
-            json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
-            for x, y, z in zip(a, p, n)
-        )
-    )
-    return path
+    return write_triplets(tmp_path_factory.mktemp("data") / "pairs.jsonl", 48, seed=21)
 
 
 def _train_one_step(student_dir, guide_dir, data, out, train_len, *extra):
@@ -336,7 +328,7 @@ def test_prompt_for_a_missing_column(tmp_path, tiny_models, tiny_pairs_file, cap
         'model.prompts={anchor: "query: ", negative: "passage: "}',
     )
     assert "model.prompts: no column 'negative' in dataset 'pairs'" in err
-    assert "its columns are anchor, positive" in err
+    assert "the columns are anchor, positive" in err
 
 
 def test_empty_dataset_in_a_list_names_it(tmp_path, tiny_models, tiny_pairs_file, capsys):
@@ -358,3 +350,29 @@ def test_too_few_unique_texts_for_the_global_batch(tmp_path, tiny_models, capsys
     )
     err = _train_cli(tmp_path, capsys, f"data.train={data}", "train.batch_size=8")
     assert "dataset 'faq' has 4 unique texts, fewer than train.batch_size = 8" in err
+
+
+def test_prompts_resolve_like_the_sentence_transformers_trainer():
+    from gist_ray.errors import ConfigError
+    from gist_ray.models import check_prompt_columns, column_prompts, own_prompts
+
+    three, two = ["anchor", "positive", "negative_1"], ["anchor", "positive"]
+    own = own_prompts({"query": "query: ", "passage": "passage: ", "other": "x"})
+    assert own == {"anchor": "query: ", "positive": "passage: ", "negative": "passage: "}
+    assert column_prompts(None, "a", three, own) == {
+        "anchor": "query: ",
+        "positive": "passage: ",
+        "negative_1": "passage: ",
+    }
+    assert column_prompts({}, "a", three, own) == {}  # {} = no prompts
+    assert column_prompts("p: ", "a", two, own) == {"anchor": "p: ", "positive": "p: "}
+    nested = {"a": {"anchor": "qa: "}, "b": {"negative": "nb: "}}
+    assert column_prompts(nested, "b", three, own) == {"negative_1": "nb: "}
+    assert column_prompts(nested, "c", three, own) == {}  # datasets not named get none
+    # A {column: prompt} shared by datasets needs the column in one of them...
+    check_prompt_columns({"negative": "n: "}, "model.prompts", {"a": two, "b": three})
+    with pytest.raises(ConfigError, match="model.prompts: no column 'query' in any dataset"):
+        check_prompt_columns({"query": "q: "}, "model.prompts", {"a": two, "b": three})
+    # ... a per-dataset one, in that dataset.
+    with pytest.raises(ConfigError, match="model.prompts.a: no column 'negative' in dataset 'a'"):
+        check_prompt_columns({"a": {"negative": "n"}}, "model.prompts", {"a": two, "b": three})

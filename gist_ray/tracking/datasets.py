@@ -4,11 +4,10 @@ eval metrics name."""
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def _source(source: str) -> str:
@@ -28,8 +27,7 @@ def training_dataset(training_set) -> Any:
     import mlflow.data
 
     ds = datasets.Dataset.from_dict(training_set.texts)
-    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a file URI
-        warnings.simplefilter("ignore", UserWarning)
+    with _plain_sources():
         return mlflow.data.from_huggingface(
             ds, name=training_set.name, source=_source(training_set.spec.source)
         )
@@ -47,7 +45,17 @@ def eval_dataset(evalset) -> Any:
             "relevant": [",".join(sorted(evalset.qrels.get(q, {}))) for q in evalset.queries],
         }
     )
-    return mlflow.data.from_pandas(frame, source=evalset.name, name=evalset.name)
+    with _plain_sources():
+        return mlflow.data.from_pandas(frame, source=evalset.name, name=evalset.name)
+
+
+@contextlib.contextmanager
+def _plain_sources() -> Iterator[None]:
+    """MLflow warns that a source string "can be interpreted in multiple ways"; it is a plain
+    description here (a file URI or a name)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+        yield
 
 
 def log_inputs(client, run_id: str, named: list[tuple[Any, str]]) -> None:

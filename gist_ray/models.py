@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import logging
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 
     from gist_ray.config import Config
 
-log = logging.getLogger(__name__)
 
 # Pooling overrides (model.pooling, model.guide_pooling): sentence-transformers' pooling modes;
 # last_token is its "lasttoken".

@@ -33,6 +33,7 @@ from gist_ray.models import (
     ModelSpec,
     check_prompt_columns,
     column_prompts,
+    describe,
     load_encoder,
     own_prompts,
     saved_prompts,
@@ -56,6 +57,17 @@ def train_worker(
     sets = load_training_sets(cfg)
     student = load_encoder(ModelSpec.student(cfg), device)
     student.train()
+    d = describe(student)
+    log.info(
+        "student %s: %s (pooling %s), dim %d, max length %s (training truncation %s), prompts %s",
+        cfg.model.student,
+        " -> ".join(d["modules"]),
+        d["pooling"],
+        d["dim"],
+        d["max_seq_length"],
+        d["train_max_seq_length"],
+        d["prompts"] or "none",
+    )
     prompts = student_prompts(cfg, sets, student.model.prompts)
     guide = guide_source(cfg, sets, device)
     batches = GlobalBatches.for_config(cfg, sets)

@@ -9,16 +9,19 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+INSURANCEQA_URL = "https://pypi.org/project/insuranceqa-data/1.0/"
 
-def _source(source: str) -> str:
-    """What MLflow records as where the data came from."""
+
+def source_uri(source: str) -> str:
+    """Where data came from, as MLflow records it: a file URI, the built-in data's package page,
+    or the hub dataset's page."""
     from pathlib import Path
 
     if Path(source).exists():
         return Path(source).resolve().as_uri()
-    if source == "insuranceqa":
-        return "pypi:insuranceqa-data==1.0 (train split)"
-    return f"hf://datasets/{source}"
+    if source.strip().lower() == "insuranceqa":
+        return INSURANCEQA_URL
+    return f"https://huggingface.co/datasets/{source}"
 
 
 def training_dataset(training_set) -> Any:
@@ -29,11 +32,11 @@ def training_dataset(training_set) -> Any:
     ds = datasets.Dataset.from_dict(training_set.texts)
     with _plain_sources():
         return mlflow.data.from_huggingface(
-            ds, name=training_set.name, source=_source(training_set.spec.source)
+            ds, name=training_set.name, source=source_uri(training_set.spec.source)
         )
 
 
-def eval_dataset(evalset) -> Any:
+def eval_dataset(evalset, source: str) -> Any:
     """An ``mlflow.data`` dataset of an eval set: its queries and their relevant documents."""
     import mlflow.data
     import pandas as pd
@@ -46,7 +49,7 @@ def eval_dataset(evalset) -> Any:
         }
     )
     with _plain_sources():
-        return mlflow.data.from_pandas(frame, source=evalset.name, name=evalset.name)
+        return mlflow.data.from_pandas(frame, source=source_uri(source), name=evalset.name)
 
 
 @contextlib.contextmanager

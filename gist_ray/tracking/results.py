@@ -152,12 +152,17 @@ def finish(
         if cfg.mlflow.register_as:
             final.registered = _register(tracking_uri, final, cfg.mlflow.register_as, run_id)
     if after:
-        log_final_metrics(client, run_id, final.model_id, after, evalset)
+        log_final_metrics(client, run_id, final.model_id, after, evalset, cfg.eval.source)
     return final
 
 
 def log_final_metrics(
-    client, run_id: str, model_id: str | None, after: dict[str, float], evalset=None
+    client,
+    run_id: str,
+    model_id: str | None,
+    after: dict[str, float],
+    evalset=None,
+    source: str = "",
 ) -> None:
     """``eval/after/<metric>`` (step 0), linked to the logged model and the eval set, unless
     the run already holds them (a rerun)."""
@@ -170,7 +175,7 @@ def log_final_metrics(
     held = client.get_run(run_id).data.metrics
     ds = None
     if evalset is not None:
-        ds = eval_dataset(evalset)
+        ds = eval_dataset(evalset, source)
         log_inputs(client, run_id, [(ds, "evaluation")])
     ts = int(time.time() * 1000)
     batch = [

@@ -105,8 +105,8 @@ def render(cfg: Config, info: CardInfo) -> str:
         + (f"; sampling {cfg.data.sampling}" if len(specs) > 1 else ""),
         f"- {info.steps} steps, AdamW lr {t.lr:g}, warm-up {t.warmup_ratio:g}, weight decay "
         f"{t.weight_decay:g}, gradient clipping {t.max_grad_norm:g}, seed {t.seed}",
-        f"- training prompts: {_prompts_text(m.prompts)}; guide prompts: "
-        f"{_prompts_text(m.guide_prompts)}",
+        f"- training prompts: {_prompts_text(m.prompts, 'the model')}; guide prompts: "
+        f"{_prompts_text(m.guide_prompts, 'the guide')}",
     ]
     if info.after:
         lines += [
@@ -134,7 +134,7 @@ def render(cfg: Config, info: CardInfo) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _prompts_text(value: Any) -> str:
+def _prompts_text(value: Any, whose: str) -> str:
     if value is None:
-        return "the model's own"
+        return f"{whose}'s own"
     return json.dumps(value) if value else "none"

@@ -1,22 +1,94 @@
-"""The ``gist-ray`` command line: ``train``, ``cache-guide``, ``config``, ``eval``.
+"""The ``gist-ray`` command line: ``train``, ``cache-guide``, ``init``, ``config``, ``eval``.
 
-Progress lines come from the ``gist_ray`` logger (configured here, once); results go to stdout.
-User errors print as one line (``gist-ray: error: ...``) and exit 2; ``--debug`` shows the
-traceback instead.
+The terminal shows gist-ray's own lines (the ``gist_ray`` logger; for ``eval`` on stderr) and a
+command's result on stdout. ``train`` and ``cache-guide`` send everything else (Ray, MLflow,
+transformers, datasets) to ``<output_dir>/gist-ray.log``, shown live with ``--verbose``; its path
+is printed at the end and with an error.
+
+Exit status: 0 success; 1 an unexpected error (the traceback is in the log, or shown with
+``--debug``); 2 a user error (bad config, data, model or cluster: one line saying what to
+change; also a bad command line); 130 interrupted (Ctrl-C); 141 the output pipe was closed.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from gist_ray import log
-from gist_ray.errors import GistRayError
-from gist_ray.models import POOLINGS
+from gist_ray.errors import ConfigError, GistRayError
+
+_log = logging.getLogger(__name__)
+EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+# Shown with the version: what a bug report needs.
+VERSIONS_OF = ("ray", "torch", "transformers", "sentence-transformers", "mlflow", "datasets")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def version_text() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{name} {of(name)}" for name in VERSIONS_OF)
+    return f"gist-ray {of('gist-ray')} (Python {platform.python_version()}; {deps})"
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked for (it reads several packages' metadata)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+class _Poolings:
+    """gist_ray.models.POOLINGS, imported when --pooling is given: importing it (torch) would
+    cost every command, --help and --version included, seconds."""
+
+    def _values(self) -> tuple[str, ...]:
+        from gist_ray.models import POOLINGS
+
+        return tuple(POOLINGS)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self):
+        return iter(self._values())
+
+
+def _add_common_args(p: argparse.ArgumentParser, top: bool = False, verbose: bool = True) -> None:
+    """--debug, and --verbose where there is a log file to show, before or after the command
+    (``gist-ray -v train`` or ``gist-ray train -v``)."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors", **default
+    )
+    if verbose:
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="train, cache-guide: also show the output of Ray, MLflow and the libraries "
+            "live (it is always in <output_dir>/gist-ray.log)",
+            **default,
+        )
+
+
+def _add_config_args(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file")
     p.add_argument(
         "--set",
@@ -26,9 +98,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.lr=3e-5 (repeatable)",
     )
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
-    )
+    _add_common_args(p, verbose=verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gist-ray",
         description="Fine-tune text-embedding models with the GISTEmbed loss on Ray.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action=_Version)
+    _add_common_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser(
+        "init",
+        help="write a commented starter config for your own training data",
+        description="Inspect a data file (.csv, .json, .jsonl, .parquet or a save_to_disk "
+        "folder), map its columns to anchor / positive / negative, and write a commented "
+        "starter config.",
+    )
+    init.add_argument("data", help="your training data")
+    init.add_argument(
+        "-o", "--output", default="gist-ray.yaml", help="the file to write (default: %(default)s)"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    _add_common_args(init, verbose=False)
     train = sub.add_parser("train", help="fine-tune a student with a guide (default: offline demo)")
     _add_config_args(train)
     cache = sub.add_parser(
@@ -45,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(cache)
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
-    _add_config_args(cfg)
+    _add_config_args(cfg, verbose=False)
     _add_eval_parser(sub)
     return parser
 
@@ -71,19 +155,22 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument("--max-queries", type=int, default=200, help="0 = all (default: 200)")
     ev.add_argument("--max-corpus", type=int, default=2000, help="0 = all (default: 2000)")
-    ev.add_argument("--pooling", choices=POOLINGS, help="default: the model's own")
+    ev.add_argument(
+        "--pooling",
+        choices=_Poolings(),
+        metavar="POOLING",
+        help="mean, cls, last_token, max, mean_sqrt_len_tokens or weightedmean; "
+        "default: the model's own",
+    )
     ev.add_argument("--max-seq-length", type=int, help="tokens; default: the model's own or 128")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     ev.add_argument("--seed", type=int, default=0, help="query and corpus sampling seed")
     ev.add_argument("--output", metavar="FILE", help="also write the results as JSON")
-    ev.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
-    )
+    _add_common_args(ev, verbose=False)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gist_ray.errors import ConfigError
     from gist_ray.eval.command import evaluate
 
     for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
@@ -103,20 +190,91 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from gist_ray.init_config import write_starter
+
+    done = write_starter(args.data, args.output, args.force)
+    print(f"wrote {done.path} for {args.data} ({done.rows:,} rows):")
+    roles = done.mapping.roles
+    width, cwidth = max(map(len, roles)), max(map(len, roles.values()))
+    for role, column in roles.items():
+        print(f"  {role:<{width}} <- {column:<{cwidth}}  {done.mapping.why[role]}")
+    if done.mapping.unused:
+        print(f"  not used: {', '.join(done.mapping.unused)}")
+    if done.problem:
+        _log.warning("training would refuse the data as it is: %s", done.problem)
+    print(f"next: check {done.path}, then  gist-ray train --config {done.path}")
+    return 0
+
+
+def _open_log(cfg, args: argparse.Namespace) -> Path:
+    """The command's log file in the output folder, announced with what is being run."""
+    from gist_ray.paths import check_job_paths
+
+    check_job_paths(cfg, "")  # not in a Ray job's doomed working dir (run.py checks the rest)
+    try:
+        path = log.start_log_file(cfg.output_dir, args.verbose, f"gist-ray {args.command}")
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir = {cfg.output_dir!r}: cannot write {log.LOG_NAME} there "
+            f"({e.strerror or e})"
+        ) from e
+    m = cfg.model
+    _log.info(
+        "loading student %s, guide %s and data %s (%d %s worker(s))",
+        m.student,
+        m.guide,
+        cfg.data.train,
+        cfg.ray.num_workers,
+        "GPU" if cfg.ray.use_gpu else "CPU",
+    )
+    _log.info("full log: %s%s", path, "" if args.verbose else " (--verbose shows it here)")
+    return path
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gist_ray.config import load_config
     from gist_ray.run import train
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    return _logged(args, train)
 
 
 def _cmd_cache_guide(args: argparse.Namespace) -> int:
-    from gist_ray.config import load_config
     from gist_ray.run import cache_guide
 
-    cache_guide(load_config(args.config, args.overrides))
+    return _logged(args, cache_guide)
+
+
+def _logged(args: argparse.Namespace, command) -> int:
+    """Run a command on Ray with its log file open; the log's path ends the output."""
+    from gist_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    path = _open_log(cfg, args)
+    command(cfg)
+    log.console.end_status()
+    print(f"full log:    {path}")
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """An unexpected error in one line: its type, where (a Ray worker), its first line."""
+    text = str(e).strip()
+    where = getattr(e, "gist_ray_origin", None)
+    return f"{type(e).__name__}{f' on {where}' if where else ''}: " + (
+        text.splitlines()[0] if text else "(no message)"
+    )
+
+
+def _report(message: str, debug_hint: bool) -> None:
+    """The error line on the terminal's stderr, naming the log when there is one."""
+    path = log.log_file()
+    if path is not None:
+        message += f" (full log: {path})"
+    elif debug_hint:
+        message += " (rerun with --debug for the traceback)"
+    log.to_file(message)
+    log.console.end_status()
+    log.console.line(message, "stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,28 +285,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "train": _cmd_train,
         "cache-guide": _cmd_cache_guide,
+        "init": _cmd_init,
         "config": _cmd_config,
         "eval": _cmd_eval,
     }
     try:
         return handlers[args.command](args)
     except GistRayError as e:
+        log.to_file(traceback.format_exc())
         if args.debug:
             raise
-        print(f"gist-ray: error: {e}", file=sys.stderr)
-        return 2
+        _report(f"gist-ray: error: {e}", debug_hint=False)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("gist-ray: interrupted", file=sys.stderr)
-        return 130
+        log.to_file(traceback.format_exc())
+        _report("gist-ray: interrupted", debug_hint=False)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`gist-ray eval ... | head`): stop quietly, as `cat` would.
+        # Python's last flush of stdout at exit would fail again and print a traceback.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (an embedding caller's)
+            pass
+        return EXIT_PIPE
     except Exception as e:  # noqa: BLE001 - one line for users, traceback with --debug
+        log.to_file(traceback.format_exc())
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(
-            f"gist-ray: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        _report(f"gist-ray: error: {_one_line(e)}", debug_hint=True)
+        return EXIT_ERROR
+    finally:
+        if log.log_file() is not None:
+            from gist_ray import launcher
+
+            try:
+                launcher.shutdown()  # Ray's last words go to the log, not the terminal
+            finally:
+                log.stop_log_file()
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ class RayConfig:
     address: str | None = None  # None: start a local cluster (or use RAY_ADDRESS when set)
     num_cpus: int | None = None  # CPUs for a local cluster; None = all of this machine's
     storage_path: str | None = None  # Ray Train storage; None = <output_dir>/ray
+    # true: storage_path is shared by every node although gist-ray cannot tell (a network file
+    # system it does not recognise); a multi-node run otherwise refuses a node-local path
+    shared_storage: bool = False
     resource_wait_s: int = 0  # autoscaling clusters: wait this long for the workers' GPUs/CPUs
 
 

@@ -142,23 +142,21 @@ def compute(
 
 
 def _encode_with_progress(guide, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
-    """Batched guide inference; rank 0 reports progress about every 10% (it takes minutes)."""
-    chunks, t0, next_report = [], time.perf_counter(), 0.1
+    """Batched guide inference of ``(prompt, text)`` pairs; rank 0 reports progress (it takes
+    minutes): at every 10% and at most every few seconds in between, for the driver's live bar."""
+    from gist_ray.progress import GUIDE_REPORT_EVERY_S, guide_cache_line
+
+    chunks, t0, last, next_decile = [], time.perf_counter(), 0.0, 10
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i : i + batch_size]
         for prompt in dict.fromkeys(p for p, _ in batch):  # a batch may straddle two prompts
             texts = [t for p, t in batch if p == prompt]
             chunks.append(guide.encode(texts, prompt or None, batch_size=batch_size))
-        done = min(i + batch_size, len(pairs)) / len(pairs)
-        if done >= next_report or done == 1.0:
-            elapsed = time.perf_counter() - t0
-            log.info(
-                "guide cache: %.0f%% of this worker's %d texts, ETA %.0fs",
-                100 * done,
-                len(pairs),
-                elapsed / done - elapsed,
-            )
-            next_report = done + 0.1
+        done, now = min(i + batch_size, len(pairs)), time.perf_counter()
+        pct = 100 * done // len(pairs)
+        if pct >= next_decile or now - last >= GUIDE_REPORT_EVERY_S or done == len(pairs):
+            log.info(guide_cache_line(done, len(pairs), now - t0))
+            last, next_decile = now, pct // 10 * 10 + 10
     return torch.cat(chunks)
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from gist_ray import checkpoint as ckpt
 from gist_ray import fileio
 from gist_ray.config import Config
 from gist_ray.errors import GistRayError
+from gist_ray.log import QUIET_BARS
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,8 @@ def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
 
 def connect(cfg: Config) -> None:
-    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a local cluster."""
+    """Connect to ``ray.address`` / ``RAY_ADDRESS``, or start a local cluster; then relay the
+    workers' output (see :func:`_relay_worker_output`)."""
     import ray
 
     if ray.is_initialized():
@@ -169,10 +172,102 @@ def connect(cfg: Config) -> None:
                 f"ray.address = {address!r}: cannot connect to a Ray cluster "
                 f"there ({str(e).splitlines()[0][:160]})"
             ) from e
+        _relay_worker_output()
+        log.info("joined the Ray cluster at %s", _gcs_address())
         return
+    log.info(
+        "starting a local Ray cluster (%s CPUs)",
+        cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count(),
+    )
+    _settle_auth_mode()
     # A fresh temp dir: a stale ray_current_cluster file from an earlier `ray stop` confuses init.
     tmp = tempfile.mkdtemp(prefix="gist-ray-ray-")
     ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=tmp, log_to_driver=True)
+    _relay_worker_output()
+
+
+def _settle_auth_mode() -> None:
+    """The local cluster we start uses token authentication (Ray's default for a new cluster,
+    which it announces with a warning unless ``RAY_AUTH_MODE`` says so): say so, the way Ray's
+    own routine does, so that a Ray already imported in this process sees it too. The user's
+    ``RAY_AUTH_MODE`` wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray version: the variable alone (read when Ray starts)
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return
+    _enable_token_auth()
+
+
+def _gcs_address() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "?"
+
+
+class WorkerOutput:
+    """Where a batch of lines that Ray relays from a worker, an actor or the raylet goes: a
+    worker's gist-ray line is shown as ours (progress as a live bar, :class:`progress.Relay`)
+    and copied to the log file; every other line goes, with Ray's ``(Actor pid=...)`` prefix,
+    to stderr, which is the log file while one is open (``--verbose`` shows it live)."""
+
+    def __init__(self, print_worker_logs) -> None:
+        from gist_ray.progress import Relay
+
+        self._print = print_worker_logs  # Ray's formatter: prefix, colour, tqdm_ray handling
+        self.relay = Relay()
+
+    def __call__(self, data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        from gist_ray import log as console_log
+
+        others = []
+        from_worker = data.get("pid") not in ("raylet", "autoscaler")
+        name = data.get("actor_name") or data.get("task_name") or "worker"
+        for line in data.get("lines") or ():
+            if from_worker and line.startswith(console_log.PREFIX):
+                console_log.to_file(f"({name} pid={data.get('pid')}) {line}")
+                stream = "stderr" if data.get("is_err") else "stdout"
+                self.relay.show(line[len(console_log.PREFIX) :], stream)
+            else:
+                others.append(line)
+        if others:
+            self._print({**data, "lines": others}, sys.stderr, ignore_prefix)
+
+
+def _relay_worker_output() -> None:
+    """Ray prints every line its workers and actors write (Ray Train's INFO lines, C++ core
+    messages, libraries' progress bars) on the driver's stdout/stderr; route them through
+    :class:`WorkerOutput` instead. Hooks the dispatcher Ray feeds worker output to
+    (``ray.init(log_to_driver=True)``) and the function it prints the raylet's messages (a dead
+    worker, an OOM kill) with; leaves Ray as it is where those are missing."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    if not hasattr(ray_worker, "print_worker_logs"):
+        return
+    from gist_ray import log as console_log
+
+    if console_log.log_file() is not None:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in the log file
+    route = WorkerOutput(ray_worker.print_worker_logs)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", route)
+    ray_worker.print_to_stdstream = route
+
+
+def shutdown() -> None:
+    """Disconnect from Ray (stopping the local cluster we started), so its last words land in
+    the log file before it closes."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _shortfall(cfg: Config, total: dict[str, float]) -> str | None:
@@ -244,11 +339,12 @@ def is_shared_storage(path: str) -> bool:
 def check_storage(cfg: Config, alive_nodes: int) -> None:
     """Checkpoints of a multi-node run must land where every node (and the driver) can read."""
     path = storage_path(cfg)
-    if alive_nodes > 1 and not is_shared_storage(path):
+    if alive_nodes > 1 and not (cfg.ray.shared_storage or is_shared_storage(path)):
         raise GistRayError(
             f"ray.storage_path = {path!r} is node-local but the cluster has {alive_nodes} nodes: "
             "workers on other nodes cannot write or restore checkpoints there; set "
-            "ray.storage_path to shared storage (s3://BUCKET/PATH, gs://..., or an NFS mount)"
+            "ray.storage_path to shared storage (s3://BUCKET/PATH, gs://..., or an NFS mount), "
+            "or ray.shared_storage=true if that path is a mount every node shares"
         )
 
 
@@ -330,6 +426,7 @@ def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # V2's print patch echoes every line twice
+    env.update(QUIET_BARS)  # a worker's progress bars are noise in the driver's log
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return TorchTrainer(
         entry,
@@ -385,25 +482,48 @@ def _resume_hint(cfg: Config, name: str) -> None:
 
 
 def _unwrap(e: BaseException) -> BaseException:
-    """Surface a user error raised inside a worker as itself, not as a Ray wrapper."""
-    seen = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, GistRayError):
-            return cur
-        for attr in ("worker_failures", "errors"):
-            inner = getattr(cur, attr, None)
-            if isinstance(inner, dict) and inner:
-                cur = next(iter(inner.values()))
-                break
-        else:
-            cur = cur.__cause__ or cur.__context__
-    text = str(e)
-    for line in text.splitlines():
+    """The error a worker raised, rather than Ray's wrapper around it: a user error
+    (:class:`GistRayError`) from any worker, else the lowest failing rank's (or the Train
+    controller's); the latter gets a ``gist_ray_origin`` attribute ("Ray worker rank 1") for the
+    CLI's one-line message. Ray's exception is returned when it wraps no such error."""
+    found: list[tuple[BaseException, str | None]] = []
+    seen: set[int] = set()
+
+    def walk(cur: BaseException | None, origin: str | None) -> None:
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            failures = getattr(cur, "worker_failures", None) or getattr(cur, "errors", None)
+            if isinstance(failures, dict) and failures:
+                for rank in sorted(failures, key=str):
+                    walk(failures[rank], f"Ray worker rank {rank}")
+                return
+            controller = getattr(cur, "controller_failure", None)
+            if isinstance(controller, BaseException):
+                walk(controller, "the Ray Train controller")
+                return
+            # Ray Train's wrapper of the worker's exception; Ray core's (RayTaskError)
+            inner = getattr(cur, "_base_exc", None) or getattr(cur, "cause", None)
+            if not isinstance(inner, BaseException):
+                found.append((cur, origin))
+                inner = cur.__cause__ or cur.__context__
+            cur = inner
+
+    walk(e, None)
+    for err, _ in found:
+        if isinstance(err, GistRayError):
+            return err
+    for line in str(e).splitlines():  # a user error whose class did not survive the trip
         if "Error:" in line and "gist_ray.errors" in line:
             return GistRayError(line.split("Error:", 1)[1].strip())
-    return e
+    workers = [(err, origin) for err, origin in found if origin is not None]
+    if not workers:
+        return e
+    err, origin = workers[0]
+    try:
+        err.gist_ray_origin = origin  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        pass
+    return err
 
 
 def _ray_cache_entry(payload: dict[str, Any]) -> None:

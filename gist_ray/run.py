@@ -12,6 +12,7 @@ from typing import Any
 
 from gist_ray.config import Config
 from gist_ray.errors import GistRayError
+from gist_ray.paths import check_job_paths
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ def train(cfg: Config) -> dict[str, Any]:
     from gist_ray.models import MODEL_DIR, export_model, load_encoder
     from gist_ray.tracking import results, runs
 
-    cfg = _absolutize(cfg)
     t0 = time.perf_counter()
+    check_job_paths(cfg, runs.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    cfg = _absolutize(cfg)
     inputs = _check_inputs(cfg)  # fail on bad data or models before any cluster starts
     evalset = inputs.evalset
     tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -263,6 +265,7 @@ def cache_guide(cfg: Config) -> None:
     from gist_ray import launcher
     from gist_ray.data import load_training_sets
 
+    check_job_paths(cfg, "")
     cfg = _absolutize(cfg)
     load_training_sets(cfg)
     launcher.connect(cfg)

@@ -1,132 +1,164 @@
-"""Autograd wrapper and launchers of the GIST Triton kernels (:mod:`.gist_kernels`).
+"""Launchers of the GIST Triton kernels (:mod:`.gist_kernels`): the forward and the backward of
+the tiled loss on a :class:`gist_ray.loss.plan.Problem`, as plain functions. Autograd and
+``torch.compile`` support come from the custom op in :mod:`gist_ray.loss.op`.
 
-Forward: one launch of :func:`gist_fwd_kernel` per segment over a (row block × column split)
-grid. Each program walks its split's column tiles with an online max/sum and writes a partial
-lse, masked count and above count; the splits are combined here (``logsumexp`` over a
-``[splits, b]`` buffer). Splitting the columns keeps the GPU full when ``b`` is small.
+Forward: :func:`gist_diag_kernel` reads ``t_i`` and the positive's logit off the diagonal tiles
+of AP; then one launch of :func:`gist_fwd_kernel` per segment, each on that segment's own left
+and candidate tensors (no concatenated copy), over a (row block × column split) grid sized to
+whole waves over the SMs. Each program walks its split's column tiles with an online max/sum and
+writes a partial lse, masked count and above count, combined here; it also stores the dropped
+entries as bits when they fit (``plan.mask_bits_shape``).
 
-Backward: per segment and column chunk, :func:`gist_prob_kernel` recomputes the masked softmax
-``P`` of the chunk (student and guide tiles fused, as in the forward) into a ``b × chunk``
-buffer, and two cuBLAS GEMMs turn it into ``dL += P·C`` and ``dC = Pᵀ·L`` (scaled by
-``dlse/τ``). A fully fused dL/dC kernel would need a ``[BLOCK_M, d]`` fp32 accumulator per
-program: at d = 768 (padded to 1024) that does not fit in registers, and its two recomputes of
-every tile would cost more than the GEMMs. Memory stays O(b·chunk + (b + N)(d + d_g)).
+Backward: per candidate tensor and column chunk, :func:`gist_prob_kernel` forms
+``w·(P - onehot)`` of every segment reading that tensor (AP and PP share the positives) into a
+``segments·b × chunk`` buffer, and cuBLAS GEMMs turn it into ``dL += P·C`` (float32
+accumulator) and ``dC = Pᵀ·L`` (one GEMM over the stacked segments, written once in the
+candidates' dtype). A fused dL/dC kernel would need a ``[BLOCK_M, d]`` float32 accumulator per
+program: at d = 768 that does not fit in registers, and its second recompute of every tile would
+cost more than the GEMMs. Memory stays O(b·chunk + (b + N)(d + d_g) + the mask bits).
 
-Tile shapes: on CUDA autotuned over a small table (key: d, d_g and the dtypes), so each GPU picks
-what fits its shared memory; small problems and the interpreter use fixed shapes.
-
-This module imports torch and triton only (no Ray, no MLflow); segments are any objects with
-``left``, ``start``, ``size`` and ``diag`` attributes, such as ``gist_ray.loss.plan.Segment``.
+Tile shapes: one fixed plan per dtype (:data:`CONFIGS`), the largest whose shared memory fits
+the device; every variant the launchers can pick is compiled for sm_90a and sm_80 without a GPU
+by :mod:`.compile_check`. The forward and backward use the same plan, so a recomputed guide tile
+is bit-identical to the forward's. Nothing here reads a device value on the host: no sync.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from contextlib import nullcontext
-from typing import Protocol
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
-from .gist_kernels import gist_fwd_kernel, gist_prob_kernel
+from gist_ray.loss.plan import Problem, inv_norm, mask_bits_shape, mask_limit
+
+from .gist_kernels import gist_diag_kernel, gist_fwd_kernel, gist_prob_kernel
 
 # Decided when gist_kernels was imported (TRITON_INTERPRET=1 at that moment): kernels run on CPU
 # tensors through numpy, and tiles are upcast to fp32 before tl.dot (bf16 dot is wrong there).
 INTERPRETED = type(gist_fwd_kernel).__name__ == "InterpretedFunction"
 
-# tl.dot precision for fp32 inputs on a GPU: "tf32x3" (default, ~fp32 accuracy on tensor cores),
-# "ieee" (exact fp32 FMA, slow) or "tf32" (fast, ~1e-3 relative: flips guide masks near the
-# threshold and moves s/τ by ~0.1 at τ = 0.01). fp16/bf16 tiles always use the native dot.
-FP32_DOT = os.environ.get("GIST_RAY_FP32_DOT", "tf32x3")
 
-# Backward P buffer: at most this many elements (256 MiB in bf16). Under the interpreter a small
-# chunk lets tests with N < 100 cross chunk seams.
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def constexprs(self) -> dict[str, int]:
+        b = self
+        return {"BLOCK_M": b.block_m, "BLOCK_N": b.block_n, "BLOCK_K": b.block_k,
+                "BLOCK_KG": b.block_k}  # fmt: skip
+
+    @property
+    def options(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of one dtype on one GPU family (:func:`plan_for`). ``fwd`` serves the forward,
+    the diagonal kernel and a backward that recomputes the guide tile (so a recomputed mask is
+    bit-identical to the forward's); ``bwd`` the backward that reads the mask bits (one GEMM
+    per tile, so it affords wider tiles). ``smem``: the most shared memory any of its kernels
+    needs on the architecture that picks it (the compile gate checks it)."""
+
+    name: str
+    fwd: TileConfig
+    bwd: TileConfig
+    smem: int
+
+
+# Chosen with the compile gate (kernels/compile_check.py): the widest tiles whose 16-bit kernels
+# spill no register on their architecture. A forward tile runs two GEMMs (guide, then student)
+# and an online-softmax epilogue: at 128×256 with 8 warps it spills 132-196 B on sm_90a (one
+# accumulator of 128 registers plus the epilogue and both GEMMs' operand pointers), where the
+# backward's single GEMM does not; sm_80 keeps MMA operands in registers, so its forward tiles
+# are smaller still. fp32 (tf32x3, three MMAs per product) is not held to zero spills on sm_80.
+PLANS: dict[tuple[int, str], TilePlan] = {
+    (2, "sm90"): TilePlan("sm90-16bit", TileConfig(128, 128, 64, 8, 3),
+                          TileConfig(128, 256, 64, 8, 3), 144 * 1024),
+    (2, "sm80"): TilePlan("sm80-16bit", TileConfig(64, 64, 64, 4, 3),
+                          TileConfig(128, 128, 64, 8, 3), 64 * 1024),
+    (4, "sm90"): TilePlan("sm90-fp32", TileConfig(128, 64, 32, 8, 3),
+                          TileConfig(128, 128, 32, 8, 3), 96 * 1024),
+    (4, "sm80"): TilePlan("sm80-fp32", TileConfig(128, 64, 32, 8, 3),
+                          TileConfig(128, 64, 32, 8, 3), 48 * 1024),
+}  # fmt: skip
+# Under the interpreter (~40 ms per program) 32-wide tiles give tests with b, N < 100 a few
+# programs per launch, yet still cross row, column, split, chunk and K seams.
+_SMALL = TileConfig(32, 32, 32, 1, 1)
+INTERPRET_PLAN = TilePlan("interpreter", _SMALL, _SMALL, 0)
+FP32_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; 16-bit tiles use the native dot
+
+# Backward P buffer: at most this many elements per segment (256 MiB in bf16).
 P_ELEMS = 1 << 27
 INTERPRET_CHUNK = 64
+MIN_SPLIT_TILES = 4  # column tiles per forward program, at least
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class SegmentLike(Protocol):
-    left: int  # 0: anchor rows of `left`, 1: positive rows
-    start: int  # first candidate row
-    size: int  # number of candidate rows
-    diag: int  # 0 none, 1 protect (the positive), 2 exclude (the self-pair)
+def plan_for(itemsize: int, major: int, smem_limit: int) -> TilePlan:
+    """The tile plan for an element size on a GPU of compute capability ``major``: sm80's on
+    sm_8x, sm90's on sm_9x; on newer GPUs (not compiled by the gate) sm90's if its shared
+    memory fits, else sm80's."""
+    families = {8: ("sm80",), 9: ("sm90",)}.get(major, ("sm90", "sm80") if major > 9 else ())
+    for family in families:
+        plan = PLANS[(itemsize, family)]
+        if plan.smem <= smem_limit:
+            return plan
+    raise RuntimeError(f"no GIST tile plan for compute capability {major}.x and {smem_limit} B "
+                       "of shared memory")  # fmt: skip
 
 
-def _cfg(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
-    kw = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "BLOCK_KG": k}
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
-
-
-# Autotuning candidates: 16-bit shapes first; the small ones serve fp32 and small-smem GPUs (the
-# autotuner skips configs that do not fit). Tuned per (d, d_g, dtypes), on the first problem of
-# at least AUTOTUNE_MIN_WORK tile entries; smaller problems (tests, checks) use a fixed shape
-# that fits every sm80+ GPU, so they pay one compile instead of five.
-CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 128, 32, 8, 4),
-    _cfg(64, 64, 32, 4, 3),
-]
-FIXED = {2: _cfg(128, 64, 64, 4, 3), 4: _cfg(64, 64, 32, 4, 3)}  # by element size
-AUTOTUNE_MIN_WORK = 1 << 26
-AUTOTUNE = os.environ.get("GIST_RAY_AUTOTUNE", "1") != "0"
-# Interpreter tiles. It costs ~40 ms per program: tests use b, N < 100, so 32-wide tiles give a
-# few programs per launch yet still cross row, column, split, chunk and K (d > 32) seams.
-INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_KG": 32}
-
-if not INTERPRETED:
-    _tuned = {
-        k: triton.autotune(configs=CONFIGS, key=["d", "d_g"])(k)
-        for k in (gist_fwd_kernel, gist_prob_kernel)
-    }
-
-
-def _launch(kernel, grid, args: tuple, work: int, dtype: torch.dtype, **constexprs) -> None:
-    """Launch ``kernel`` on ``grid(meta)``: fixed tiles under the interpreter and for small
-    problems (``work`` = rows × columns), autotuned ones otherwise."""
+def pick_plan(dtype: torch.dtype, device: torch.device) -> TilePlan:
     if INTERPRETED:
-        kernel[grid(INTERPRET_BLOCKS)](*args, **constexprs, **INTERPRET_BLOCKS)
-    elif AUTOTUNE and work >= AUTOTUNE_MIN_WORK:
-        _tuned[kernel][grid](*args, **constexprs)
-    else:
-        cfg = FIXED[2 if dtype.itemsize == 2 else 4]
-        kernel[grid(cfg.kwargs)](
-            *args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        )
+        return INTERPRET_PLAN
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return plan_for(dtype.itemsize, props.major, smem)
 
 
-def _precision(student: torch.dtype, guide: torch.dtype) -> dict:
-    """UPCAST and the tl.dot precisions of the student and guide tiles (their dtypes may differ,
-    e.g. a bf16 student with a cached fp32 guide)."""
+def _flags(dtype: torch.dtype) -> dict:
     if INTERPRETED:
-        return {"UPCAST": True, "PRECISION": "ieee", "PRECISION_G": "ieee"}
+        return {"UPCAST": True, "PRECISION": "ieee"}
+    return {"UPCAST": False, "PRECISION": FP32_PRECISION if dtype == torch.float32 else "tf32"}
 
-    def prec(dtype: torch.dtype) -> str:
-        return FP32_DOT if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit
 
-    return {"UPCAST": False, "PRECISION": prec(student), "PRECISION_G": prec(guide)}
+def _launch(kernel, grid: tuple[int, ...], cfg: TileConfig, *args, **constexprs) -> None:
+    options = {} if INTERPRETED else cfg.options
+    kernel[grid](*args, **constexprs, **cfg.constexprs, **options)
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 1
+        return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _column_splits(b: int, size: int, device: torch.device) -> tuple[int, int]:
-    """(splits, columns per split) so that about 2 programs per SM run for this segment."""
-    unit = 32 if INTERPRETED else 256  # a multiple of every BLOCK_N
-    row_blocks = triton.cdiv(b, 32 if INTERPRETED else 128)
-    target = 2 if INTERPRETED else 2 * _num_sms(device)
-    splits = max(1, min(triton.cdiv(target, row_blocks), triton.cdiv(size, unit)))
-    per = triton.cdiv(triton.cdiv(max(size, 1), splits), unit) * unit
-    return triton.cdiv(max(size, 1), per), per
+def column_splits(b: int, n: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
+    """(splits, columns per split): a multiple of BLOCK_N each, so that the row blocks × splits
+    programs of a segment make whole waves over the SMs, each with >= MIN_SPLIT_TILES tiles."""
+    row_blocks, col_tiles = triton.cdiv(b, cfg.block_m), triton.cdiv(max(n, 1), cfg.block_n)
+    sms = _num_sms(device)
+    # Under the interpreter every tile may be its own split: small tests still cross splits.
+    max_splits = max(1, col_tiles // (1 if INTERPRETED else MIN_SPLIT_TILES))
+    waves = max(1, row_blocks * max_splits // sms)
+    splits = min(max_splits, max(1, triton.cdiv(waves * sms, row_blocks)))
+    per = triton.cdiv(col_tiles, splits) * cfg.block_n
+    return triton.cdiv(max(n, 1), per), per
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
+def check(p: Problem) -> torch.dtype:
+    """Errors before any launch: device, dtype (one for every operand), row-major layout."""
+    named = [("anchor rows", p.left[0]), ("positive rows", p.left[1])]
+    named += [(f"candidates {j}", x) for j, x in enumerate(p.cands)]
+    named += [("guide anchor rows", p.guide_left[0]), ("guide positive rows", p.guide_left[1])]
+    named += [(f"guide candidates {j}", x) for j, x in enumerate(p.guide_cands)]
+    dev, dtype = p.left[0].device, p.left[0].dtype
     if INTERPRETED and dev.type != "cpu":
         raise RuntimeError("gist kernels run under TRITON_INTERPRET=1: pass CPU tensors")
     if not INTERPRETED and dev.type != "cuda":
@@ -134,154 +166,145 @@ def _check(*tensors: torch.Tensor) -> None:
             "the triton backend needs CUDA tensors (for CPU tensors use backend='chunked', or set "
             "TRITON_INTERPRET=1 before gist_ray.kernels is first imported)"
         )
-    for t in tensors:
-        if t.device != dev or t.stride(-1) != 1:
-            raise ValueError("gist kernels need row-major tensors on one device")
-    if tensors[0].dtype != tensors[1].dtype:
-        raise ValueError(f"left is {tensors[0].dtype} but cand is {tensors[1].dtype}")
+    if dtype not in DTYPES:
+        raise ValueError(f"anchor rows are {dtype}; the kernels take float32, float16, bfloat16")
+    for name, t in named:
+        if t.device != dev:
+            raise ValueError(f"{name} are on {t.device}, anchor rows on {dev}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} are {t.dtype}, anchor rows {dtype}: cast to one dtype first")
+        if t.dim() != 2 or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be a row-major 2-d tensor")
+    return dtype
 
 
-def gist_forward(
-    left: torch.Tensor,
-    cand: torch.Tensor,
-    guide_left: torch.Tensor,
-    guide_cand: torch.Tensor,
-    limit: torch.Tensor,
-    pos_logit: torch.Tensor,
-    segments: Sequence[SegmentLike],
-    offset: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row lse over kept candidates, masked counts ``[b, S]`` and above counts (int64)."""
-    _check(left, cand, guide_left, guide_cand)
-    b, d, d_g, dev = limit.shape[0], left.shape[1], guide_left.shape[1], left.device
-    plan = [_column_splits(b, seg.size, dev) for seg in segments]
-    parts = sum(n for n, _ in plan)
+def _operands(p: Problem, seg) -> tuple[torch.Tensor, ...]:
+    """Student left rows, guide left rows, candidates and guide candidates of ``seg``."""
+    return p.left[seg.left], p.guide_left[seg.left], p.cands[seg.cand], p.guide_cands[seg.cand]
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if it is 16-byte aligned with width and row stride multiples of 16, else a
+    copy padded with zero columns (dot products unchanged). Real embedding widths (384, 768,
+    1024, ...) never copy; the point is that the kernels only ever see one specialisation."""
+    w = x.shape[1]
+    if w % 16 == 0 and x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    out = x.new_zeros(x.shape[0], -(-w // 16) * 16)
+    out[:, :w] = x
+    return out
+
+
+def _setup(p: Problem):
+    """dtype, device, tile plan, flags, guide inverse norms and the kernels' view of ``p``
+    (aligned operands; the backward's GEMMs keep using ``p`` itself)."""
+    dtype = check(p)
+    dev = p.left[0].device
+    plan = pick_plan(dtype, dev)
+    rl = [inv_norm(x) for x in p.guide_left]
+    rc = [inv_norm(x) for x in p.guide_cands]
+    kp = replace(
+        p, left=tuple(map(aligned, p.left)), cands=tuple(map(aligned, p.cands)),
+        guide_left=tuple(map(aligned, p.guide_left)),
+        guide_cands=tuple(map(aligned, p.guide_cands)),
+    )  # fmt: skip
+    return dtype, dev, plan, _flags(dtype), rl, rc, kp
+
+
+def forward(p: Problem):
+    """``(loss, masked, above, threshold, lse, bits)`` per local row (plan.BackendOutput)."""
+    dtype, dev, plan, flags, rl, rc, kp = _setup(p)
+    b, n, inv_tau, cfg = p.rows, p.pool, 1.0 / p.temperature, plan.fwd
+    d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
+    threshold, pos = _diagonal(kp, cfg, flags, rl, rc)
+    limit = mask_limit(threshold, p.margin, p.strategy).contiguous()
+    splits, per = column_splits(b, n, cfg, dev)
+    parts = splits * len(p.segments)
     lse_part = torch.empty(parts, b, dtype=torch.float32, device=dev)
     masked_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
     above_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
-    limit, pos = limit.float().contiguous(), pos_logit.float().contiguous()
-    flags = _precision(left.dtype, guide_left.dtype)
-    row0 = 0
-    for seg, (splits, per) in zip(segments, plan):
-
-        def grid(meta, splits=splits):
-            return (triton.cdiv(b, meta["BLOCK_M"]), splits)
-
-        args = (
-            left, guide_left, cand, guide_cand, limit, pos, lse_part, masked_part, above_part,
-            b, d, d_g, seg.left * b, seg.start, seg.size, per, offset, row0, 1.0 / temperature,
-            left.stride(0), guide_left.stride(0), cand.stride(0), guide_cand.stride(0),
+    bits = torch.empty(mask_bits_shape(len(p.segments), b, n, dev), dtype=torch.uint8, device=dev)
+    store = bits.numel() > 0
+    grid = (triton.cdiv(b, cfg.block_m), splits)
+    for j, seg in enumerate(p.segments):
+        L, GL, C, GC = _operands(kp, seg)
+        plane = bits[j] if store else bits
+        _launch(
+            gist_fwd_kernel, grid, cfg, L, GL, C, GC, rl[seg.left], rc[seg.cand], limit, pos,
+            lse_part, masked_part, above_part, plane, b, n, d, d_g, per, p.offset, j * splits,
+            seg.diag, inv_tau, L.stride(0), GL.stride(0), C.stride(0), GC.stride(0),
+            plane.stride(0) if store else 0, STORE_BITS=store, **flags,
         )  # fmt: skip
-        _launch(gist_fwd_kernel, grid, args, b * seg.size, left.dtype, DIAG=seg.diag, **flags)
-        row0 += splits
     lse = torch.logsumexp(lse_part, dim=0)  # all -inf stays -inf (no NaN)
-    bounds = torch.tensor([0] + [n for n, _ in plan], device=dev).cumsum(0).tolist()
-    masked = torch.stack(
-        [masked_part[lo:hi].sum(0, dtype=torch.int64) for lo, hi in zip(bounds, bounds[1:])], 1
-    )
-    return lse, masked, above_part.sum(0, dtype=torch.int64)
+    masked = masked_part.view(len(p.segments), splits, b).sum(1, dtype=torch.int64).T
+    above = above_part.sum(0, dtype=torch.int64)
+    return lse - pos, masked.contiguous(), above, threshold, lse, bits
 
 
-def gist_backward(
-    dlse: torch.Tensor,
-    left: torch.Tensor,
-    cand: torch.Tensor,
-    guide_left: torch.Tensor,
-    guide_cand: torch.Tensor,
-    limit: torch.Tensor,
-    lse: torch.Tensor,
-    segments: Sequence[SegmentLike],
-    offset: int,
-    temperature: float,
-    need_left: bool = True,
-    need_cand: bool = True,
-    chunk: int | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``Σ_i dlse_i · lse_i`` w.r.t. ``left`` and ``cand`` (in their dtype)."""
-    b, d, d_g = lse.shape[0], left.shape[1], guide_left.shape[1]
-    dev, dtype = left.device, left.dtype
-    weight = dlse.float() / temperature  # chain rule through s = L·Cᵀ/τ
-    # Scale the rows by weight / max|weight| in the input dtype (no fp16 underflow), and put
-    # max|weight| back on the fp32/out side.
-    wmax = weight.abs().max().clamp_min(1e-30)
-    left_w = (left.float().view(2, b, d) * (weight / wmax)[None, :, None]).to(dtype).view(2 * b, d)
-    lse = torch.where(torch.isinf(lse), 0.0, lse).float().contiguous()
-    limit = limit.float().contiguous()
-    if chunk is None:
-        auto = max(256, min(1 << 16, P_ELEMS // max(b, 1)) // 256 * 256)
-        chunk = INTERPRET_CHUNK if INTERPRETED else auto
-    prob = torch.empty(b * min(chunk, max(s.size for s in segments)), dtype=dtype, device=dev)
-    dleft = torch.zeros(2 * b, d, dtype=torch.float32, device=dev) if need_left else None
-    dcand = torch.zeros_like(cand) if need_cand else None
-    flags = _precision(dtype, guide_left.dtype)
-    for seg in segments:
-        rows = slice(seg.left * b, (seg.left + 1) * b)
-        for lo in range(0, seg.size, chunk):
-            width = min(chunk, seg.size - lo)
-            p = prob[: b * width].view(b, width)
-
-            def grid(meta, width=width):
-                return (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))
-
-            args = (
-                left, guide_left, cand, guide_cand, limit, lse, p, b, d, d_g, seg.left * b,
-                seg.start, lo, lo + width, offset, 1.0 / temperature,
-                left.stride(0), guide_left.stride(0), cand.stride(0), guide_cand.stride(0),
-                p.stride(0),
-            )  # fmt: skip
-            _launch(gist_prob_kernel, grid, args, b * width, dtype, DIAG=seg.diag, **flags)
-            cols = slice(seg.start + lo, seg.start + lo + width)
-            if dleft is not None:
-                dleft[rows] += torch.mm(p, cand[cols])
-            if dcand is not None:
-                torch.mm(p.T, left_w[rows], out=dcand[cols])
-                dcand[cols].mul_(wmax)
-    if dleft is not None:
-        dleft = (dleft * weight.repeat(2).unsqueeze(1)).to(dtype)
-    return dleft, dcand
-
-
-class GistFunction(torch.autograd.Function):
-    """``(left, cand, guide_left, guide_cand, limit, pos_logit, segments, offset, temperature)
-    -> (lse [b] fp32, masked [b, S] int64, above [b] int64)``; differentiable in ``left`` and
-    ``cand`` through ``lse``."""
-
-    @staticmethod
-    def forward(ctx, left, cand, guide_left, guide_cand, limit, pos_logit, segments, offset, tau):
-        with torch.cuda.device(left.device) if left.is_cuda else nullcontext():
-            lse, masked, above = gist_forward(
-                left, cand, guide_left, guide_cand, limit, pos_logit, segments, offset, tau
-            )
-        ctx.save_for_backward(left, cand, guide_left, guide_cand, limit, lse)
-        ctx.segments, ctx.offset, ctx.tau = tuple(segments), offset, tau
-        ctx.mark_non_differentiable(masked, above)
-        return lse, masked, above
-
-    @staticmethod
-    def backward(ctx, dlse, _dmasked, _dabove):
-        left, cand, guide_left, guide_cand, limit, lse = ctx.saved_tensors
-        with torch.cuda.device(left.device) if left.is_cuda else nullcontext():
-            dleft, dcand = gist_backward(
-                dlse, left, cand, guide_left, guide_cand, limit, lse,
-                ctx.segments, ctx.offset, ctx.tau, *ctx.needs_input_grad[:2],
-            )  # fmt: skip
-        return dleft, dcand, None, None, None, None, None, None, None
-
-
-def gist_lse(
-    left: torch.Tensor,
-    cand: torch.Tensor,
-    guide_left: torch.Tensor,
-    guide_cand: torch.Tensor,
-    limit: torch.Tensor,
-    pos_logit: torch.Tensor,
-    segments: Sequence[SegmentLike],
-    offset: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Public entry: contiguous inputs in, ``(lse, masked, above)`` out (see GistFunction)."""
-    return GistFunction.apply(
-        left.contiguous(), cand.contiguous(), guide_left.contiguous(), guide_cand.contiguous(),
-        limit, pos_logit, tuple(segments), offset, temperature,
+def _diagonal(p: Problem, cfg: TileConfig, flags: dict, rl, rc):
+    """``(t, pos)``: the threshold and the positive's logit, from :func:`gist_diag_kernel`."""
+    ap, b, dev = p.ap, p.rows, p.left[0].device
+    L, GL, C, GC = _operands(p, ap)
+    t = torch.empty(b, dtype=torch.float32, device=dev)
+    pos = torch.empty_like(t)
+    _launch(
+        gist_diag_kernel, (triton.cdiv(b, cfg.block_m),), cfg, L, GL, C, GC, rl[ap.left],
+        rc[ap.cand], t, pos, b, p.pool, L.shape[1], GL.shape[1], p.offset, 1.0 / p.temperature,
+        L.stride(0), GL.stride(0), C.stride(0), GC.stride(0), **flags,
     )  # fmt: skip
+    return t, pos
+
+
+def backward(
+    p: Problem, grad: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor, chunk: int | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of ``Σ_i grad_i · loss_i`` w.r.t. ``p.left`` and ``p.cands`` (their dtype);
+    ``lse`` and ``bits`` come from :func:`forward` on the same problem."""
+    dtype, dev, plan, flags, rl, rc, kp = _setup(p)
+    b, n, inv_tau = p.rows, p.pool, 1.0 / p.temperature
+    d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
+    load = bits.numel() > 0
+    cfg = plan.bwd if load else plan.fwd  # a recomputed mask needs the forward's tiles
+    limit = lse  # unused by the kernel when the mask comes from the bits
+    if not load:
+        limit = mask_limit(_diagonal(kp, cfg, flags, rl, rc)[0], p.margin, p.strategy)
+    # w_i = dloss_i / τ, scaled to max |w| = 1 so that 16-bit P does not underflow; the scale
+    # goes back on the float32 side.
+    weight = grad.float() / p.temperature
+    wmax = weight.abs().amax().clamp_min(1e-30)
+    w = (weight / wmax).contiguous()
+    lse = torch.where(torch.isinf(lse), 0.0, lse).float().contiguous()
+    if chunk is None:
+        auto = max(256, min(1 << 16, P_ELEMS // max(b, 1)) // 256 * 256)  # whole tiles
+        chunk = INTERPRET_CHUNK if INTERPRETED else auto
+    groups: dict[int, list[int]] = {}
+    for j, seg in enumerate(p.segments):
+        groups.setdefault(seg.cand, []).append(j)
+    biggest = max(len(g) for g in groups.values())
+    prob = torch.empty(biggest * b * min(chunk, n), dtype=dtype, device=dev)
+    dleft = [torch.zeros(x.shape, dtype=torch.float32, device=dev) for x in p.left]
+    dcands = [torch.empty_like(c) for c in p.cands]
+    for ci, members in groups.items():
+        C, GC, C_k = p.cands[ci], kp.guide_cands[ci], kp.cands[ci]
+        lefts = [p.left[p.segments[j].left] for j in members]
+        stacked = lefts[0] if len(lefts) == 1 else torch.cat(lefts)
+        for lo in range(0, n, chunk):
+            width = min(chunk, n - lo)
+            pbuf = prob[: len(members) * b * width].view(len(members) * b, width)
+            for r, j in enumerate(members):
+                seg = p.segments[j]
+                L, GL, _, _ = _operands(kp, seg)
+                pr = pbuf[r * b : (r + 1) * b]
+                plane = bits[j] if load else bits
+                grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(width, cfg.block_n))
+                _launch(
+                    gist_prob_kernel, grid, cfg, L, GL, C_k, GC, rl[seg.left], rc[ci], limit,
+                    lse, w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset, seg.diag, inv_tau,
+                    L.stride(0), GL.stride(0), C_k.stride(0), GC.stride(0),
+                    plane.stride(0) if load else 0, pr.stride(0), LOAD_BITS=load, **flags,
+                )  # fmt: skip
+                dleft[seg.left] += torch.mm(pr, C[lo : lo + width])
+            out = dcands[ci][lo : lo + width]
+            torch.mm(pbuf.T, stacked, out=out)
+            out.mul_(wmax)
+    return [(g * wmax).to(dtype) for g in dleft], dcands

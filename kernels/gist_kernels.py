@@ -1,49 +1,64 @@
 """Triton kernels of the GIST loss (the ``@triton.jit`` layer only; launchers live in
-:mod:`gist_ray.kernels.gist_function`).
+:mod:`gist_ray.kernels.gist_function`; the loss itself is defined in docs/loss.md).
 
-Notation: ``L``/``GL`` are the left operands (student / guide rows of one left slot, starting at
-row ``left_row0``), ``C``/``GC`` the candidates of one segment (rows ``col0 ..``). Row ``i``'s
-candidate ``j`` (segment-relative) is *masked* when ``g_ij > limit_i`` (strict); the segment's
-diagonal column ``offset + i`` is treated per ``DIAG``: 0 an ordinary candidate, 1 the labelled
-positive (never masked, never counted), 2 the self-pair (dropped, never counted). The codes are
-those of ``gist_ray.loss.plan.DIAG_*``.
+Notation: ``L``/``GL`` are the left operands of a segment (student / guide rows, ``b`` of them),
+``C``/``GC`` its candidates (``n`` rows). ``RL``/``RC`` are the inverse norms of the guide rows:
+the guide cosine of a tile is ``(GL·GCᵀ) * RL * RC``, so nobody has to copy a normalised guide.
+Row i's candidate j is *masked* when its guide cosine is ``> limit_i`` (strict). The segment's
+diagonal column ``offset + i`` is treated per ``diag`` (a runtime value): 0 an ordinary
+candidate, 1 the labelled positive (never masked, never counted), 2 the self-pair (dropped,
+never counted); the codes are those of ``gist_ray.loss.plan.DIAG_*``.
 
-Precision: tiles are multiplied with fp32 accumulation. ``UPCAST`` converts loaded tiles to fp32
-before ``tl.dot``; the launchers set it under the Triton interpreter, whose ``tl.dot`` silently
-returns garbage on bf16 operands (it reinterprets them as uint16). On a GPU fp16/bf16 tiles go to
-the tensor cores as they are and fp32 tiles use ``PRECISION`` (student) / ``PRECISION_G`` (guide),
-``tf32x3`` by default: tensor-core speed at close to fp32 accuracy, which the guide mask's strict
-comparison and the 1/τ-amplified logits need.
+Tile plan: one live float32 accumulator at a time. Each tile computes the guide tile first,
+turns it into the dropped-entry mask (and, in the forward, stores the mask as bits, one per
+entry), and only then the student tile; the backward reads the bits instead of recomputing the
+guide tile when the forward stored them. ``t_i`` and the positive's logit come from
+:func:`gist_diag_kernel`, which runs the very same tile code on the tiles holding the diagonal,
+so a candidate identical to row i's positive ties ``t_i`` exactly (and is kept: strict ``>``).
 
-All row offsets are widened to int64 before multiplying by a stride: ``N_total × d`` exceeds
-2**31 at the sizes this kernel exists for.
+Precision: tiles are multiplied with float32 accumulation; 16-bit tiles go to the tensor cores as
+they are, float32 tiles as ``tf32x3`` (three TF32 products: close to float32, which the mask's
+strict comparison and the 1/τ-amplified logits need). An MMA computes every entry of a tile
+the same way, so equal rows give equal products wherever they sit (``t_i`` relies on it).
+``UPCAST`` is the Triton interpreter's path: its ``tl.dot`` is wrong on bf16 and, being numpy's
+matmul, rounds the edge columns of its register blocks differently; there tiles are upcast to
+float32 and multiplied by broadcast-and-sum, the same summation for every entry.
+
+All row offsets are widened to int64 before multiplying by a stride: ``N × d`` exceeds 2**31 at
+the sizes this kernel exists for.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
+
+# The launchers hand every kernel 16-byte aligned operands with widths and row strides that are
+# multiples of 16 (gist_function.aligned), so the JIT specialises those the same way every time.
+# The other pointers (small vectors, P, the bits planes) and the other integers must not
+# specialise at all, or each call could pick a variant the compile gate never saw.
+_ALIGN_FLAG = "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+
+
+def _jit(ints: list[str], pointers: list[str]):
+    kw = {"do_not_specialize": ints + (pointers if not _ALIGN_FLAG else [])}
+    if _ALIGN_FLAG:
+        kw["do_not_specialize_on_alignment"] = pointers
+    return triton.jit(**kw)
 
 
 @triton.jit
 def _dot_tile(
-    A,
-    B,
-    a_rows,
-    b_rows,
-    a_ok,
-    b_ok,
-    K,
-    stride_a,
-    stride_b,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``A[a_rows] · B[b_rows]ᵀ`` as a ``[BLOCK_M, BLOCK_N]`` fp32 tile, looping over K."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc, A, B, a_rows, b_rows, a_ok, b_ok, K, stride_a, stride_b,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc + A[a_rows] · B[b_rows]ᵀ``, a ``[BLOCK_M, BLOCK_N]`` float32 tile, looping over K.
+
+    Starting ``acc`` at -inf on dropped entries carries the mask through the student GEMM in
+    the accumulator itself (-inf + x = -inf), so no mask tile stays live across it."""
     a_base = A + a_rows.to(tl.int64)[:, None] * stride_a
     b_base = B + b_rows.to(tl.int64)[None, :] * stride_b
     for k0 in range(0, K, BLOCK_K):
@@ -51,102 +66,102 @@ def _dot_tile(
         k_ok = ks < K
         a = tl.load(a_base + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         bt = tl.load(b_base + ks[:, None], mask=b_ok[None, :] & k_ok[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+        if UPCAST:  # the interpreter: exact products, the same summation for every entry
+            prod = a.to(tl.float32)[:, :, None] * bt.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=1)
+        else:
+            acc = tl.dot(a, bt, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _masked_tile(
-    L,
-    GL,
-    C,
-    GC,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    limit,
-    left_row0,
-    col0,
-    offset,
-    inv_tau,
-    d,
-    d_g,
-    stride_l,
-    stride_gl,
-    stride_c,
-    stride_gc,
-    DIAG: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    PRECISION_G: tl.constexpr,
-):
-    """Student logits ``s/τ`` of one tile, which entries to drop, which count as masked, and
-    where the diagonal lies."""
-    s = _dot_tile(
-        L, C, left_row0 + rows, col0 + cols, row_ok, col_ok, d, stride_l, stride_c,
-        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-    )  # fmt: skip
+def _guide_tile(
+    GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KG: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Guide cosines of a tile: the one expression every mask decision and ``t_i`` come from.
+    Columns past the segment come out NaN (so that no column-index tile has to stay live in
+    registers across the GEMM: NaN marks them in :func:`_drop_tile`)."""
     g = _dot_tile(
-        GL, GC, left_row0 + rows, col0 + cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
-        BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION_G,
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+        GL, GC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+        BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
     )  # fmt: skip
-    valid = row_ok[:, None] & col_ok[None, :]
-    diag = cols[None, :] == (rows + offset)[:, None]
-    counted = (g > limit[:, None]) & valid
-    if DIAG != 0:
-        counted = counted & ~diag
-    drop = counted | ~valid
-    if DIAG == 2:
-        drop = drop | diag
-    return s * inv_tau, drop, counted, diag
+    rc = tl.load(RC + cols, mask=col_ok, other=float("nan"))
+    return g * rl[:, None] * rc[None, :]
 
 
 @triton.jit
+def _on_diagonal(rows, n0, offset, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]``: is column ``n0 + j`` row i's diagonal ``offset + i``? Written
+    apart from the tile's column indices on purpose: it is computed after the GEMM instead of
+    being kept live through it."""
+    return (tl.arange(0, BLOCK_N) + (n0 - offset))[None, :] == rows[:, None]
+
+
+@triton.jit
+def _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """The student GEMM's starting accumulator: 0 where the entry is kept, -inf where it is
+    dropped (masked ``g > limit``, padding columns whose ``g`` is NaN, the self-pair); the
+    labelled positive is always kept. One compare and one select per entry, no mask tile."""
+    keep = g <= limit[:, None]  # False for NaN: padding is dropped
+    row0 = tl.program_id(0) * BLOCK_M
+    if (diag_code != 0) & (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0):
+        # Only the one or two tiles of a row block that hold its diagonal get here.
+        diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+        keep = (keep | (diag & (diag_code == 1))) & ~(diag & (diag_code == 2))
+    return tl.where(keep, 0.0, float("-inf"))
+
+
+@triton.jit
+def _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N: tl.constexpr):
+    """Per row, the dropped entries of tile ``n0`` that are not masked candidates: the padding
+    columns past ``hi`` and the self-pair."""
+    pad = tl.maximum(n0 + BLOCK_N - hi, 0)
+    own = (diag_code == 2) & (rows + offset >= n0) & (rows + offset < tl.minimum(n0 + BLOCK_N, hi))
+    return pad + own.to(tl.int32)
+
+
+@triton.jit
+def _pack_bits(drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` bool -> ``[BLOCK_M, BLOCK_N // 8]`` bytes (bit j%8 of byte j//8)."""
+    bits = tl.reshape(drop.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
+    shifts = tl.arange(0, 8)
+    return tl.sum(bits << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    shifts = tl.arange(0, 8)
+    bits = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+
+
+@triton.jit
+def _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N: tl.constexpr):
+    byte = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+    return BITS + rows.to(tl.int64)[:, None] * stride_bits + byte[None, :], byte
+
+
+@_jit(
+    ["b", "n", "cols_per_split", "offset", "part_row0", "diag_code", "stride_bits"],
+    ["RL", "RC", "LIMIT", "POS", "LSE_PART", "MASKED_PART", "ABOVE_PART", "BITS"],
+)
 def gist_fwd_kernel(
-    L,
-    GL,
-    C,
-    GC,
-    LIMIT,
-    POS,
-    LSE_PART,
-    MASKED_PART,
-    ABOVE_PART,
-    b,
-    d,
-    d_g,
-    left_row0,
-    col0,
-    col_size,
-    cols_per_split,
-    offset,
-    part_row0,
-    inv_tau,
-    stride_l,
-    stride_gl,
-    stride_c,
-    stride_gc,
-    DIAG: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    PRECISION_G: tl.constexpr,
-):
+    L, GL, C, GC, RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
+    b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau,
+    stride_l, stride_gl, stride_c, stride_gc, stride_bits,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_BITS: tl.constexpr,
+):  # fmt: skip
     """One segment, one (row block, column split): online max/sum over the split's tiles.
 
     Writes row ``part_row0 + split`` of the partial buffers: the split's lse (``-inf`` if every
-    entry was dropped), its masked count and its count of kept logits above ``POS``.
+    entry was dropped), its masked count and its count of kept logits above ``POS``; with
+    ``STORE_BITS`` also the dropped entries' bits (``BITS`` points at this segment's plane).
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -154,25 +169,34 @@ def gist_fwd_kernel(
     row_ok = rows < b
     limit = tl.load(LIMIT + rows, mask=row_ok, other=0.0)
     pos = tl.load(POS + rows, mask=row_ok, other=0.0)
+    rl = tl.load(RL + rows, mask=row_ok, other=0.0)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     acc = tl.zeros((BLOCK_M,), tl.float32)
     n_masked = tl.zeros((BLOCK_M,), tl.int32)
     n_above = tl.zeros((BLOCK_M,), tl.int32)
     lo = split * cols_per_split
-    hi = tl.minimum(lo + cols_per_split, col_size)
+    hi = tl.minimum(lo + cols_per_split, n)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s, drop, counted, diag = _masked_tile(
-            L, GL, C, GC, rows, cols, row_ok, cols < hi, limit, left_row0, col0, offset,
-            inv_tau, d, d_g, stride_l, stride_gl, stride_c, stride_gc,
-            DIAG, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG, UPCAST, PRECISION, PRECISION_G,
+        col_ok = cols < hi
+        g = _guide_tile(
+            GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
         )  # fmt: skip
-        s = tl.where(drop, float("-inf"), s)
-        n_masked += tl.sum(counted.to(tl.int32), axis=1)
-        higher = s > pos[:, None]
-        if DIAG == 1:
-            higher = higher & ~diag  # the positive is never above itself
-        n_above += tl.sum(higher.to(tl.int32), axis=1)
+        start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
+        if STORE_BITS:
+            ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
+            ok = row_ok[:, None] & (byte < (n + 7) // 8)[None, :]
+            tl.store(ptrs, _pack_bits(start != 0.0, BLOCK_M, BLOCK_N), mask=ok)
+        s = _dot_tile(
+            start, L, C, rows, cols, row_ok, col_ok, d, stride_l, stride_c,
+            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        ) * inv_tau  # fmt: skip
+        dropped = tl.sum((s == float("-inf")).to(tl.int32), axis=1)
+        n_masked += dropped - _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N)
+        # The positive's own logit equals POS bit for bit (same tile code in the diag kernel),
+        # so it is not above itself.
+        n_above += tl.sum((s > pos[:, None]).to(tl.int32), axis=1)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Rows with everything dropped so far keep m = -inf: shift them by 0, so that
         # exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
@@ -187,55 +211,91 @@ def gist_fwd_kernel(
     tl.store(ABOVE_PART + out, n_above, mask=row_ok)
 
 
-@triton.jit
+@_jit(["b", "n", "offset"], ["RL", "RC", "T_OUT", "POS_OUT"])
+def gist_diag_kernel(
+    L, GL, C, GC, RL, RC, T_OUT, POS_OUT,
+    b, n, d, d_g, offset, inv_tau, stride_l, stride_gl, stride_c, stride_gc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``t_i`` (guide) and ``s_pos,i / τ`` (student) of the AP segment, read off the diagonal of
+    the tiles ``rows × (offset + rows)`` computed by the same code as every other tile."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < b
+    rl = tl.load(RL + rows, mask=row_ok, other=0.0)
+    t = tl.zeros((BLOCK_M,), tl.float32)
+    pos = tl.zeros((BLOCK_M,), tl.float32)
+    # The column tiles holding this row block's diagonal, aligned to multiples of BLOCK_N as in
+    # the forward: every entry is computed at the same place of the same tile as there.
+    first = (offset + pid * BLOCK_M) // BLOCK_N * BLOCK_N
+    for n0 in range(first, offset + pid * BLOCK_M + BLOCK_M, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        g = _guide_tile(
+            GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+        )  # fmt: skip
+        diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+        t += tl.sum(tl.where(diag, g, 0.0), axis=1)
+        s = _dot_tile(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), L, C, rows, cols, row_ok, col_ok, d,
+            stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        ) * inv_tau  # fmt: skip
+        pos += tl.sum(tl.where(diag, s, 0.0), axis=1)
+    tl.store(T_OUT + rows, t, mask=row_ok)
+    tl.store(POS_OUT + rows, pos, mask=row_ok)
+
+
+@_jit(
+    ["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code", "stride_bits", "stride_p"],
+    ["RL", "RC", "LIMIT", "LSE", "W", "BITS", "P"],
+)
 def gist_prob_kernel(
-    L,
-    GL,
-    C,
-    GC,
-    LIMIT,
-    LSE,
-    P,
-    b,
-    d,
-    d_g,
-    left_row0,
-    col0,
-    chunk_lo,
-    chunk_hi,
-    offset,
-    inv_tau,
-    stride_l,
-    stride_gl,
-    stride_c,
-    stride_gc,
-    stride_p,
-    DIAG: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    PRECISION_G: tl.constexpr,
-):
-    """Backward recompute: ``P[i, j - chunk_lo] = exp(s_ij/τ - lse_i)`` for kept entries, 0
-    for dropped ones, over the segment columns ``chunk_lo .. chunk_hi`` (stored in P's dtype).
+    L, GL, C, GC, RL, RC, LIMIT, LSE, W, BITS, P,
+    b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau,
+    stride_l, stride_gl, stride_c, stride_gc, stride_bits, stride_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    LOAD_BITS: tl.constexpr,
+):  # fmt: skip
+    """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(s_ij/τ - lse_i) - [j is i's
+    positive])`` for kept entries, 0 for dropped ones, over the segment columns
+    ``chunk_lo .. chunk_hi``, stored in P's dtype. The one-hot is subtracted in float32, before
+    the only rounding (the difference is small exactly on the rows that matter).
 
     ``LSE`` must be finite (the launcher replaces -inf by 0; such rows have no kept entry)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = chunk_lo + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = chunk_lo + pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < b
     col_ok = cols < chunk_hi
-    limit = tl.load(LIMIT + rows, mask=row_ok, other=0.0)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    s, drop, _counted, _diag = _masked_tile(
-        L, GL, C, GC, rows, cols, row_ok, col_ok, limit, left_row0, col0, offset,
-        inv_tau, d, d_g, stride_l, stride_gl, stride_c, stride_gc,
-        DIAG, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KG, UPCAST, PRECISION, PRECISION_G,
-    )  # fmt: skip
-    prob = tl.exp(tl.where(drop, float("-inf"), s) - lse[:, None])
+    w = tl.load(W + rows, mask=row_ok, other=0.0)
+    if LOAD_BITS:
+        s = _dot_tile(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), L, C, rows, cols, row_ok, col_ok, d,
+            stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        )  # fmt: skip
+        ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
+        packed = tl.load(ptrs, mask=row_ok[:, None] & (byte < (n + 7) // 8)[None, :], other=255)
+        s = tl.where(_unpack_bits(packed, BLOCK_M, BLOCK_N), float("-inf"), s)
+    else:
+        limit = tl.load(LIMIT + rows, mask=row_ok, other=0.0)
+        rl = tl.load(RL + rows, mask=row_ok, other=0.0)
+        g = _guide_tile(
+            GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+        )  # fmt: skip
+        s = _dot_tile(
+            _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N), L, C, rows,
+            cols, row_ok, col_ok, d, stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
+            PRECISION,
+        )  # fmt: skip
+    prob = tl.exp(s * inv_tau - lse[:, None])
+    positive = _on_diagonal(rows, n0, offset, BLOCK_N) & (diag_code == 1)
+    prob = tl.where(positive, prob - 1.0, prob) * w[:, None]
     ptrs = P + rows.to(tl.int64)[:, None] * stride_p + (cols - chunk_lo)[None, :]
     tl.store(ptrs, prob.to(P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -97,18 +97,17 @@ def test_shared_storage_detection(monkeypatch, tmp_path):
     assert launcher.is_shared_storage(str(tmp_path))
 
 
-def test_multinode_cluster_refuses_node_local_storage(ray_cluster, monkeypatch, tmp_path):
+def test_multinode_storage_must_be_shared(tmp_path):
+    """The rule itself (tests/test_multinode.py checks it against a real 3-node cluster)."""
     cfg = load_config(overrides=[f"output_dir={tmp_path}"])
-    launcher.check_resources(cfg)  # one node: local storage is fine
-    nodes = [{"Alive": True}, {"Alive": True}, {"Alive": False}]
-    monkeypatch.setattr(ray_cluster, "nodes", lambda: nodes)
+    launcher.check_storage(cfg, alive_nodes=1)  # one node: local storage is fine
     with pytest.raises(GistRayError) as e:
-        launcher.check_resources(cfg)
+        launcher.check_storage(cfg, alive_nodes=2)
     msg = str(e.value)
     assert "\n" not in msg and "node-local but the cluster has 2 nodes" in msg
-    assert "ray.storage_path" in msg and "s3://" in msg
-    shared = load_config(overrides=[f"output_dir={tmp_path}", "ray.storage_path=s3://b/p"])
-    launcher.check_resources(shared)
+    assert "ray.storage_path" in msg and "s3://" in msg and "ray.shared_storage" in msg
+    for shared in ("ray.storage_path=s3://b/p", "ray.shared_storage=true"):
+        launcher.check_storage(load_config(overrides=[f"output_dir={tmp_path}", shared]), 2)
 
 
 def test_gpus_the_cluster_lacks_are_refused(ray_cluster):

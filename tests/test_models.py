@@ -248,20 +248,22 @@ def test_training_truncation_is_not_the_saved_length(tiny_models, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _train_cli(tmp_path, capsys, *overrides) -> str:
+def _train_cli(tmp_path, capfd, *overrides) -> str:
     """``gist-ray train`` with tiny inputs; returns its one-line error (it must fail before any
     cluster starts and write nothing)."""
     from gist_ray.cli import main
 
     out = tmp_path / "out"
     args = ["eval.source=", "ray.num_workers=1", f"output_dir={out}", *overrides]
-    capsys.readouterr()  # the test's own setup output
+    capfd.readouterr()  # the test's own setup output
     assert main(["train", *sum((["--set", a] for a in args), [])]) == 2
-    # The last stderr line (datasets may draw a progress bar before it).
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # The last stderr line (datasets may draw a progress bar before it); while the log file is
+    # open the error goes to the terminal's own stream, so capture at the file-descriptor level.
+    err = capfd.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("gist-ray: error: "), err
-    assert not out.exists(), "nothing may be written"
-    return err
+    written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert written in ([], ["gist-ray.log"]), f"nothing but the log may be written: {written}"
+    return err.split(" (full log: ")[0]
 
 
 def _student_with_module(tmp_path, tiny_models, module_type: str) -> Path:
@@ -275,13 +277,13 @@ def _student_with_module(tmp_path, tiny_models, module_type: str) -> Path:
     return folder
 
 
-def test_unimportable_module_names_the_file_and_module(tmp_path, tiny_models, capsys):
+def test_unimportable_module_names_the_file_and_module(tmp_path, tiny_models, capfd):
     folder = _student_with_module(tmp_path, tiny_models, "my_pkg.modules.FancyPooling")
-    err = _train_cli(tmp_path, capsys, f"model.student={folder}")
+    err = _train_cli(tmp_path, capfd, f"model.student={folder}")
     assert f"{folder / 'modules.json'}: module 'my_pkg.modules.FancyPooling' cannot be" in err
 
 
-def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_models, capsys):
+def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_models, capfd):
     import shutil
 
     from gist_ray.models import load_encoder
@@ -303,7 +305,7 @@ def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_m
         "class CustomModel(BertModel):\n    config_class = CustomConfig\n"
     )
     err = _train_cli(
-        tmp_path, capsys, f"model.student={tiny_models['student']}", f"model.guide={folder}"
+        tmp_path, capfd, f"model.student={tiny_models['student']}", f"model.guide={folder}"
     )
     assert "model.guide = " in err and "set model.guide_trust_remote_code=true" in err
     from gist_ray.models import ModelSpec
@@ -312,7 +314,7 @@ def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_m
     assert type(trusted.model[0].auto_model).__name__ == "CustomModel"
 
 
-def test_prompt_for_a_missing_column(tmp_path, tiny_models, tiny_pairs_file, capsys):
+def test_prompt_for_a_missing_column(tmp_path, tiny_models, tiny_pairs_file, capfd):
     import datasets
 
     pairs = tmp_path / "pairs"
@@ -321,7 +323,7 @@ def test_prompt_for_a_missing_column(tmp_path, tiny_models, tiny_pairs_file, cap
     ).save_to_disk(str(pairs))
     err = _train_cli(
         tmp_path,
-        capsys,
+        capfd,
         f"model.student={tiny_models['student']}",
         f"model.guide={tiny_models['guide']}",
         f"data.train={pairs}",
@@ -331,24 +333,24 @@ def test_prompt_for_a_missing_column(tmp_path, tiny_models, tiny_pairs_file, cap
     assert "the columns are anchor, positive" in err
 
 
-def test_empty_dataset_in_a_list_names_it(tmp_path, tiny_models, tiny_pairs_file, capsys):
+def test_empty_dataset_in_a_list_names_it(tmp_path, tiny_models, tiny_pairs_file, capfd):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     err = _train_cli(
         tmp_path,
-        capsys,
+        capfd,
         f"model.student={tiny_models['student']}",
         f"data.train=[{tiny_pairs_file}, {empty}]",
     )
     assert "data.train[1] (dataset 'empty'):" in err and "is empty" in err
 
 
-def test_too_few_unique_texts_for_the_global_batch(tmp_path, tiny_models, capsys):
+def test_too_few_unique_texts_for_the_global_batch(tmp_path, tiny_models, capfd):
     data = tmp_path / "faq.jsonl"
     data.write_text(
         "".join(json.dumps({"anchor": "same", "positive": f"a{i % 3}"}) + "\n" for i in range(40))
     )
-    err = _train_cli(tmp_path, capsys, f"data.train={data}", "train.batch_size=8")
+    err = _train_cli(tmp_path, capfd, f"data.train={data}", "train.batch_size=8")
     assert "dataset 'faq' has 4 unique texts, fewer than train.batch_size = 8" in err
 
 

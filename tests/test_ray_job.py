@@ -112,15 +112,8 @@ def ray_head():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_trains_on_an_existing_cluster(
-    ray_head, tiny_models, tiny_pairs_file, tmp_path
-):
-    import mlflow
-
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    out = tmp_path / "out"
-    config = {
+def _job_config(tiny_models, tiny_pairs_file, tmp_path) -> dict:
+    return {
         "model": {
             "student": str(tiny_models["student"]),
             "guide": str(tiny_models["guide"]),
@@ -135,8 +128,14 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
             "experiment": "jobs",
             "run_name": "job",
         },
-        "output_dir": str(out),
+        "output_dir": str(tmp_path / "out"),
     }
+
+
+def _submit(ray_head, config: dict, job_dir: Path) -> tuple[str, str]:
+    """``ray job submit --working-dir job_dir -- gist-ray train --config job.yaml``; returns the
+    job's final status and its logs."""
+    job_dir.mkdir()
     (job_dir / "job.yaml").write_text(yaml.safe_dump(config))
     job_id = f"gist-ray-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
@@ -167,7 +166,6 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
             timeout=60,
         )
         raise
-    logs = proc.stdout[-6000:] + proc.stderr[-3000:]
     status = subprocess.run(
         [
             sys.executable,
@@ -182,14 +180,26 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
         timeout=60,
         env=_env(),
     )
-    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED", logs + status.stderr[-2000:]
-    assert proc.returncode == 0, logs
+    logs = proc.stdout[-6000:] + proc.stderr[-3000:] + status.stderr[-2000:]
+    return (status.stdout.strip().splitlines() or ["(no status)"])[-1], logs
+
+
+def test_ray_job_submit_trains_on_an_existing_cluster(
+    ray_head, tiny_models, tiny_pairs_file, tmp_path
+):
+    import mlflow
+
+    config = _job_config(tiny_models, tiny_pairs_file, tmp_path)
+    status, logs = _submit(ray_head, config, tmp_path / "job")
+    assert status == "SUCCEEDED", logs
     # The job's driver joined this cluster through RAY_ADDRESS instead of starting its own
     # (Ray reports the GCS under the machine's IP even with --node-ip-address=127.0.0.1).
     gcs_port = ray_head["gcs"].rsplit(":", 1)[1]
-    assert re.search(
-        rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b", proc.stdout
-    )
+    assert re.search(rf"\[gist-ray\] joined the Ray cluster at \S+:{gcs_port}\b", logs)
+    # Ray's own lines are in the run's log file, not in the job's output
+    assert "Connecting to existing Ray cluster" not in logs
+    log_file = tmp_path / "out" / "gist-ray.log"
+    assert "Connecting to existing Ray cluster" in log_file.read_text()
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("jobs")
@@ -197,4 +207,20 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert run.data.tags.get("gist_ray.model_uri"), "the trained model is logged to the run"
-    assert (out / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_a_relative_output_dir_in_a_job_is_refused_in_one_line(
+    ray_head, tiny_models, tiny_pairs_file, tmp_path
+):
+    """Ray deletes the job's copy of --working-dir when the job ends: a relative output_dir
+    would put the model there. The job fails at once, saying what to set."""
+    config = {**_job_config(tiny_models, tiny_pairs_file, tmp_path), "output_dir": "out"}
+    status, logs = _submit(ray_head, config, tmp_path / "job")
+    assert status == "FAILED", logs
+    # `ray job submit` shows the job's log, and again in its failure summary.
+    (line,) = {x for x in logs.splitlines() if x.startswith("gist-ray: error:")}
+    assert "output_dir = 'out' lies in this Ray job's temporary copy of --working-dir" in line
+    assert "set output_dir to an absolute path" in line
+    assert "Traceback" not in logs
+    assert not (tmp_path / "mlflow.db").exists(), "nothing started before the check"

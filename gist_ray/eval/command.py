@@ -155,7 +155,9 @@ def evaluate(
     print(format_table(result))
     if output:
         write_json(output, result)
-        print(f"\nresults: {output}")
+        print(f"\nresults: {Path(output).resolve()}")
+    else:
+        log.info("results: the table above only; --output FILE also writes them as JSON")
     return result
 
 

@@ -2,9 +2,11 @@
 backends behind them. The definition is in docs/loss.md.
 
 * :mod:`.module`: ``GistLoss``, built once from the loss settings (validated there);
-* :mod:`.functional`: the maths shared by both (normalise, gather, segment plan, statistics);
-* :mod:`.plan`: the flattened problem every backend sees;
-* :mod:`.reference`, :mod:`.chunked`, :mod:`.triton_backend`: the backends.
+* :mod:`.functional`: the maths shared by both (checks, dtype, normalise, gather, statistics);
+* :mod:`.plan`: the problem every backend sees, and the arithmetic they share (exact ties,
+  mask bits);
+* :mod:`.reference`: the materialised oracle; :mod:`.chunked`: the tiled CPU backend;
+* :mod:`.op`: the custom op running ``chunked`` or the Triton kernels (``gist_ray.kernels``).
 
 Importing this package imports neither triton nor Ray.
 """

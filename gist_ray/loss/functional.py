@@ -1,23 +1,24 @@
 """The maths of the GIST loss front end, shared by :class:`~gist_ray.loss.GistLoss` and
 :func:`gist_loss` (definition: docs/loss.md).
 
-:func:`compute` normalises the embeddings, optionally gathers the candidate pool across
-workers, builds the segment plan (:mod:`gist_ray.loss.plan`) and hands the flattened problem to a
-backend: ``reference`` (materialised oracle), ``chunked`` (tiled PyTorch) or ``triton`` (the
-fused kernel in :mod:`gist_ray.kernels`).
+:func:`compute` checks the embeddings, brings them to one compute dtype, L2-normalises the
+student rows, optionally gathers the candidate pool across workers, builds the segment plan
+(:mod:`gist_ray.loss.plan`, no concatenated copies) and hands it to a backend: ``reference``
+(materialised oracle) or a tiled one through the custom op of :mod:`gist_ray.loss.op`
+(``chunked`` on the CPU, the Triton kernels of :mod:`gist_ray.kernels` on CUDA).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from gist_ray.distributed import all_gather_with_grad, rank
+from gist_ray.loss.op import tiled_backend
 from gist_ray.loss.plan import (
-    DIAG_EXCLUDE,
-    DIAG_PROTECT,
+    DIAG_NONE,
     STRATEGIES,
     BackendOutput,
     Problem,
@@ -26,23 +27,7 @@ from gist_ray.loss.plan import (
 from gist_ray.loss.reference import reference_backend
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
-
-
-def get_backend(name: str, device: torch.device) -> Callable[[Problem], BackendOutput]:
-    """Resolve a backend name; ``auto`` means ``triton`` on CUDA and ``chunked`` elsewhere."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "chunked"
-    if name == "reference":
-        return reference_backend
-    if name == "chunked":
-        from gist_ray.loss.chunked import chunked_backend
-
-        return chunked_backend
-    if name == "triton":
-        from gist_ray.loss.triton_backend import triton_backend
-
-        return triton_backend
-    raise ValueError(f"loss.backend: unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def validate_loss_args(
@@ -81,60 +66,70 @@ def compute(
     ``embeddings`` is ``[anchor, positive, negative_1..k]`` (student, ``[b, d]`` each) and
     ``guide_embeddings`` their guide twins (``[b, d_g]``, never differentiated). Settings are
     assumed valid (see :func:`validate_loss_args`)."""
+    dtype = check_inputs(embeddings, guide_embeddings)
+    # Normalise in float32, round once to the compute dtype (autograd: the backward in float32).
+    student = [F.normalize(x.float(), dim=-1).to(dtype) for x in embeddings]
+    guide = [g.detach().to(dtype) for g in guide_embeddings]  # backends normalise per tile
+    k = len(embeddings) - 2
+    segments, sources = build_segments(k, contrast_anchors, contrast_positives)
+    column = {name: j for j, name in enumerate(column_names(len(embeddings)))}
+    cands = [student[column[s]] for s in sources]
+    guide_cands = [guide[column[s]] for s in sources]
+    offset = 0
+    if gather:
+        offset = rank() * student[0].shape[0]
+        cands = [all_gather_with_grad(x) for x in cands]
+        guide_cands = [all_gather_with_grad(x) for x in guide_cands]
+    problem = Problem(
+        (student[0], student[1]), tuple(cands), (guide[0], guide[1]), tuple(guide_cands),
+        segments, offset, temperature, margin, margin_strategy,
+    )  # fmt: skip
+    out = reference_backend(problem) if backend == "reference" else tiled_backend(problem, backend)
+    return out.loss.mean(), statistics(problem, out)
+
+
+def column_names(n: int) -> list[str]:
+    return ["anchor", "positive"] + [f"negative_{k + 1}" for k in range(n - 2)]
+
+
+def check_inputs(
+    embeddings: Sequence[torch.Tensor], guide_embeddings: Sequence[torch.Tensor]
+) -> torch.dtype:
+    """One-line ValueErrors naming the tensor, before anything runs; returns the compute dtype
+    (the student's, promoted over its columns: docs/loss.md "Precision")."""
     if len(embeddings) < 2:
         raise ValueError(f"need at least anchor and positive embeddings, got {len(embeddings)}")
     if len(embeddings) != len(guide_embeddings):
         raise ValueError(
             f"got {len(embeddings)} student columns but {len(guide_embeddings)} guide columns"
         )
-    anchor = embeddings[0]
-    b = anchor.shape[0]
-    for name, t in zip(_column_names(len(embeddings))[1:], embeddings[1:]):
-        if t.shape != anchor.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, anchor has {tuple(anchor.shape)}")
-    run = get_backend(backend, anchor.device)
-
-    with torch.no_grad():
-        guide = [F.normalize(g.detach(), dim=-1) for g in guide_embeddings]
-    student = [F.normalize(x, dim=-1) for x in embeddings]
-    a, p, ns = student[0], student[1], student[2:]
-    ga, gp, gns = guide[0], guide[1], guide[2:]
-    threshold = (ga.float() * gp.float()).sum(-1)
-    pos_logit = (a.float() * p.float()).sum(-1) / temperature
-
-    if gather:
-        offset = rank() * b
-        a_all, p_all = all_gather_with_grad(a), all_gather_with_grad(p)
-        ns_all = [all_gather_with_grad(n) for n in ns]
-        ga_all, gp_all = all_gather_with_grad(ga), all_gather_with_grad(gp)
-        gns_all = [all_gather_with_grad(g) for g in gns]
-    else:
-        offset = 0
-        a_all, p_all, ns_all, ga_all, gp_all, gns_all = a, p, ns, ga, gp, gns
-
-    segments = build_segments(b, p_all.shape[0], len(ns), contrast_anchors, contrast_positives)
-    pool = {"ap": (p_all, gp_all), "aa": (a_all, ga_all), "pp": (p_all, gp_all)}
-    pool.update({f"an{k + 1}": (n, g) for k, (n, g) in enumerate(zip(ns_all, gns_all))})
-    problem = Problem(
-        left=torch.cat([a, p]),
-        guide_left=torch.cat([ga, gp]),
-        cand=torch.cat([pool[s.name][0] for s in segments]),
-        guide_cand=torch.cat([pool[s.name][1] for s in segments]),
-        threshold=threshold,
-        pos_logit=pos_logit.detach(),
-        segments=segments,
-        offset=offset,
-        temperature=temperature,
-        margin=margin,
-        strategy=margin_strategy,
-    )
-    out = run(problem)
-    loss = (out.lse - pos_logit).mean()
-    return loss, statistics(problem, out)
+    names = column_names(len(embeddings))
+    named = [*zip(names, embeddings), *zip([f"guide_{n}" for n in names], guide_embeddings)]
+    anchor, guide_anchor = embeddings[0], guide_embeddings[0]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-d tensor [rows, width], got {_describe(t)}")
+        if t.dtype not in DTYPES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: {allowed}")
+        if t.device != anchor.device:
+            raise ValueError(f"{name} is on {t.device} but anchor is on {anchor.device}")
+        if t.shape[0] != anchor.shape[0]:
+            raise ValueError(f"{name} has {t.shape[0]} rows, anchor has {anchor.shape[0]}")
+        width = guide_anchor.shape[1] if name.startswith("guide_") else anchor.shape[1]
+        if t.shape[1] != width:
+            ref = "guide_anchor" if name.startswith("guide_") else "anchor"
+            raise ValueError(f"{name} has width {t.shape[1]}, {ref} has {width}")
+    if anchor.shape[0] == 0:
+        raise ValueError("anchor has no rows")
+    dtype = embeddings[0].dtype
+    for t in embeddings[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-def _column_names(n: int) -> list[str]:
-    return ["anchor", "positive"] + [f"negative_{k + 1}" for k in range(n - 2)]
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def statistics(p: Problem, out: BackendOutput) -> dict[str, torch.Tensor]:
@@ -144,11 +139,11 @@ def statistics(p: Problem, out: BackendOutput) -> dict[str, torch.Tensor]:
     maskable_total = 0
     for j, seg in enumerate(p.segments):
         # The positive (AP) and the self-pair (AA, PP) are never maskable candidates.
-        maskable = seg.size - (1 if seg.diag in (DIAG_PROTECT, DIAG_EXCLUDE) else 0)
+        maskable = p.pool - (0 if seg.diag == DIAG_NONE else 1)
         maskable_total += maskable
         stats[f"mask_frac/{seg.name}"] = masked[:, j].mean() / max(maskable, 1)
     stats["mask_frac/all"] = masked.sum(1).mean() / max(maskable_total, 1)
-    stats["threshold_mean"] = p.threshold.double().mean()
+    stats["threshold_mean"] = out.threshold.detach().double().mean()
     stats["positive_rank_mean"] = (1 + out.above.double()).mean()
     stats["no_negative_frac"] = (masked.sum(1) >= maskable_total).double().mean()
     return stats
@@ -194,4 +189,4 @@ def gist_loss(
     )  # fmt: skip
     if not return_stats:
         return loss
-    return loss, {k: float(v) for k, v in stats.items()}
+    return loss, {k: float(v.detach()) for k, v in stats.items()}

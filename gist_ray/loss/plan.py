@@ -1,18 +1,28 @@
-"""The segment plan shared by every loss backend.
+"""The problem every loss backend sees, and the arithmetic they must share (docs/loss.md).
 
-The GIST loss of query row i is a log-sum-exp over several candidate *segments* (AP, AA, PP,
-AN_k). Every backend sees the same flattened problem, so there is one code path for all of them:
+The loss of query row i is a log-sum-exp over candidate *segments* (AP, AA, PP, AN_k). A segment
+names its left operand (the local anchor or positive rows) and its candidate tensor; AP and PP
+share the positives, so a :class:`Problem` holds each candidate tensor once and never
+concatenates them:
 
-* ``left``   ``[2*b, d]``: the anchor rows (slot 0, rows ``0..b-1``) then the local positive rows
-  (slot 1, rows ``b..2b-1``); ``guide_left`` ``[2*b, d_g]`` is their guide twin.
-* ``cand``   ``[N_total, d]``: every segment's candidates concatenated; ``guide_cand`` likewise.
-* ``segments``: where each segment's columns lie, which left slot it uses, and what happens on its
-  diagonal column ``offset + i`` (the labelled positive in AP, the self-pair in AA and PP).
+* ``left``  ``(anchors, positives)``, ``[b, d]`` each: L2-normalised student rows;
+* ``cands`` the distinct candidate tensors ``[N, d]`` (normalised, the global pool);
+* ``guide_left`` / ``guide_cands``: their guide twins, ``[b | N, d_g]``, *not* normalised: a
+  backend scales each guide dot product by the two inverse norms (:func:`inv_norm`), so the
+  front end never copies the guide pool;
+* every operand in one dtype (the compute dtype; docs/loss.md "Precision").
 
-A backend returns, per query row, the log-sum-exp of ``s/τ`` over unmasked candidates, the number
-of masked candidates per segment, and the number of unmasked candidates scoring above the
-positive (for the positive's rank). Masking (strict ``>``):
-``absolute``: ``g > t - margin``; ``relative``: ``g > t - |t| * margin``.
+A backend returns per query row: the loss ``lse - s_pos/τ`` (differentiable), the number of
+masked candidates per segment, the number of unmasked candidates scoring above the positive, and
+the threshold ``t_i``. Masking (strict ``>``): ``absolute``: ``g > t - margin``; ``relative``:
+``g > t - |t| * margin``.
+
+**Exact masks on CPU.** A tie (a duplicate of row i's positive has ``g = t_i``) must be decided
+the same way for every pair, but a BLAS matrix product rounds differently with its shape (and
+the diagonal of a product differs from a row-wise dot). :func:`exact_over` therefore decides the
+few pairs within rounding distance of the limit again in float64 with one fixed summation
+(:func:`exact_sim`), which also gives ``t_i``; the ``reference`` and ``chunked`` backends use it.
+The Triton kernel gets the same property by computing ``t_i`` with the same tile code as ``g``.
 """
 
 from __future__ import annotations
@@ -30,26 +40,25 @@ DIAG_EXCLUDE = 2  # the self-pair: never a candidate, not counted (AA, PP)
 Strategy = Literal["absolute", "relative"]
 STRATEGIES: tuple[str, ...] = ("absolute", "relative")
 
+ANCHOR, POSITIVE = 0, 1  # left slots
+
 
 @dataclass(frozen=True)
 class Segment:
     name: str  # "ap", "aa", "pp", "an1", "an2", ...
-    left: int  # 0: anchor rows, 1: positive rows
-    start: int  # first column in the concatenated candidates
-    size: int  # number of columns
+    left: int  # ANCHOR or POSITIVE
+    cand: int  # index into Problem.cands
     diag: int  # DIAG_NONE, DIAG_PROTECT or DIAG_EXCLUDE
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Everything a backend needs; tensors are already L2-normalised."""
+    """Everything a backend needs (see the module docstring)."""
 
-    left: torch.Tensor  # [2b, d]
-    guide_left: torch.Tensor  # [2b, d_g]
-    cand: torch.Tensor  # [N_total, d]
-    guide_cand: torch.Tensor  # [N_total, d_g]
-    threshold: torch.Tensor  # [b] float32, t_i = g(a_i, p_i)
-    pos_logit: torch.Tensor  # [b] float32, s(a_i, p_i) / τ, detached (for the rank statistic)
+    left: tuple[torch.Tensor, torch.Tensor]
+    cands: tuple[torch.Tensor, ...]
+    guide_left: tuple[torch.Tensor, torch.Tensor]
+    guide_cands: tuple[torch.Tensor, ...]
     segments: tuple[Segment, ...]
     offset: int  # global column of local row 0's positive / self-pair
     temperature: float
@@ -58,14 +67,40 @@ class Problem:
 
     @property
     def rows(self) -> int:
-        return self.threshold.shape[0]
+        return self.left[0].shape[0]
+
+    @property
+    def pool(self) -> int:
+        return self.cands[0].shape[0]
+
+    @property
+    def ap(self) -> Segment:
+        return self.segments[0]
 
 
 @dataclass
 class BackendOutput:
-    lse: torch.Tensor  # [b] float32, differentiable w.r.t. left and cand
+    loss: torch.Tensor  # [b] float32, lse_i - s_pos_i/τ, differentiable w.r.t. left and cands
     masked: torch.Tensor  # [b, S] int64, masked candidates per segment (no grad)
-    above: torch.Tensor  # [b] int64, unmasked candidates with s/τ > pos_logit (no grad)
+    above: torch.Tensor  # [b] int64, unmasked candidates with s/τ > the positive's (no grad)
+    threshold: torch.Tensor  # [b] float32, t_i
+
+
+def build_segments(
+    num_negatives: int, contrast_anchors: bool, contrast_positives: bool
+) -> tuple[tuple[Segment, ...], tuple[str, ...]]:
+    """Segments in the order AP, AA, PP, AN_1..k, and which column each candidate tensor is
+    (``"positive"``, ``"anchor"``, ``"negative_k"``); a column no segment uses is not listed."""
+    sources = ["positive"] + (["anchor"] if contrast_anchors else [])
+    segs = [Segment("ap", ANCHOR, 0, DIAG_PROTECT)]
+    if contrast_anchors:
+        segs.append(Segment("aa", ANCHOR, 1, DIAG_EXCLUDE))
+    if contrast_positives:
+        segs.append(Segment("pp", POSITIVE, 0, DIAG_EXCLUDE))
+    for k in range(num_negatives):
+        segs.append(Segment(f"an{k + 1}", ANCHOR, len(sources), DIAG_NONE))
+        sources.append(f"negative_{k + 1}")
+    return tuple(segs), tuple(sources)
 
 
 def mask_limit(threshold: torch.Tensor, margin: float, strategy: str) -> torch.Tensor:
@@ -75,20 +110,81 @@ def mask_limit(threshold: torch.Tensor, margin: float, strategy: str) -> torch.T
     return threshold - threshold.abs() * margin
 
 
-def build_segments(
-    b: int,
-    pool: int,
-    num_negatives: int,
-    contrast_anchors: bool,
-    contrast_positives: bool,
-) -> tuple[Segment, ...]:
-    """Segments in the normative order AP, AA, PP, AN_1..k; each has ``pool`` columns."""
-    specs = [("ap", 0, DIAG_PROTECT)]
-    if contrast_anchors:
-        specs.append(("aa", 0, DIAG_EXCLUDE))
-    if contrast_positives:
-        specs.append(("pp", 1, DIAG_EXCLUDE))
-    specs += [(f"an{k + 1}", 0, DIAG_NONE) for k in range(num_negatives)]
-    return tuple(
-        Segment(name, left, i * pool, pool, diag) for i, (name, left, diag) in enumerate(specs)
-    )
+def inv_norm(x: torch.Tensor) -> torch.Tensor:
+    """``1 / max(‖x_i‖, 1e-12)`` per row, float32 (as ``F.normalize``)."""
+    return x.float().norm(dim=-1).clamp_min(1e-12).reciprocal()
+
+
+def exact_sim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine of the row pairs ``(x_i, y_i)`` in float64, summed in one fixed order, so equal
+    pairs give bitwise-equal results wherever they occur."""
+    x, y = x.double(), y.double()
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-12)
+
+
+def exact_threshold(p: Problem) -> torch.Tensor:
+    """``t_i = g(a_i, p_i)`` in float64 (:func:`exact_sim`); row i's positive is column
+    ``offset + i`` of the AP candidates."""
+    cols = slice(p.offset, p.offset + p.rows)
+    return exact_sim(p.guide_left[p.ap.left], p.guide_cands[p.ap.cand][cols])
+
+
+def exact_over(
+    g: torch.Tensor, limit: torch.Tensor, guide_left: torch.Tensor, guide_cand: torch.Tensor
+) -> torch.Tensor:
+    """``g_ij > limit_i`` decided exactly: ``g`` ``[rows, w]`` is the float32 guide cosine of
+    ``guide_left`` ``[rows, K]`` and ``guide_cand`` ``[w, K]``, ``limit`` is float64. Pairs whose
+    ``g`` lies within the rounding bound of a float32 dot product of length K of the limit are
+    recomputed with :func:`exact_sim` (a few per ten thousand pairs)."""
+    band = (guide_left.shape[1] + 4) * 2.0**-23  # > K·2^-24 + the limit's own rounding
+    lim32 = limit.float().unsqueeze(1)
+    over = g > lim32
+    near = (g - lim32).abs_() <= band
+    idx = near.nonzero()
+    if idx.numel():
+        i, j = idx.unbind(1)
+        over[i, j] = exact_sim(guide_left[i], guide_cand[j]) > limit[i]
+    return over
+
+
+# ---------------------------------------------------------------------------- the mask as bits
+# Forward passes store which entries they dropped, one bit per (row, candidate), so the backward
+# needs no guide GEMM and sees exactly the forward's mask. Layout: uint8 ``[S, b, ceil(N/8)]``,
+# bit ``j % 8`` of byte ``j // 8`` is candidate j; set = dropped (masked, self-pair or padding).
+# When that exceeds MASK_BITS_FRACTION of the device's memory, nothing is stored and the
+# backward recomputes the guide tiles (shape ``[0]``).
+
+MASK_BITS_FRACTION = 1 / 8
+
+
+def mask_bits_shape(segments: int, rows: int, pool: int, device: torch.device) -> tuple[int, ...]:
+    shape = (segments, rows, -(-pool // 8))
+    if segments * rows * shape[2] > MASK_BITS_FRACTION * device_memory(device):
+        return (0,)
+    return shape
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pack_bits(drop: torch.Tensor) -> torch.Tensor:
+    """``[rows, w]`` bool -> ``[rows, ceil(w/8)]`` uint8 (padding bits set)."""
+    rows, w = drop.shape
+    pad = -w % 8
+    if pad:
+        drop = torch.cat([drop, drop.new_ones(rows, pad)], 1)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=drop.device)
+    return (drop.view(rows, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``[rows, ceil(w/8)]`` uint8 -> ``[rows, w]`` bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = packed.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1)
+    return bits.view(packed.shape[0], -1)[:, :w].bool()

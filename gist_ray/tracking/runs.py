@@ -21,7 +21,7 @@ def resolve_tracking_uri(configured: str | None, cwd: str | Path | None = None) 
     A relative SQLite path is made absolute so Ray workers (other cwd) hit the same store."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///") :]
+        rel = Path(uri[len("sqlite:///") :]).expanduser()
         uri = f"sqlite:///{(Path(cwd or os.getcwd()) / rel).resolve()}"
     return uri
 

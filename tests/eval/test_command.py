@@ -85,14 +85,17 @@ def test_eval_writes_json_and_compares(beir, tiny_models, tmp_path, capsys):
     assert va == pytest.approx(a["retrieval"]["ndcg@10"], abs=1e-4)
     assert d == pytest.approx(va - vb, abs=2e-4)
     assert "spearman" in table and "diff = A - B" in table
+    assert table.rstrip().splitlines()[-1] == f"results: {out.resolve()}"  # where they went
     assert "ignored 2 qrels" in captured.err and "line 8" in captured.err
 
 
 def test_eval_single_model_sts_only(beir, tiny_models, capsys):
     rc = main(["eval", str(tiny_models["student"]), "--sts", str(beir / "sts.csv")])
     assert rc == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "STS on" in out and "Retrieval" not in out and "diff" not in out
+    assert "results: the table above only; --output FILE" in captured.err  # nothing written
 
 
 @pytest.mark.parametrize(

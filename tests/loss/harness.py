@@ -17,14 +17,16 @@ possible; it is checked against the reference with the positive logit shifted by
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import pytest
 import torch
 
 from gist_ray.loss import gist_loss
+from gist_ray.loss.functional import column_names
 from gist_ray.loss.plan import BackendOutput, Problem, build_segments
 from gist_ray.loss.reference import reference_backend
 
@@ -69,7 +71,7 @@ class Case:
     device: str = "cpu"
 
 
-def _dyadic(y: torch.Tensor) -> torch.Tensor:
+def dyadic(y: torch.Tensor) -> torch.Tensor:
     idx = y.abs().topk(16, dim=1).indices
     vals = torch.where(y.gather(1, idx) >= 0, 0.25, -0.25)
     return torch.zeros_like(y).scatter_(1, idx, vals)
@@ -113,7 +115,7 @@ def make_inputs(case: Case, seed: int) -> list[torch.Tensor]:
         proj = torch.randn(d, case.d_g, generator=gen)
         noise = 0.8 * d**0.5
         guide = [
-            _dyadic(x @ proj + noise * torch.randn(n, case.d_g, generator=gen)) for x in student
+            dyadic(x @ proj + noise * torch.randn(n, case.d_g, generator=gen)) for x in student
         ]
     guide_dtype = case.guide_dtype or case.dtype
     return [x.to(case.device, case.dtype) for x in student] + [
@@ -161,7 +163,7 @@ def check_front_end(backend: str, case: Case) -> dict[str, float]:
             # A rival within rounding of the positive's logit may flip per backend (ties).
             assert abs(stats[key] - value) <= 1.0 + 1e-9, key
         else:
-            assert stats[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+            assert math.isclose(stats[key], value, rel_tol=1e-12, abs_tol=1e-12), key
     names = ["anchor", "positive"] + [f"negative_{j + 1}" for j in range(case.k)]
     for name, g, g_ref in zip(names, grads, ref_grads):
         assert g.dtype == case.dtype, f"grad of {name} is {g.dtype}"
@@ -176,20 +178,17 @@ def make_problem(case: Case, inputs: list[torch.Tensor]) -> Problem:
     """The Problem the front end would build on rank ``case.rank`` of ``case.world`` after the
     all-gather: local rows ``rank*b ..``, candidates from the whole pool, ``offset = rank*b``."""
     k, b, r = case.k, case.b, case.rank
-    norm = [torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype) for x in inputs]
-    a, p, ns = norm[0], norm[1], norm[2 : 2 + k]
-    ga, gp, gns = norm[2 + k], norm[3 + k], norm[4 + k :]
+    dtype = case.dtype
+    student = [torch.nn.functional.normalize(x.float(), dim=-1).to(dtype) for x in inputs[: 2 + k]]
+    guide = [x.to(dtype) for x in inputs[2 + k :]]
     loc = slice(r * b, (r + 1) * b)
-    segments = build_segments(b, a.shape[0], k, case.contrast_anchors, case.contrast_positives)
-    pool = {"ap": (p, gp), "aa": (a, ga), "pp": (p, gp)}
-    pool.update({f"an{j + 1}": (n, g) for j, (n, g) in enumerate(zip(ns, gns))})
+    segments, sources = build_segments(k, case.contrast_anchors, case.contrast_positives)
+    column = {name: j for j, name in enumerate(column_names(2 + k))}
     return Problem(
-        left=torch.cat([a[loc], p[loc]]),
-        guide_left=torch.cat([ga[loc], gp[loc]]),
-        cand=torch.cat([pool[s.name][0] for s in segments]),
-        guide_cand=torch.cat([pool[s.name][1] for s in segments]),
-        threshold=(ga[loc].float() * gp[loc].float()).sum(-1),
-        pos_logit=(a[loc].float() * p[loc].float()).sum(-1) / case.temperature,
+        left=(student[0][loc], student[1][loc]),
+        cands=tuple(student[column[s]] for s in sources),
+        guide_left=(guide[0][loc], guide[1][loc]),
+        guide_cands=tuple(guide[column[s]] for s in sources),
         segments=segments,
         offset=r * b,
         temperature=case.temperature,
@@ -200,13 +199,16 @@ def make_problem(case: Case, inputs: list[torch.Tensor]) -> Problem:
 
 def _with_leaves(prob: Problem) -> Problem:
     return replace(
-        prob, left=prob.left.clone().requires_grad_(), cand=prob.cand.clone().requires_grad_()
+        prob,
+        left=tuple(x.clone().requires_grad_() for x in prob.left),
+        cands=tuple(x.clone().requires_grad_() for x in prob.cands),
     )
 
 
-def check_problem(backend, case: Case) -> BackendOutput:
-    """``backend(problem)`` against ``reference_backend``: lse, masked counts (exact), above
-    (up to near-ties) and the gradients of ``Σ w_i·lse_i`` (random w) w.r.t. left and cand."""
+def check_problem(backend: Callable[[Problem], BackendOutput], case: Case) -> BackendOutput:
+    """``backend(problem)`` against ``reference_backend``: loss, masked counts (exact),
+    threshold, above (up to near-ties) and the gradients of ``Σ w_i·loss_i`` (random w) w.r.t.
+    the left operands and every candidate tensor."""
     seed = fresh_seed()
     base = make_problem(case, make_inputs(case, seed))
     weights = torch.randn(case.b, generator=torch.Generator().manual_seed(seed + 1))
@@ -216,17 +218,199 @@ def check_problem(backend, case: Case) -> BackendOutput:
     for name, fn in [("reference", reference_backend), ("backend", backend)]:
         prob = _with_leaves(base)
         out = fn(prob)
-        (weights * out.lse).sum().backward()
-        outs[name] = (out, prob.left.grad, prob.cand.grad)
-    (ref, ref_dl, ref_dc), (out, dl, dc) = outs["reference"], outs["backend"]
-    assert out.lse.dtype == torch.float32 and out.lse.shape == (case.b,)
-    assert_close(out.lse, ref.lse, tol, "lse")
+        (weights * out.loss).sum().backward()
+        outs[name] = (out, [x.grad for x in prob.left + prob.cands])
+    (ref, ref_grads), (out, grads) = outs["reference"], outs["backend"]
+    assert out.loss.dtype == torch.float32 and out.loss.shape == (case.b,)
+    assert_close(out.loss, ref.loss, tol, "loss")
     assert out.masked.dtype == torch.int64 and torch.equal(out.masked, ref.masked), "masked"
-    above_lo = reference_backend(replace(base, pos_logit=base.pos_logit + 1e-3)).above
-    above_hi = reference_backend(replace(base, pos_logit=base.pos_logit - 1e-3)).above
+    assert torch.equal(out.threshold, ref.threshold), "threshold"
+    above_lo = reference_backend(base, above_slack=1e-3).above
+    above_hi = reference_backend(base, above_slack=-1e-3).above
     assert out.above.dtype == torch.int64
     assert ((above_lo <= out.above) & (out.above <= above_hi)).all(), "above"
-    assert dl.dtype == case.dtype and dc.dtype == case.dtype
-    assert_close(dl, ref_dl, tol, "grad of left")
-    assert_close(dc, ref_dc, tol, "grad of cand")
+    names = ["anchor rows", "positive rows"] + [f"candidates {j}" for j in range(len(base.cands))]
+    for name, g, g_ref in zip(names, grads, ref_grads):
+        assert g.dtype == case.dtype, f"grad of {name} is {g.dtype}"
+        assert_close(g, g_ref, tol, f"grad of {name}")
     return out
+
+
+# ----------------------------------------------------------------------------- duplicates, ties
+
+TIE_GAP = 1e-5  # every pair that is not an exact tie is this far from its limit (in float64)
+
+
+def tie_inputs(case: Case, seed: int) -> list[torch.Tensor]:
+    """Inputs with duplicate texts (identical student and guide rows): positives copied to other
+    rows' positives and negatives, anchors copied to other anchors. The guide is Gaussian (not
+    dyadic), so a tie ``g = t_i`` is exact only where the two guide rows are identical; inputs
+    are redrawn until every other pair is at least TIE_GAP from its limit."""
+    for attempt in range(50):
+        gen = torch.Generator().manual_seed(seed + attempt)
+        n, k = case.world * case.b, case.k
+        x = [torch.randn(n, case.d, generator=gen) for _ in range(2 + k)]
+        x[1] = x[0] + 0.7 * torch.randn(n, case.d, generator=gen)
+        proj = torch.randn(case.d, case.d_g, generator=gen)
+        g = [xi @ proj + case.d**0.5 * torch.randn(n, case.d_g, generator=gen) for xi in x]
+        rows = torch.randperm(n, generator=gen).tolist()
+        for src, dst in zip(rows[: n // 5], rows[n // 5 : 2 * n // 5]):  # duplicate positives
+            x[1][dst], g[1][dst] = x[1][src], g[1][src]
+        for j, (src, dst) in enumerate(zip(rows[: n // 5], rows[2 * n // 5 : 3 * n // 5])):
+            col = 2 + j % k if k else 1  # a negative that is another row's positive text
+            x[col][dst], g[col][dst] = x[1][src], g[1][src]
+        for src, dst in zip(rows[3 * n // 5 : 3 * n // 5 + 3], rows[-3:]):  # duplicate anchors
+            x[0][dst], g[0][dst] = x[0][src], g[0][src]
+        inputs = [t.to(case.dtype) for t in x + g]
+        if _tie_gap(case, inputs) >= TIE_GAP:
+            return [t.to(case.device) for t in inputs]
+    raise AssertionError("could not draw inputs without near-ties")
+
+
+def _guide_cosines(case: Case, inputs: list[torch.Tensor]):
+    """Per segment (name, left slot, ``[b, N]`` float64 guide cosines, exact-tie mask) of the
+    local rows, and ``t``; ties are pairs whose guide rows equal row i's positive's exactly."""
+    k, b, r = case.k, case.b, case.rank
+    raw = [x.cpu() for x in inputs[2 + k :]]
+    guide = [torch.nn.functional.normalize(x.double(), dim=-1) for x in raw]
+    loc = slice(r * b, (r + 1) * b)
+    t = (guide[0][loc] * guide[1][loc]).sum(-1)
+    segs, sources = build_segments(k, case.contrast_anchors, case.contrast_positives)
+    column = {name: j for j, name in enumerate(column_names(2 + k))}
+    out = []
+    for seg in segs:
+        gl, gc = guide[seg.left][loc], guide[column[sources[seg.cand]]]
+        same = (raw[column[sources[seg.cand]]][None, :, :] == raw[1][loc][:, None, :]).all(-1)
+        out.append((seg, gl @ gc.T, same & (seg.left == 0)))
+    return out, t
+
+
+def _tie_gap(case: Case, inputs: list[torch.Tensor]) -> float:
+    cos, t = _guide_cosines(case, inputs)
+    gaps = [(g - t[:, None]).abs()[~tie] for _, g, tie in cos]
+    return min(float(x.min()) for x in gaps if x.numel())
+
+
+def expected_masked(case: Case, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``[b, S]`` masked counts by the definition (margin 0): ``g > t_i`` strictly, an exact tie
+    kept, the positive and the self-pairs never counted."""
+    assert case.margin == 0
+    cos, t = _guide_cosines(case, inputs)
+    b, rows = case.b, torch.arange(case.b)
+    counts = []
+    for seg, g, tie in cos:
+        masked = (g > t[:, None]) & ~tie
+        if seg.diag:
+            masked[rows, case.rank * b + rows] = False
+        counts.append(masked.sum(1))
+    return torch.stack(counts, 1)
+
+
+def check_ties(backend: Callable[[Problem], BackendOutput], case: Case) -> None:
+    """Masked counts per segment with duplicate texts: ``backend`` equals ``reference``, and
+    both equal the definition."""
+    inputs = tie_inputs(case, fresh_seed())
+    expected = expected_masked(case, inputs)
+    assert int(expected.sum()) > 0
+    problem = make_problem(case, inputs)
+    ref, out = reference_backend(problem), backend(problem)
+    assert torch.equal(ref.masked.cpu(), expected), "reference"
+    assert torch.equal(out.masked.cpu(), expected), "backend"
+    assert_close(out.loss, ref.loss, TOL[case.dtype], "loss")
+
+
+# ------------------------------------------------- 16-bit gradients on confident rows (float64)
+
+CONFIDENT = (0.9, 0.995)  # the positive's softmax weight on the rows that are checked
+
+
+def confident_inputs(dtype: torch.dtype, seed: int, b: int = 48, d: int = 64, d_g: int = 32):
+    """Student rows whose positive takes 0.8-1.0 of the softmax (anchor-positive cosines
+    0.4-0.8 at τ = 0.05), rounded to ``dtype``; dyadic guides (exact masks everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    a = unit(torch.randn(b, d, generator=gen))
+    spread = torch.linspace(0.8, 2.2, b).unsqueeze(1)
+    p = a + spread * unit(torch.randn(b, d, generator=gen))
+    n = torch.randn(b, d, generator=gen)
+    guide = [dyadic(torch.randn(b, d_g, generator=gen)) for _ in range(3)]
+    return [x.to(dtype) for x in (a, p, n)], guide
+
+
+def _segment_masks(guide: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """(left column, candidate column, dropped ``[b, b]``) for AP, AA, PP, AN by the definition
+    (margin 0), in float64."""
+    g = [torch.nn.functional.normalize(x.double(), dim=-1) for x in guide]
+    b = g[0].shape[0]
+    t = (g[0] * g[1]).sum(-1, keepdim=True)
+    eye = torch.eye(b, dtype=torch.bool)
+    out = []
+    for left, cand, diag in ((0, 1, 1), (0, 0, 2), (1, 1, 2), (0, 2, 0)):
+        drop = g[left] @ g[cand].T > t
+        if diag == 1:
+            drop &= ~eye
+        if diag == 2:
+            drop |= eye
+        out.append((left, cand, drop))
+    return out
+
+
+def oracle_grads(student: list[torch.Tensor], guide, temperature: float):
+    """float64 loss of every row, the positive's weight and the anchor and positive gradients."""
+    leaves = [x.double().requires_grad_() for x in student]
+    x = [torch.nn.functional.normalize(v, dim=-1) for v in leaves]
+    scores = [(x[lf] @ x[c].T / temperature).masked_fill(drop, float("-inf"))
+              for lf, c, drop in _segment_masks(guide)]  # fmt: skip
+    scores = torch.cat(scores, 1)
+    b = scores.shape[0]
+    rows = torch.arange(b)
+    loss = torch.logsumexp(scores, 1) - scores[rows, rows]
+    loss.mean().backward()
+    weight = torch.softmax(scores.detach(), 1)[rows, rows]
+    return weight, leaves[0].grad, leaves[1].grad
+
+
+def autocast_grads(student: list[torch.Tensor], guide, temperature: float, device: str = "cpu"):
+    """The plain autocast recipe: float32 normalise, 16-bit GEMM (16-bit logits), float32
+    masked cross-entropy. Returns the anchor and positive gradients (on the CPU)."""
+    leaves = [x.clone().to(device).requires_grad_() for x in student]
+    x = [torch.nn.functional.normalize(v.float(), dim=-1).to(v.dtype) for v in leaves]
+    scores = [(x[lf] @ x[c].T).float().div(temperature).masked_fill(drop.to(device), -math.inf)
+              for lf, c, drop in _segment_masks(guide)]  # fmt: skip
+    scores = torch.cat(scores, 1)
+    target = torch.arange(scores.shape[0], device=device)
+    torch.nn.functional.cross_entropy(scores, target).backward()
+    return leaves[0].grad.cpu(), leaves[1].grad.cpu()
+
+
+def row_errors(grad: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    return (grad.double() - exact).norm(dim=1) / exact.norm(dim=1)
+
+
+def check_confident_rows(backend: str, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Per-row relative error of the anchor and positive gradients of ``gist_loss`` against a
+    float64 oracle on the same rounded inputs, on rows where the positive's weight is in
+    CONFIDENT: at most twice the worst row error of the autocast recipe, in this very test."""
+    tau = 0.05
+    student, guide = confident_inputs(dtype, fresh_seed())
+    weight, exact_a, exact_p = oracle_grads(student, guide, tau)
+    rows = (weight >= CONFIDENT[0]) & (weight <= CONFIDENT[1])
+    assert rows.sum() >= 8, f"only {int(rows.sum())} confident rows"
+    ref_a, ref_p = autocast_grads(student, guide, tau, device)
+    leaves = [x.clone().to(device).requires_grad_() for x in student]
+    loss = gist_loss(leaves[0], leaves[1], guide[0].to(device), guide[1].to(device), [leaves[2]],
+                     [guide[2].to(device)], temperature=tau, backend=backend)  # fmt: skip
+    loss.backward()
+    result = {}
+    for name, ours, auto, exact in (
+        ("anchor", leaves[0].grad.cpu(), ref_a, exact_a),
+        ("positive", leaves[1].grad.cpu(), ref_p, exact_p),
+    ):
+        err, err_auto = row_errors(ours, exact)[rows], row_errors(auto, exact)[rows]
+        result[name] = (float(err.max()), float(err_auto.max()))
+        assert err.max() <= 2 * err_auto.max(), (
+            f"{name} gradient: worst row error {float(err.max()):.3g} > 2 × autocast's "
+            f"{float(err_auto.max()):.3g}"
+        )
+    print(result)
+    return result

@@ -108,8 +108,9 @@ def test_reference_matches_sentence_transformers(
 
 
 def test_hand_computed_3x3():
-    """Three rows, unit vectors in 2-d so every cosine is known; τ = 1 for readable numbers."""
-    deg = [0.0, 60.0, 120.0]
+    """Three rows, unit vectors in 2-d so every cosine is known; τ = 1 for readable numbers.
+    The angles avoid exact ties with the threshold (a tie is decided by the rounded inputs)."""
+    deg = [0.0, 75.0, 160.0]
 
     def unit(angles):
         return torch.tensor(
@@ -120,14 +121,12 @@ def test_hand_computed_3x3():
     p = unit([x + 30 for x in deg])  # s(a_i, p_i) = cos 30°
     # Guide: identical to the student, so g = s and t_i = cos 30° ≈ 0.866.
     loss, stats = gist_loss(a, p, a, p, temperature=1.0, backend="reference", return_stats=True)
-    # Row 0: AP candidates p_0 (30°), p_1 (90°), p_2 (150°): cos 30 (positive), 0, -0.866.
-    # AA: a_1 (60°), a_2 (120°): 0.5, -0.5. PP: p_1, p_2 seen from p_0: 0.5, -0.5.
-    # Nothing exceeds t = 0.866 except the protected positive, so nothing is masked.
+    # Row 0: AP candidates p_0 (30°), p_1 (105°), p_2 (190°): cos 30 (positive), cos 105,
+    # cos 190. AA: a_1 (75°), a_2 (160°). PP: p_1, p_2 seen from p_0 (75°, 160°).
+    # Nothing is as close as 30° except the protected positive, so nothing is masked.
     c30 = math.cos(math.radians(30))
-    row = [c30, 0.0, -c30, 0.5, -0.5, 0.5, -0.5]
-    expected_row = math.log(sum(math.exp(x) for x in row)) - c30
-    # By symmetry (rotating all vectors by 60° maps row i to i+1 up to the set of angles),
-    # rows differ; compute them all the same way.
+    cos = [math.cos(math.radians(x)) for x in (30, 105, 190, 75, 160, 75, 160)]
+    expected_row = math.log(sum(math.exp(x) for x in cos)) - c30
     expected = []
     for i in range(3):
         cands = [float(a[i] @ p[j]) for j in range(3)]

@@ -1,0 +1,98 @@
+"""Driver of tests/test_multinode.py, run in its own process (one Ray cluster per driver):
+``python -m tests.multinode_driver SPEC.json RESULT.json``.
+
+Starts a Ray cluster of three real nodes on 127.0.0.1 (``ray.cluster_utils.Cluster``: a head
+without CPUs for the driver and Ray Train's controller, and two worker nodes of one CPU each, so
+the two training workers land on different nodes). It checks that gist-ray refuses the
+node-local storage path on it, then trains with ``ray.shared_storage`` declared (every node of
+this cluster sees the same temp dir). When the first checkpoint is committed it removes one
+worker node, processes and all, and adds a replacement; Ray Train restarts the worker group
+from that checkpoint. Writes what the test checks to RESULT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _replace_a_node_after_first_checkpoint(cluster, node, run_dir: Path, training) -> dict:
+    """Runs on the main thread (Ray starts nodes only there) while ``training`` runs."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and training.is_alive():
+        # Ray Train writes this snapshot once a checkpoint is committed to storage.
+        if (run_dir / "checkpoint_manager_snapshot.json").is_file():
+            committed = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+            cluster.remove_node(node, allow_graceful=False)
+            cluster.add_node(num_cpus=1)
+            return {"killed_after": committed, "removed_node": node.node_id, "replaced": True}
+        time.sleep(0.2)
+    return {"error": "training ended or no checkpoint appeared within 900 s"}
+
+
+def main(spec_path: str, result_path: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from gist_ray import launcher, log
+    from gist_ray.config import load_config_dict
+    from gist_ray.errors import GistRayError
+    from gist_ray.run import train
+
+    log.configure()
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = load_config_dict(spec["config"])
+    result: dict = {}
+    # Processes Ray starts without an address (Ray Train's placement-group cleaner) would pick
+    # "the latest" of the machine's clusters: name ours before any of its processes starts.
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": port})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
+        try:
+            launcher.check_resources(cfg)
+        except GistRayError as e:
+            result["local_storage_refused"] = str(e)
+        cfg.ray.address = cluster.address
+        cfg.ray.shared_storage = True
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome.update(train(cfg))
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                outcome["error"] = f"{type(e).__name__}: {e}"
+
+        training = threading.Thread(target=run, daemon=True)
+        training.start()
+        run_dir = Path(launcher.storage_path(cfg)) / spec["run_name"]
+        events = _replace_a_node_after_first_checkpoint(cluster, workers[1], run_dir, training)
+        training.join()
+        if "error" in outcome:
+            raise RuntimeError(outcome["error"])
+        out = outcome
+        result.update(
+            events=events,
+            run_id=out["run_id"],
+            model_dir=out["model_dir"],
+            alive_nodes_after=sum(1 for n in ray.nodes() if n["Alive"]),
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

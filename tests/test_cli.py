@@ -1,0 +1,248 @@
+"""The command line's small things: --version, exit codes, and `gist-ray init`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+import yaml
+
+from gist_ray import cli
+from gist_ray.config import load_config
+from gist_ray.data import load_pairs
+from gist_ray.init_config import write_starter
+
+
+def test_version_names_gist_ray_and_what_it_runs_on(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"gist-ray {version('gist-ray')} (Python ")
+    for dep in ("ray", "torch", "transformers", "sentence-transformers", "mlflow"):
+        assert f"{dep} {version(dep)}" in out
+
+
+def test_version_does_not_wait_for_torch():
+    code = "import sys; from gist_ray import cli; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_pooling_help_lists_the_implemented_poolings():
+    from gist_ray.models import POOLINGS
+
+    ev = cli.build_parser()._subparsers._group_actions[0].choices["eval"]
+    (pooling,) = [a for a in ev._actions if a.dest == "pooling"]
+    assert tuple(pooling.choices) == tuple(POOLINGS)
+    assert pooling.help.startswith(", ".join(POOLINGS[:-1]) + " or " + POOLINGS[-1])
+
+
+# ----------------------------------------------------------------------------- exit codes
+
+
+def _fail_with(monkeypatch, exc: BaseException, *flags: str):
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "_cmd_config", boom)
+    return cli.main(["config", *flags])
+
+
+def test_user_error_exits_2_with_one_line(capsys):
+    assert cli.main(["config", "--set", "train.nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gist-ray: error: unknown config key 'train.nope'")
+
+
+def test_an_output_dir_that_cannot_hold_the_log_is_a_user_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    assert cli.main(["train", "--set", f"output_dir={blocker}"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"gist-ray: error: output_dir = '{blocker}': cannot write gist-ray.log")
+
+
+def test_bad_command_line_exits_2():
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--no-such-flag"])
+    assert done.value.code == 2
+
+
+def test_unexpected_error_exits_1_with_one_line(monkeypatch, capsys):
+    assert _fail_with(monkeypatch, RuntimeError("disk on fire\nsecond line")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "gist-ray: error: RuntimeError: disk on fire (rerun with --debug for the traceback)"
+    ]
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _fail_with(monkeypatch, RuntimeError("disk on fire"), "--debug")
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    assert _fail_with(monkeypatch, KeyboardInterrupt()) == 130
+    assert capsys.readouterr().err.strip() == "gist-ray: interrupted"
+
+
+def test_closed_pipe_exits_141_quietly(monkeypatch, tmp_path, capsys):
+    assert _fail_with(monkeypatch, BrokenPipeError()) == 141
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+QUESTIONS = [f"how do I change setting {i}" for i in range(30)]
+ANSWERS = [
+    f"Open the settings page, find option {i} and change it; it applies at once." for i in range(30)
+]
+
+
+def test_init_maps_columns_by_name_explains_and_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = _write_csv(
+        tmp_path / "faq.csv",
+        ["id", "question", "answer", "wrong_answer", "label"],
+        [
+            (i, q, a, ANSWERS[(i + 1) % 30], i % 2)
+            for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+        ],
+    )
+    assert cli.main(["init", str(data)]) == 0
+    text = (tmp_path / "gist-ray.yaml").read_text()
+    cfg = load_config(tmp_path / "gist-ray.yaml")
+    assert cfg.data.train == str(data)
+    assert cfg.data.columns == {
+        "anchor": "question",
+        "positive": "answer",
+        "negative": "wrong_answer",
+    }
+    assert cfg.data.max_examples == 0 and cfg.eval.source == "" and cfg.mlflow.experiment == "faq"
+    ds = load_pairs(cfg.data.train, cfg.data.columns)  # what training will load
+    assert ds.column_names == ["anchor", "positive", "negative_1"] and len(ds) == 30
+    # every choice is explained, and the columns left out are named with the reason
+    assert "anchor:   question  # name matches 'question'" in text
+    assert "#   label: numbers" in text and "every row is trained on as a matching pair" in text
+    assert "#   id: numbers" in text
+    out = capsys.readouterr().out
+    assert "anchor   <- question" in out and "not used: id, label" in out
+    assert "gist-ray train --config gist-ray.yaml" in out
+
+
+def test_init_leaves_out_labels_but_keeps_repeated_queries(tmp_path):
+    rows = [(QUESTIONS[i // 3], ANSWERS[i], ["yes", "no"][i % 2]) for i in range(30)]
+    data = _write_csv(tmp_path / "d.csv", ["query", "document", "relevant_to"], rows)
+    done = write_starter(str(data), tmp_path / "c.yaml")
+    assert done.mapping.roles == {"anchor": "query", "positive": "document"}
+    assert done.mapping.unused == {"relevant_to": "labels (2 distinct values)"}
+
+
+def test_init_falls_back_to_contents_and_numbered_negatives(tmp_path):
+    rows = [
+        {"a": q, "b": a, "neg_1": ANSWERS[(i + 3) % 30], "neg_2": ANSWERS[(i + 5) % 30]}
+        for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "my.yaml"
+    assert cli.main(["init", str(data), "-o", str(out)]) == 0
+    cfg = load_config(out)
+    # the query side is the shorter text
+    assert cfg.data.columns == {
+        "anchor": "a",
+        "positive": "b",
+        "negative_1": "neg_1",
+        "negative_2": "neg_2",
+    }
+    assert "anchor:     a  # shorter texts than 'b'" in out.read_text()
+    assert load_pairs(cfg.data.train, cfg.data.columns).column_names[-1] == "negative_2"
+
+
+def test_init_never_overwrites_without_force(tmp_path, capsys):
+    data = _write_csv(tmp_path / "d.csv", ["query", "document"], zip(QUESTIONS, ANSWERS))
+    out = tmp_path / "cfg.yaml"
+    out.write_text("mine\n")
+    assert cli.main(["init", str(data), "-o", str(out)]) == 2
+    assert out.read_text() == "mine\n"
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["init", str(data), "-o", str(out), "--force"]) == 0
+    assert yaml.safe_load(out.read_text())["data"]["columns"] == {
+        "anchor": "query",
+        "positive": "document",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "d.csv"]  # no temp file
+
+
+def test_init_warns_when_training_would_refuse_the_data(tmp_path, capsys):
+    rows = list(zip(QUESTIONS, ANSWERS))
+    rows[4] = (QUESTIONS[4], "   ")
+    data = _write_csv(tmp_path / "d.csv", ["question", "answer"], rows)
+    assert cli.main(["init", str(data), "-o", str(tmp_path / "c.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: training would refuse the data as it is" in err and "row 4" in err
+
+
+def test_init_needs_two_text_columns(tmp_path, capsys):
+    data = _write_csv(tmp_path / "d.csv", ["id", "text"], enumerate(QUESTIONS))
+    assert cli.main(["init", str(data), "-o", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "two text columns" in err and "id (numbers)" in err
+    assert not (tmp_path / "c.yaml").exists()
+
+
+# ----------------------------------------------------------------------------- a worker's error
+
+
+@pytest.mark.slow  # starts a local Ray cluster through the console script
+def test_a_workers_error_is_one_line_with_the_log(tiny_models, tiny_pairs_file, tmp_path):
+    """Rank 0 cannot write the guide cache (a file is where its folder goes): the terminal
+    gets that error, not Ray's wrapper, and the log's path; the log has the tracebacks."""
+    import os
+    import shutil
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(tiny_pairs_file, data)
+    (tmp_path / ".gist-ray-guide-cache").write_text("in the way\n")
+    sets = [
+        f"model.student={tiny_models['student']}",
+        f"model.guide={tiny_models['guide']}",
+        "model.max_seq_length=32",
+        f"data.train={data}",
+        "eval.source=",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        f"output_dir={tmp_path / 'out'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    exe = shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [*exe.split(), "train", *sum((["--set", s] for s in sets), [])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    log = tmp_path / "out" / "gist-ray.log"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("gist-ray: error: cannot write the guide cache ")
+    assert line.endswith(f"(full log: {log})")
+    assert "Training failed" not in proc.stdout + proc.stderr
+    text = log.read_text()
+    assert "WorkerGroupError" in text and "gist_ray/guide_cache.py" in text

@@ -1,0 +1,68 @@
+"""A real multi-node run on one machine: three Ray nodes on 127.0.0.1 (a head without CPUs and
+two one-CPU worker nodes, so each training worker has a node of its own), storage in a temp dir
+every node of this cluster sees. After the first committed checkpoint one worker node is removed
+with its processes and a replacement node joins; Ray Train restarts the worker group from the
+checkpoint. The run must end with the weights of an uninterrupted run and one MLflow run whose
+step axis has each step once. The storage check sees the real nodes (no mocked ``ray.nodes``):
+without ``ray.shared_storage`` the temp dir is refused as node-local.
+
+The cluster runs in a driver subprocess (tests/multinode_driver.py): a process joins one Ray
+cluster, and this session already holds the shared local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_fault_tolerance import STEPS, make_cfg, reference  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+RUN = "multinode"
+
+
+def test_node_loss_is_survived_with_exact_weights_and_one_step_axis(make_cfg, reference):  # noqa: F811
+    cfg = make_cfg(RUN, "train.max_failures=1")
+    spec, result = (
+        Path(cfg.output_dir).with_suffix(".spec.json"),
+        Path(cfg.output_dir).with_suffix(".result.json"),
+    )
+    spec.write_text(json.dumps({"config": cfg.to_dict(), "run_name": RUN}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GIST_RAY_FAULT_INJECT")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.multinode_driver", str(spec), str(result)],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    out = json.loads(result.read_text())
+
+    assert out["alive_nodes"] == 3
+    refused = out["local_storage_refused"]
+    assert "node-local but the cluster has 3 nodes" in refused and "ray.shared_storage" in refused
+
+    events = out["events"]
+    assert events.get("replaced") and events["killed_after"], events
+    assert "resumed from" in proc.stdout  # the restarted workers loaded the checkpoint
+    assert out["alive_nodes_after"] == 3  # head + surviving worker node + replacement
+
+    weights = load_file(str(Path(out["model_dir"]) / "model.safetensors"))
+    for name, expected in reference["weights"].items():
+        torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    history = client.get_metric_history(out["run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    by_step = {m.step: m.value for m in history}
+    assert [by_step[s] for s in range(1, STEPS + 1)] == pytest.approx(reference["losses"], rel=1e-5)

@@ -57,7 +57,9 @@ class TrainingEval:
         self.best = read_best(self.output_dir, run_id)
 
     def __call__(self, student: Encoder, step: int) -> dict[str, float]:
-        metrics = retrieval_metrics(lambda t: student.encode(t, batch_size=64), self.evalset)
+        # At the model's own settings (its max length and prompts), as before and after training.
+        encode_query, encode_document = student.retrieval_encoders()
+        metrics = retrieval_metrics(encode_document, self.evalset, encode_query_fn=encode_query)
         value = metrics[self.metric]
         improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
         if improved:

@@ -21,6 +21,7 @@ from gist_ray.loss import GistLoss
 from gist_ray.models import ModelSpec, export_model, load_encoder
 from gist_ray.train import optimizer_step, train_worker, training_step
 from tests.conftest import build_tiny_bert, build_tiny_decoder, make_sentences, write_triplets
+from tests.test_fault_tolerance import _reference_worker  # one gloo rank of train_worker
 
 INSTRUCTION = "Instruct: find the answer to the question\nQuery: "
 
@@ -291,25 +292,6 @@ def test_bad_lora_settings(overrides, needle):
         load_config(overrides=overrides)
 
 
-def _pool_worker(rank: int, cfg_dict: dict, port: int, out: str) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    from gist_ray.config import load_config_dict
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        cfg = load_config_dict(cfg_dict)
-        result = train_worker(cfg, LocalReporter(cfg.output_dir))
-        if rank == 0:
-            Path(out).write_text(json.dumps(result["losses"]))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_global_pool_with_lora_equals_one_worker(decoder, guide, data, tmp_path):
     """Two gloo workers with half the batch each (candidates gathered) train the adapter like
@@ -323,7 +305,9 @@ def test_global_pool_with_lora_equals_one_worker(decoder, guide, data, tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     losses = tmp_path / "losses.json"
-    torch.multiprocessing.spawn(_pool_worker, args=(two.to_dict(), port, str(losses)), nprocs=2)
+    torch.multiprocessing.spawn(
+        _reference_worker, args=(two.to_dict(), port, str(losses)), nprocs=2
+    )
     torch.testing.assert_close(
         torch.tensor(json.loads(losses.read_text())),
         torch.tensor(single["losses"]),

@@ -42,6 +42,8 @@ OPERATIONAL_KEYS = frozenset(
     {
         "data.guide_cache",
         "train.mini_batch_size",
+        "train.gradient_checkpointing",  # recomputes activations with the same dropout masks
+        "model.lora_export",
         "train.checkpoint_every",
         "train.log_every",
         "train.max_failures",
@@ -216,6 +218,8 @@ class TrainState:
     # Rank 0: (step, metrics) of steps not yet logged to MLflow. They are logged only once a
     # checkpoint covering them is committed, so a replayed step is never logged twice.
     pending: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    # Other trained state with state_dict/load_state_dict (the EMA self-guide), by name
+    parts: dict[str, Any] = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -244,6 +248,8 @@ class Checkpointer:
         state.step = saved["step"]
         state.run_id = state.run_id or saved.get("mlflow_run_id")
         state.pending = saved.get("pending_metrics", [])
+        for name, part in state.parts.items():
+            part.load_state_dict(saved["parts"][name])
         rngs, world = saved["rng"], world_size()
         if len(rngs) != world:
             log.warning(
@@ -275,6 +281,7 @@ class Checkpointer:
                     "rng": rngs,
                     "mlflow_run_id": state.run_id,
                     "pending_metrics": state.pending,
+                    "parts": {name: part.state_dict() for name, part in state.parts.items()},
                     "identity": self.identity,
                     "config": self.cfg.to_dict(),
                 },

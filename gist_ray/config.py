@@ -6,6 +6,7 @@ Every key is validated: an unknown key or a value of the wrong type or range rai
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -24,6 +25,21 @@ from gist_ray.loss import BACKENDS, STRATEGIES
 from gist_ray.models import POOLINGS
 
 SAMPLINGS = ("proportional", "round_robin")  # how several datasets share the steps
+LORA_EXPORTS = ("merged", "adapter")
+SELF_GUIDES = ("frozen", "ema")
+SELF = "self"  # model.guide: self = the student guides itself (model.self_guide says how)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student through PEFT (``model.lora``); off while ``rank`` is 0."""
+
+    rank: int = 0  # 0 = off: full fine-tuning
+    alpha: float = 0.0  # scaling alpha / rank; 0 = 2 x rank
+    dropout: float = 0.0
+    # Module-name patterns (PEFT's target_modules: names or suffixes such as q_proj); [] or
+    # ["auto"] = PEFT's defaults for the architecture (e.g. q_proj, v_proj for Llama/Qwen2)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +68,13 @@ class ModelConfig:
     # "document" prompt for the others (where it defines them); {} = no prompts.
     prompts: str | dict[str, Any] | None = None
     guide_prompts: str | dict[str, Any] | None = None  # the same, for the guide
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # LoRA export: merged = a plain model with the adapter merged in; adapter = the adapter alone,
+    # a folder sentence-transformers loads on top of the base model it names
+    lora_export: str = "merged"
+    # model.guide: self: the student at step 0 (frozen, cacheable) or an EMA of its weights
+    self_guide: str = "frozen"
+    self_guide_decay: float = 0.999  # ema: guide = decay * guide + (1 - decay) * student
 
 
 @dataclass
@@ -91,6 +114,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; a checkpoint is also written at the end
     log_every: int = 1
     max_failures: int = 0  # worker failures Ray Train recovers from (restart from checkpoint)
+    # Recompute the transformer's activations in the backward pass: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False
+    guide_warmup_steps: int = 0  # plain InfoNCE (no guide mask) for the first N steps
 
 
 @dataclass
@@ -144,13 +170,20 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """``section.key -> value``, e.g. for logging as MLflow params."""
-        out: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict) and key != "columns":
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
-        return out
+        return _flat(self)
+
+
+def _flat(section: Any, prefix: str = "") -> dict[str, Any]:
+    """A dataclass's fields as dotted keys; nested sections (model.lora) are expanded, user
+    mappings (prompts, model_kwargs, columns) kept whole."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = copy.deepcopy(value)  # callers cannot alter the config
+    return out
 
 
 def _kind(annotation: Any) -> str:
@@ -374,6 +407,8 @@ def validate(cfg: Config) -> Config:
         check(value >= 0, f"model.{key}", "must be >= 0 (0 = the model's own)", value)
     for key in ("prompts", "guide_prompts"):
         _check_prompts(f"model.{key}", getattr(m, key))
+    _check_lora(m)
+    _check_self_guide(m)
     d = cfg.data
     check(d.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)", d.max_examples)
     check(d.sampling in SAMPLINGS, "data.sampling", f"one of {', '.join(SAMPLINGS)}", d.sampling)
@@ -390,6 +425,9 @@ def validate(cfg: Config) -> Config:
     check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
     check(t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", t.checkpoint_every)
     check(t.log_every > 0, "train.log_every", "must be > 0", t.log_every)
+    check(
+        t.guide_warmup_steps >= 0, "train.guide_warmup_steps", "must be >= 0", t.guide_warmup_steps
+    )
     check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
     check(
         t.mini_batch_size >= 0, "train.mini_batch_size", "must be >= 0 (0 = off)", t.mini_batch_size
@@ -432,6 +470,74 @@ def validate(cfg: Config) -> Config:
         t.batch_size,
     )
     return cfg
+
+
+def _changed(section: Any, keys: tuple[str, ...] | None = None) -> list[str]:
+    """The fields of a dataclass ``section`` (or only ``keys``) that differ from its defaults."""
+    default = type(section)()
+    names = keys or tuple(f.name for f in dataclasses.fields(section))
+    return [k for k in names if getattr(section, k) != getattr(default, k)]
+
+
+def _check_lora(m: ModelConfig) -> None:
+    lora = m.lora
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank = {lora.rank} is not allowed; must be > 0 (0 = off)")
+    if lora.rank == 0:
+        stray = [f"model.lora.{k}" for k in _changed(lora)]
+        stray += ["model.lora_export"] if m.lora_export != "merged" else []
+        if stray:
+            raise ConfigError(
+                f"{stray[0]} is set but LoRA is off (model.lora.rank = 0); set model.lora.rank "
+                "to the adapter rank, e.g. 16"
+            )
+    if lora.alpha < 0:
+        raise ConfigError(f"model.lora.alpha = {lora.alpha} is not allowed; >= 0 (0 = 2 x rank)")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout = {lora.dropout} is not allowed; must be in [0, 1)")
+    for i, name in enumerate(lora.target_modules):
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(
+                f"model.lora.target_modules[{i}] = {name!r}: expected a module name such as q_proj"
+            )
+    if m.lora_export not in LORA_EXPORTS:
+        allowed = ", ".join(LORA_EXPORTS)
+        raise ConfigError(f"model.lora_export = {m.lora_export!r} is not allowed; one of {allowed}")
+
+
+# The guide's own settings: with model.guide: self there is no separate guide to apply them to.
+GUIDE_KEYS = (
+    "guide_revision",
+    "guide_trust_remote_code",
+    "guide_model_kwargs",
+    "guide_pooling",
+    "guide_max_seq_length",
+    "guide_prompts",
+)
+
+
+def _check_self_guide(m: ModelConfig) -> None:
+    if m.guide != SELF:
+        stray = _changed(m, ("self_guide", "self_guide_decay"))
+        if stray:
+            raise ConfigError(
+                f"model.{stray[0]} applies only with model.guide: self (the guide is {m.guide!r})"
+            )
+        return
+    stray = _changed(m, GUIDE_KEYS)
+    if stray:
+        raise ConfigError(
+            f"model.{stray[0]} does not apply with model.guide: self (the student guides itself, "
+            "with its own settings); remove it"
+        )
+    if m.self_guide not in SELF_GUIDES:
+        raise ConfigError(
+            f"model.self_guide = {m.self_guide!r} is not allowed; one of {', '.join(SELF_GUIDES)}"
+        )
+    if not 0 < m.self_guide_decay < 1:
+        raise ConfigError(
+            f"model.self_guide_decay = {m.self_guide_decay} is not allowed; must be in (0, 1)"
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:

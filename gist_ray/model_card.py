@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from gist_ray.config import Config, train_datasets
+from gist_ray.config import SELF, Config, train_datasets
 
 _HUB_ID = "/"  # a hub model id has an organisation: org/name
 
@@ -64,7 +64,7 @@ def render(cfg: Config, info: CardInfo) -> str:
         f"# {m.student}, fine-tuned with GISTEmbed",
         "",
         f"A sentence-transformers model fine-tuned from `{m.student}` by gist-ray with the "
-        f"GISTEmbed loss (arXiv:2402.16829), guided by `{m.guide}`.",
+        f"GISTEmbed loss (arXiv:2402.16829), guided by {_guide_text(m)}.",
         "",
         "## Model",
         "",
@@ -96,7 +96,7 @@ def render(cfg: Config, info: CardInfo) -> str:
     local = t.batch_size // max(info.world_size, 1)
     lines += [
         "",
-        f"- loss: GISTEmbed (guide `{m.guide}`), temperature {lo.temperature}, margin "
+        f"- loss: GISTEmbed (guide {_guide_text(m)}), temperature {lo.temperature}, margin "
         f"{lo.margin} ({lo.margin_strategy}), contrast anchors {str(lo.contrast_anchors).lower()}"
         f", contrast positives {str(lo.contrast_positives).lower()}",
         f"- global batch {t.batch_size} ({info.world_size} worker(s) × {local}), every query "
@@ -108,6 +108,15 @@ def render(cfg: Config, info: CardInfo) -> str:
         f"- training prompts: {_prompts_text(m.prompts, 'the model')}; guide prompts: "
         f"{_prompts_text(m.guide_prompts, 'the guide')}",
     ]
+    if m.lora.rank:
+        targets = ", ".join(m.lora.target_modules) or "PEFT's defaults"
+        lines.append(
+            f"- LoRA rank {m.lora.rank}, alpha {m.lora.alpha or 2 * m.lora.rank:g}, dropout "
+            f"{m.lora.dropout:g} on {targets}; exported "
+            + ("merged into the weights" if m.lora_export == "merged" else "as the adapter")
+        )
+    if t.guide_warmup_steps:
+        lines.append(f"- guide warm-up: plain InfoNCE (no mask) for {t.guide_warmup_steps} steps")
     if info.after:
         lines += [
             "",
@@ -132,6 +141,14 @@ def render(cfg: Config, info: CardInfo) -> str:
             pass
     lines.append(f"- trained {dt.date.today().isoformat()}")
     return "\n".join(lines) + "\n"
+
+
+def _guide_text(m) -> str:
+    if m.guide != SELF:
+        return f"`{m.guide}`"
+    if m.self_guide == "ema":
+        return f"the model itself (an EMA of its weights, decay {m.self_guide_decay:g})"
+    return "the model itself, frozen at the start of training"
 
 
 def _prompts_text(value: Any, whose: str) -> str:

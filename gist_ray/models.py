@@ -119,8 +119,10 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> SentenceT
     """A SentenceTransformer for ``spec`` (a plain transformers checkpoint gets
     sentence-transformers' defaults: mean pooling); bad input is a one-line ModelError."""
     from gist_ray.assets import resolve_model_path
+    from gist_ray.lora import prepare_load
 
     path = resolve_model_path(spec.name)
+    prepare_load(path)
     try:
         with quiet_hf():
             from sentence_transformers import SentenceTransformer
@@ -388,8 +390,15 @@ class Encoder(nn.Module):
         return run(self.model.encode_query), run(self.model.encode_document)
 
     def load_weights(self, folder: str | Path) -> None:
-        """Load the weights of a folder :meth:`save` wrote (e.g. a checkpoint's)."""
+        """Load the weights of a folder :meth:`save` wrote (e.g. a checkpoint's); with a LoRA
+        adapter, only the adapter's."""
         from sentence_transformers import SentenceTransformer
+
+        from gist_ray import lora
+
+        if lora.has_adapter(self.model) and lora.is_adapter_folder(folder):
+            lora.load_adapter_weights(self.model, folder)
+            return
 
         with quiet_hf():
             saved = SentenceTransformer(
@@ -434,12 +443,22 @@ def describe(enc: Encoder) -> dict[str, Any]:
     }
 
 
-def export_model(checkpoint_model: str | Path, output_dir: str | Path, card: str = "") -> Path:
+def export_model(
+    checkpoint_model: str | Path,
+    output_dir: str | Path,
+    card: str = "",
+    model: SentenceTransformer | None = None,
+) -> Path:
     """Copy a checkpoint's model folder to ``<output_dir>/model`` with the model card
-    ``README.md`` (atomically); return it."""
+    ``README.md`` (atomically); return it. ``model``: save this model instead (e.g. the
+    checkpoint's with its LoRA adapter merged in)."""
     target = Path(output_dir) / MODEL_DIR
     with fileio.atomic_dir(target) as tmp:
-        shutil.copytree(checkpoint_model, tmp, dirs_exist_ok=True)
+        if model is None:
+            shutil.copytree(checkpoint_model, tmp, dirs_exist_ok=True)
+        else:
+            with quiet_hf():
+                model.save(str(tmp), create_model_card=False)
         if card:
             (tmp / "README.md").write_text(card, encoding="utf-8")
     return target

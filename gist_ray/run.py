@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gist_ray.config import Config
-from gist_ray.errors import GistRayError
+from gist_ray.config import SELF, Config
+from gist_ray.errors import ConfigError, GistRayError
 from gist_ray.paths import check_job_paths
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,8 @@ def _absolutize(cfg: Config) -> Config:
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     cfg.data = dataclasses.replace(cfg.data, train=map_sources(cfg.data.train, absolute))
     cfg.eval = dataclasses.replace(cfg.eval, source=absolute(cfg.eval.source))
-    cfg.model = dataclasses.replace(
-        cfg.model, student=absolute(cfg.model.student), guide=absolute(cfg.model.guide)
-    )
+    guide = cfg.model.guide if cfg.model.guide == SELF else absolute(cfg.model.guide)
+    cfg.model = dataclasses.replace(cfg.model, student=absolute(cfg.model.student), guide=guide)
     return cfg
 
 
@@ -124,6 +123,7 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
 def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
     from gist_ray import launcher
+    from gist_ray.lora import merge_adapter
     from gist_ray.models import MODEL_DIR, export_model, load_encoder
     from gist_ray.tracking import results, runs
 
@@ -159,9 +159,14 @@ def train(cfg: Config) -> dict[str, Any]:
             else launcher.run_training(cfg, run.run_id, tracking_uri)
         )
         trained = load_encoder(user_spec(cfg, str(final_ckpt / MODEL_DIR)), frozen=True)
+        merged = cfg.model.lora.rank > 0 and cfg.model.lora_export == "merged"
+        if merged:  # evaluate and export the model the user gets: the adapter merged in
+            merge_adapter(trained.model)
         after = evaluate_model(trained, evalset) if evalset is not None else {}
         card = _model_card(cfg, inputs, trained, before, after)
-        model_dir = export_model(final_ckpt / MODEL_DIR, cfg.output_dir, card)
+        model_dir = export_model(
+            final_ckpt / MODEL_DIR, cfg.output_dir, card, trained.model if merged else None
+        )
         final = results.finish(
             cfg, tracking_uri, run.run_id, model_dir, inputs.steps, before, after, evalset
         )
@@ -199,14 +204,18 @@ def _check_inputs(cfg: Config) -> _Inputs:
     from gist_ray.batches import GlobalBatches
     from gist_ray.data import load_training_sets
     from gist_ray.eval.sets import load_eval_for
-    from gist_ray.models import ModelSpec, load_model
+    from gist_ray.lora import prepare_student
+    from gist_ray.models import ModelSpec, load_encoder, load_model
     from gist_ray.train import guide_prompts, student_prompts
 
     sets = load_training_sets(cfg)
     guide_prompts(cfg, sets)
     batches = GlobalBatches.for_config(cfg, sets)
-    student_prompts(cfg, sets, load_model(ModelSpec.student(cfg)).prompts)
-    load_model(ModelSpec.guide(cfg))
+    student = load_encoder(ModelSpec.student(cfg))
+    prepare_student(student, cfg)  # LoRA target modules that match nothing, no peft
+    student_prompts(cfg, sets, student.model.prompts)
+    if cfg.model.guide != SELF:
+        load_model(ModelSpec.guide(cfg))
     return _Inputs(batches.total_steps(cfg), load_eval_for(cfg), sets)
 
 
@@ -265,6 +274,11 @@ def cache_guide(cfg: Config) -> None:
     from gist_ray import launcher
     from gist_ray.data import load_training_sets
 
+    if cfg.model.guide == SELF and cfg.model.self_guide == "ema":
+        raise ConfigError(
+            "model.self_guide = ema: the guide changes every step, so there is nothing to cache; "
+            "cache-guide needs another model.guide or model.self_guide: frozen"
+        )
     check_job_paths(cfg, "")
     cfg = _absolutize(cfg)
     load_training_sets(cfg)

@@ -23,10 +23,11 @@ import torch.distributed as dist
 from gist_ray import faults
 from gist_ray.batches import GlobalBatches
 from gist_ray.checkpoint import Checkpointer, Reporter, TrainState
-from gist_ray.config import Config
+from gist_ray.config import SELF, Config
 from gist_ray.data import TrainingSet, load_training_sets
 from gist_ray.distributed import is_distributed, rank, world_size
 from gist_ray.gradcache import backward_with_replay, embed_without_graph
+from gist_ray.lora import prepare_student
 from gist_ray.loss import GistLoss
 from gist_ray.models import (
     Encoder,
@@ -40,6 +41,7 @@ from gist_ray.models import (
 )
 from gist_ray.optim import build_optimizer, build_scheduler
 from gist_ray.progress import StepLog
+from gist_ray.self_guide import SelfGuide
 from gist_ray.training_eval import TrainingEval, eval_due
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def train_worker(
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     sets = load_training_sets(cfg)
     student = load_encoder(ModelSpec.student(cfg), device)
+    prepare_student(student, cfg)  # LoRA adapters, gradient checkpointing
     student.train()
     d = describe(student)
     log.info(
@@ -69,12 +72,15 @@ def train_worker(
         d["prompts"] or "none",
     )
     prompts = student_prompts(cfg, sets, student.model.prompts)
-    guide = guide_source(cfg, sets, device)
+    self_guide = make_self_guide(cfg, student)  # None unless model.guide: self
+    guide = guide_source(cfg, sets, device, self_guide)
     batches = GlobalBatches.for_config(cfg, sets)
     total = batches.total_steps(cfg)
 
     opt = build_optimizer(student, cfg.train)
     state = TrainState(opt, build_scheduler(opt, cfg.train, total), run_id)
+    if self_guide is not None and self_guide.live:
+        state.parts["self_guide"] = self_guide  # the EMA weights go into every checkpoint
     checkpointer = Checkpointer(cfg, reporter)
     checkpointer.restore(state, student)
     step_log = StepLog(cfg, state, total, tracking_uri)
@@ -82,6 +88,7 @@ def train_worker(
     if rank() == 0 and cfg.eval.source and cfg.eval.every:
         evaluator = TrainingEval(cfg, state.run_id)
     loss_fn = GistLoss.from_config(cfg.loss, gather=is_distributed())
+    warmup_loss = unmasked(loss_fn)
 
     log.info(
         "training %d steps, global batch %d (%d worker(s) x %d), %d rows in %d dataset(s), "
@@ -100,9 +107,12 @@ def train_worker(
         d, idx = batches.local(state.step, rank(), world_size())
         texts = sets[d].texts
         columns = [[texts[c][i] for i in idx] for c in texts]
+        step_loss = warmup_loss if state.step < cfg.train.guide_warmup_steps else loss_fn
         metrics = optimizer_step(
-            cfg, student, loss_fn, state, columns, guide(d, idx, columns), prompts[d]
+            cfg, student, step_loss, state, columns, guide(d, idx, columns), prompts[d]
         )
+        if self_guide is not None:
+            self_guide.update()
         dt = time.perf_counter() - t0
         metrics.update(samples_per_s=cfg.train.batch_size / dt, step_time_s=dt)
         if len(sets) > 1:  # which dataset this step trained on, and its loss
@@ -218,6 +228,22 @@ def training_step(
     return loss.detach(), stats
 
 
+def unmasked(loss_fn: GistLoss) -> GistLoss:
+    """The same loss with nothing masked: plain InfoNCE over the same candidates, for the guide
+    warm-up. GistLoss has no switch for it: an absolute margin of -inf puts every row's mask
+    limit at +inf, which no guide similarity exceeds (on every backend: ``g > limit`` is false,
+    the kernels' ``g <= limit`` true)."""
+    out = GistLoss(
+        temperature=loss_fn.temperature,
+        contrast_anchors=loss_fn.contrast_anchors,
+        contrast_positives=loss_fn.contrast_positives,
+        backend=loss_fn.backend,
+        gather=loss_fn.gather,
+    )
+    out.margin, out.margin_strategy = float("-inf"), "absolute"
+    return out
+
+
 def average_gradients(model: torch.nn.Module) -> None:
     """Average parameter gradients over workers (what DDP does, kept explicit: it must also
     work with gradient caching's several backward passes)."""
@@ -250,8 +276,26 @@ def worker_device(cfg: Config) -> torch.device:
 
 
 def load_guide(cfg: Config, device: torch.device) -> Encoder:
-    """The frozen guide (eval mode, no gradient) on ``device``."""
-    return load_encoder(ModelSpec.guide(cfg), device, frozen=True)
+    """The frozen guide (eval mode, no gradient) on ``device``; with ``model.guide: self`` the
+    student as loaded (the student at step 0: a fresh LoRA adapter changes nothing)."""
+    return load_encoder(_guide_spec(cfg), device, frozen=True)
+
+
+def _guide_spec(cfg: Config) -> ModelSpec:
+    return ModelSpec.student(cfg) if cfg.model.guide == SELF else ModelSpec.guide(cfg)
+
+
+def make_self_guide(cfg: Config, student: Encoder) -> SelfGuide | None:
+    """With ``model.guide: self``, the student's copy that guides it (before any checkpoint is
+    restored: the frozen guide is the student at step 0, the EMA starts there)."""
+    if cfg.model.guide != SELF:
+        return None
+    m = cfg.model
+    log.info(
+        "guide: the student itself (%s)",
+        f"EMA, decay {m.self_guide_decay}" if m.self_guide == "ema" else "frozen at step 0",
+    )
+    return SelfGuide(student, m.self_guide, m.self_guide_decay)
 
 
 def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
@@ -259,21 +303,30 @@ def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
     own (read from its folder, so a cache hit needs no guide)."""
     from gist_ray.assets import resolve_model_path
 
-    spec = ModelSpec.guide(cfg)
+    spec = _guide_spec(cfg)
+    if cfg.model.guide == SELF:  # the student's prompts
+        own = saved_prompts(resolve_model_path(spec.name), spec.revision)
+        by_col = student_prompts(cfg, sets, own)
+        return [{c: p for c, p in zip(s.texts, ps) if p} for s, ps in zip(sets, by_col)]
     own = own_prompts(saved_prompts(resolve_model_path(spec.name), spec.revision))
     setting = cfg.model.guide_prompts
     check_prompt_columns(setting, "model.guide_prompts", {s.name: list(s.texts) for s in sets})
     return [column_prompts(setting, s.name, list(s.texts), own) for s in sets]
 
 
-def guide_source(cfg: Config, sets: list[TrainingSet], device: torch.device) -> GuideFn:
+def guide_source(
+    cfg: Config, sets: list[TrainingSet], device: torch.device, self_guide: SelfGuide | None = None
+) -> GuideFn:
     """Where a step's guide embeddings come from: the guide cache (built or loaded now), or a
-    guide forward every step when ``data.guide_cache`` is off."""
+    guide forward every step when ``data.guide_cache`` is off or the guide is an EMA."""
     prompts = guide_prompts(cfg, sets)
-    if cfg.data.guide_cache:
-        caches = build_guide_cache(cfg, sets, prompts, device)
+    live = self_guide is not None and self_guide.live
+    if cfg.data.guide_cache and live:
+        log.info("model.self_guide = ema changes the guide every step: no guide cache, live guide")
+    if cfg.data.guide_cache and not live:
+        caches = build_guide_cache(cfg, sets, prompts, device, self_guide)
         return lambda d, idx, _columns: [caches[d][c][idx] for c in sets[d].texts]
-    guide = load_guide(cfg, device)
+    guide = self_guide.encoder if self_guide is not None else load_guide(cfg, device)
 
     def live(d: int, _idx: list[int], columns: list[list[str]]) -> list[torch.Tensor]:
         return live_guide_embeddings(guide, columns, [prompts[d].get(c) for c in sets[d].texts])
@@ -292,17 +345,24 @@ def live_guide_embeddings(
 
 def guide_settings(cfg: Config) -> dict[str, object]:
     """The guide's settings that, with its files and the prompts, fix its embeddings."""
-    spec = ModelSpec.guide(cfg)
-    return {
+    spec = _guide_spec(cfg)
+    settings: dict[str, object] = {
         "revision": spec.revision,
         "model_kwargs": spec.model_kwargs,
         "pooling": spec.pooling or "own",
         "max_seq_length": spec.max_seq_length or "own",
     }
+    if cfg.model.guide == SELF:  # the student at step 0
+        settings["self_guide"] = cfg.model.self_guide
+    return settings
 
 
 def build_guide_cache(
-    cfg: Config, sets: list[TrainingSet], prompts: list[dict[str, str]], device: torch.device
+    cfg: Config,
+    sets: list[TrainingSet],
+    prompts: list[dict[str, str]],
+    device: torch.device,
+    self_guide: SelfGuide | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Load or build (on every worker, sharded) the guide embeddings of every dataset's texts;
     the guide itself is loaded only when a cache must be built, and only once."""
@@ -313,7 +373,7 @@ def build_guide_cache(
 
     def guide_once() -> Encoder:
         if not loaded:
-            loaded.append(load_guide(cfg, device))
+            loaded.append(self_guide.encoder if self_guide else load_guide(cfg, device))
         return loaded[0]
 
     out = []
@@ -322,7 +382,7 @@ def build_guide_cache(
         tensors, path, built = guide_cache.get_or_build(
             guide_once,
             s.spec.source,
-            resolve_model_path(cfg.model.guide),
+            resolve_model_path(_guide_spec(cfg).name),
             guide_settings(cfg),
             s.texts,
             p,

@@ -65,7 +65,7 @@ def output_path(cfg: Config, s: TrainingSet, several: bool) -> tuple[Path, str]:
                 "mine.output names one file but data.train has several datasets; leave it "
                 "empty to write <output_dir>/<dataset>-mined.<format> for each"
             )
-        return Path(cfg.mine.output).expanduser().absolute(), "mine.output"
+        return Path(cfg.mine.output).expanduser(), "mine.output"
     src = Path(s.spec.source).expanduser()
     suffix = src.suffix.lower() if src.is_file() and src.suffix.lower() in output.WRITERS else ""
     path = Path(cfg.output_dir).expanduser().absolute() / f"{s.name}-mined{suffix or '.parquet'}"

@@ -77,9 +77,11 @@ def reference(anchors, corpus, excluded, pos, rule: Rule):
         if len(chosen) < rule.k and rule.fill:
             rest = [i for i in allowed if i not in chosen]  # all above the chosen ones
             extra = sorted(rest, key=lambda i: scores[i])[: rule.k - len(chosen)]
-            chosen = sorted(chosen + extra, key=lambda i: -scores[i]) if len(extra) == (
-                rule.k - len(chosen)
-            ) else chosen
+            chosen = (
+                sorted(chosen + extra, key=lambda i: -scores[i])
+                if len(extra) == (rule.k - len(chosen))
+                else chosen
+            )
         out.append(chosen)
     return out
 
@@ -115,8 +117,9 @@ def test_strict_rules_really_leave_rows_short_or_filled():
     anchors, corpus, excluded, pos = _problem(rows=50, n=120, seed=7)
     strict = Rule(k=8, perc=0.5, range_min=4)
     short = mine_negatives(anchors, Searcher(corpus), excluded, pos, strict)
-    filled = mine_negatives(anchors, Searcher(corpus), excluded, pos, Rule(**{
-        **strict.__dict__, "fill": True}))
+    filled = mine_negatives(
+        anchors, Searcher(corpus), excluded, pos, Rule(**{**strict.__dict__, "fill": True})
+    )
     assert (short.found < 8).any() and (filled.filled > 0).any()
     assert torch.equal(short.found, filled.found)
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from gist_ray import insuranceqa
-from gist_ray.config import Config
+from gist_ray.config import Config, load_config_dict
 from gist_ray.data import TrainingSet, load_training_sets
 from gist_ray.errors import ConfigError
 from gist_ray.mining import output
-from gist_ray.mining.guide import guide_embeddings_for
+from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 from gist_ray.mining.search import Searcher, resolve_backend
 from gist_ray.mining.select import Rule, mine_negatives
 from gist_ray.progress import fmt_eta
@@ -82,10 +82,25 @@ def mine(cfg: Config) -> list[Summary]:
         c.check(rule, s.name)
         output.check_output(out, key)
     embeddings = guide_embeddings_for(cfg, sets)
-    return [
+    summaries = [
         mine_set(cfg, s, c, e, out, key, rule, backend)
         for s, c, e, (out, key) in zip(sets, corpora, embeddings, outs)
     ]
+    known = known_embeddings(cfg, sets, embeddings)
+    for summary in summaries:
+        for path in seed_guide_cache(training_config(cfg, summary.output), known):
+            log.info("guide cache of %s: %s (training on it runs no guide)", summary.output, path)
+    return summaries
+
+
+def training_config(cfg: Config, mined: str) -> Config:
+    """``cfg`` training on the mined file, as the printed next step does."""
+    data = cfg.to_dict()
+    data["data"]["train"] = mined
+    data["data"]["columns"] = {
+        k: v for k, v in cfg.data.columns.items() if not k.startswith("negative")
+    }
+    return load_config_dict(data)
 
 
 class Corpus:
@@ -133,7 +148,7 @@ def fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: 
     for col in ("anchor", "positive"):
         for text in s.texts[col]:
             h.update(text.encode() + b"\0")
-        h.update(emb[col].numpy().tobytes())
+        h.update(emb[col].float().numpy().tobytes())
     src = Path(s.spec.source).expanduser()
     m = cfg.mine
     value = {"perc_pos": f"perc={m.perc}", "margin": f"margin={m.margin}", "none": ""}
@@ -164,8 +179,8 @@ def mine_set(
         log.info("%s is already mined from the same data, guide and settings", out)
         return Summary(**{**done, "reused": True})
     t0 = time.perf_counter()
-    a = F.normalize(emb["anchor"], dim=-1)
-    corpus = F.normalize(emb["positive"][c.first_row], dim=-1)
+    a = F.normalize(emb["anchor"].float(), dim=-1)
+    corpus = F.normalize(emb["positive"][c.first_row].float(), dim=-1)
     pos = positive_scores(c, s.texts["anchor"], a, corpus)
     searcher = Searcher(corpus, backend, cfg.mine.corpus_chunk)
     parts = output.Parts(out, fp, cfg.mine.part_rows)
@@ -323,7 +338,7 @@ def print_summaries(summaries: list[Summary], cfg: Config, config: str | None) -
             f"  mean guide score: positive {s.positive_score:.4f}  negative {s.negative_score:.4f}"
         )
     how = f"gist-ray train{f' --config {config}' if config else ''}"
-    roles = {k: v for k, v in cfg.data.columns.items() if not k.startswith("negative")}
+    roles = training_config(cfg, summaries[0].output).data.columns
     if roles != cfg.data.columns:  # the mined negatives replace the mapped ones
         how += f" --set 'data.columns={json.dumps(roles)}'"
     if len(summaries) == 1:

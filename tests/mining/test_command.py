@@ -18,7 +18,7 @@ from gist_ray.errors import ConfigError
 from gist_ray.mining import command, output
 from gist_ray.mining.guide import guide_embeddings_for
 from gist_ray.mining.select import Rule
-from gist_ray.train import train_worker
+from gist_ray.train import guide_prompts, live_guide_embeddings, load_guide, train_worker
 from tests.conftest import make_sentences
 from tests.mining.test_search_select import reference
 
@@ -137,8 +137,16 @@ def test_mine_then_train_on_it(tiny_models, data, tmp_path, caplog):
     )
     sets = load_training_sets(train)
     assert list(sets[0].texts) == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+    caplog.clear()
     result = train_worker(train, LocalReporter(tmp_path / "train"))
     assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert "guide cache of 'pairs-mined' loaded" in caplog.text, "mine wrote the file's cache"
+    # ... and it holds what the guide computes for those texts
+    seeded = guide_embeddings_for(train, sets)[0]
+    guide, prompts = load_guide(train, torch.device("cpu")), guide_prompts(train, sets)[0]
+    for col, texts in sets[0].texts.items():
+        live = live_guide_embeddings(guide, [texts], [prompts.get(col)])[0]
+        torch.testing.assert_close(seeded[col], live, atol=1e-5, rtol=1e-4)
 
 
 def test_resume_after_an_interruption_gives_the_same_output(

@@ -207,17 +207,25 @@ def test_output_keeps_the_input_format(tiny_models, data, tmp_path, suffix):
     )
 
 
-def _cli(tiny_models, data, out, capfd, *extra):
-    code = main(
-        ["mine", *sum((["--set", o] for o in _overrides(tiny_models, data, out, *extra)), [])]
-    )
+def _cli(tiny_models, data, out, capfd, *extra, args=()):
+    sets = sum((["--set", o] for o in _overrides(tiny_models, data, out, *extra)), [])
+    code = main(["mine", *sets, *args])
     return code, capfd.readouterr()
 
 
 def test_cli_mines_and_prints_the_next_step(tiny_models, data, tmp_path, capfd):
-    code, io = _cli(tiny_models, data, tmp_path, capfd, "mine.threshold=none", "mine.k=2")
+    out = tmp_path / "neg.parquet"
+    code, io = _cli(
+        tiny_models,
+        data,
+        tmp_path,
+        capfd,
+        "mine.threshold=none",
+        args=("--k", "2", "--out", str(out)),
+    )  # --k and --out win over mine.k and mine.output
     assert code == 0, io
-    assert "written 64" in io.out and f"data.train={tmp_path / 'pairs-mined.jsonl'}" in io.out
+    assert "written 64" in io.out and f"next: gist-ray train --set data.train={out}" in io.out
+    assert [c for c in _rows(out)[0] if c.startswith("negative")] == ["negative_1", "negative_2"]
 
 
 @pytest.mark.parametrize(

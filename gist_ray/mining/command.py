@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gist_ray import insuranceqa
 from gist_ray.config import Config, load_config_dict
 from gist_ray.data import TrainingSet, load_training_sets
-from gist_ray.errors import ConfigError
+from gist_ray.errors import ConfigError, GistRayError
 from gist_ray.mining import output
 from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 from gist_ray.mining.search import Searcher, resolve_backend
@@ -87,19 +87,32 @@ def mine(cfg: Config) -> list[Summary]:
         for s, c, e, (out, key) in zip(sets, corpora, embeddings, outs)
     ]
     known = known_embeddings(cfg, sets, embeddings)
-    for summary in summaries:
-        for path in seed_guide_cache(training_config(cfg, summary.output), known):
+    for s, summary in zip(sets, summaries):
+        try:  # a shortcut for training, never a reason to fail a finished mining run
+            paths = seed_guide_cache(training_config(cfg, summary.output, s), known)
+        except GistRayError as e:
+            log.warning("no guide cache for %s (training will build it): %s", summary.output, e)
+            continue
+        for path in paths:
             log.info("guide cache of %s: %s (training on it runs no guide)", summary.output, path)
     return summaries
 
 
-def training_config(cfg: Config, mined: str) -> Config:
-    """``cfg`` training on the mined file, as the printed next step does."""
+def _without_negatives(columns: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in columns.items() if not k.startswith("negative")}
+
+
+def training_config(cfg: Config, mined: str, s: TrainingSet | None = None) -> Config:
+    """``cfg`` training on the mined file alone: the printed next step for a single source;
+    for dataset ``s`` of a list or mapping, that dataset under its name with its settings."""
     data = cfg.to_dict()
-    data["data"]["train"] = mined
-    data["data"]["columns"] = {
-        k: v for k, v in cfg.data.columns.items() if not k.startswith("negative")
-    }
+    data["data"]["columns"] = _without_negatives(cfg.data.columns)
+    if isinstance(cfg.data.train, str) or s is None:
+        data["data"]["train"] = mined
+    else:
+        spec = {"source": mined, "columns": _without_negatives(s.spec.columns)}
+        spec.update(max_examples=s.spec.max_examples, prompts=s.spec.prompts)
+        data["data"]["train"] = {s.name: {k: v for k, v in spec.items() if v is not None}}
     return load_config_dict(data)
 
 

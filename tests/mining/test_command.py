@@ -252,3 +252,27 @@ def test_bad_input_is_one_line_naming_the_key(tiny_models, data, tmp_path, capfd
     code, io = _cli(tiny_models, data, tmp_path, capfd, setting)
     lines = [line for line in (io.out + io.err).splitlines() if "error" in line]
     assert code == 2 and len(lines) == 1 and message in lines[0], io
+
+
+def test_several_datasets_each_get_their_own_output_and_cache(tiny_models, data, tmp_path, caplog):
+    csv = tmp_path / "more.csv"
+    datasets.load_dataset("json", data_files=str(data), split="train").select(
+        range(20)
+    ).rename_columns({"anchor": "question", "positive": "answer", "negative": "wrong"}).to_csv(
+        str(csv), index=False
+    )
+    cols = {"anchor": "question", "positive": "answer", "negative": "wrong"}
+    train = {"first": str(data), "second": {"source": str(csv), "columns": cols}}
+    cfg = _cfg(tiny_models, data, tmp_path / "out", "mine.threshold=none", f"data.train={train}")
+    first, second = command.mine(cfg)
+    assert (first.dataset, first.written, second.dataset, second.written) == (
+        "first",
+        64,
+        "second",
+        20,
+    )
+    row = _rows(tmp_path / "out" / "second-mined.csv")[0]
+    assert set(row) == {"id", "question", "answer", "negative_1", "negative_2", "negative_3"}
+    assert caplog.text.count("(training on it runs no guide)") == 2
+    with pytest.raises(ConfigError, match="mine.output names one file but data.train has several"):
+        command.mine(_cfg(tiny_models, data, tmp_path, f"data.train={train}", "mine.output=x.csv"))

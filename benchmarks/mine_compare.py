@@ -46,6 +46,46 @@ def mine_ours(cfg) -> dict:
     return {"cache_s": t_cache, "mine_s": time.perf_counter() - t0, "summary": s.__dict__}
 
 
+def seed_from(cfg, rows: int) -> list[str]:
+    """The guide cache of ``cfg``'s rows written from the cache of the first ``rows`` rows
+    (the built-in rows are a fixed shuffle, so fewer rows are a prefix of more)."""
+    from gist_ray.config import load_config_dict
+    from gist_ray.data import load_training_sets
+    from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
+
+    big = cfg.to_dict()
+    big["data"]["max_examples"] = rows
+    big = load_config_dict(big)
+    sets = load_training_sets(big)
+    known = known_embeddings(big, sets, guide_embeddings_for(big, sets))
+    return [str(p) for p in seed_guide_cache(cfg, known)]
+
+
+def search_scale(queries: int, corpus: int, dim: int, k: int) -> dict:
+    """The exact search alone on random unit vectors: torch (chunked) and faiss."""
+    import torch
+    import torch.nn.functional as F
+
+    from gist_ray.mining.search import Searcher, faiss_available
+    from gist_ray.mining.select import Rule, mine_negatives
+
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(queries, dim, generator=g), dim=-1)
+    c = F.normalize(torch.randn(corpus, dim, generator=g), dim=-1)
+    excluded = [[i % corpus] for i in range(queries)]
+    pos = (q * c[[i % corpus for i in range(queries)]]).sum(-1) + 0.5  # a positive above all
+    out = {"queries": queries, "corpus": corpus, "dim": dim, "k": k}
+    for backend in ("torch", "faiss") if faiss_available() else ("torch",):
+        t0 = time.perf_counter()
+        searcher = Searcher(c, backend, 65536)
+        for b in range(0, queries, 1024):
+            mine_negatives(
+                q[b : b + 1024], searcher, excluded[b : b + 1024], pos[b : b + 1024], Rule(k=k)
+            )
+        out[f"{backend}_s"] = time.perf_counter() - t0
+    return out
+
+
 def mine_st(cfg, out: Path) -> dict:
     """sentence-transformers' mine_hard_negatives on the same rows, guide and settings."""
     import datasets
@@ -129,6 +169,15 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="also train (a), (b), (c) and evaluate")
     p.add_argument("--dir", type=Path, required=True, help="work folder (outputs, models)")
     p.add_argument("--heldout-args", default="", help="extra arguments for heldout_eval.py")
+    p.add_argument(
+        "--seed-from",
+        type=int,
+        default=0,
+        help="write the guide cache of --rows from the cache of this many rows (a superset)",
+    )
+    p.add_argument(
+        "--scale", type=int, default=0, help="also time the search alone: N queries x N corpus"
+    )
     a = p.parse_args()
 
     from gist_ray import log
@@ -153,12 +202,16 @@ def main() -> None:
         "k": a.k,
         "perc": a.perc,
     }
+    if a.seed_from:
+        res["seeded_from"] = {"rows": a.seed_from, "caches": seed_from(cfg, a.seed_from)}
     res["ours"] = mine_ours(cfg)
     st_path = a.dir / "st-mined.parquet"
     res["st"] = mine_st(cfg, st_path)
     res["overlap"] = overlap(Path(cfg.mine.output), st_path, a.k)
     res["st"]["seeded_cache"] = seed_cache(cfg, st_path)
     res["load_after_mining"] = os.getloadavg()[0]
+    if a.scale:
+        res["scale"] = search_scale(a.scale, a.scale, 768, a.k)
     print(json.dumps(res, indent=2, default=str))
     if a.train:
         sources = {"a": "insuranceqa", "b": str(st_path), "c": cfg.mine.output}

@@ -64,12 +64,15 @@ def mine_negatives(
     excluded: list[list[int]],
     positive_scores: torch.Tensor,
     rule: Rule,
+    max_candidates: int = 1 << 26,
 ) -> Mined:
     """Mine the rows of ``anchors`` (L2-normalised guide embeddings) against the searcher's
     corpus. ``excluded[r]``: corpus ids row r may never get (its positives, its own text).
 
     Exact over the whole corpus: each row retrieves its top-K, K doubling (for the rows still
-    short) until ``range_min + k`` candidates pass the rule or K is the corpus size."""
+    short) until ``range_min + k`` candidates pass the rule or K is the corpus size. Rows are
+    searched in groups of at most ``max_candidates`` candidates in all, so a deep search of
+    few rows holds no more than a shallow one of many."""
     rows, k, n = anchors.shape[0], rule.k, len(searcher)
     out = Mined(
         torch.full((rows, k), -1, dtype=torch.long),
@@ -86,16 +89,18 @@ def mine_negatives(
     pending = torch.arange(rows)
     top = min(n, 2 * want + width + 8)  # a first guess; short rows search again, deeper
     while len(pending):
-        scores, ids = searcher.top_k(anchors[pending], top)
-        scores, ids = scores.cpu(), ids.cpu()
-        allowed = ~(ids[:, :, None] == excl[pending][:, None, :]).any(-1)
-        passing = allowed & (scores < limit[pending, None])
-        rank = passing.cumsum(1)  # 1-based rank among the candidates that pass
-        complete = top >= n
-        done = (rank[:, -1] >= want) | complete
-        for j in torch.nonzero(done).flatten().tolist():
-            _take(out, int(pending[j]), scores[j], ids[j], allowed[j], passing[j], rank[j], rule)
-        pending = pending[~done]
+        short = []
+        for group in pending.split(max(1, max_candidates // top)):
+            scores, ids = searcher.top_k(anchors[group], top)
+            scores, ids = scores.cpu(), ids.cpu()
+            allowed = ~(ids[:, :, None] == excl[group][:, None, :]).any(-1)
+            passing = allowed & (scores < limit[group, None])
+            rank = passing.cumsum(1)  # 1-based rank among the candidates that pass
+            done = (rank[:, -1] >= want) | (top >= n)
+            for j in torch.nonzero(done).flatten().tolist():
+                _take(out, int(group[j]), scores[j], ids[j], allowed[j], passing[j], rank[j], rule)
+            short.append(group[~done])
+        pending = torch.cat(short)
         top = min(n, 2 * top)
     return out
 

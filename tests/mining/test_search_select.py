@@ -113,6 +113,14 @@ def test_rules_match_the_reference(rule):
                 assert torch.all(found < lim[r])
 
 
+def test_a_small_candidate_budget_gives_the_same_negatives():
+    anchors, corpus, excluded, pos = _problem(rows=50, n=120, seed=7)
+    rule = Rule(k=8, perc=0.5, range_min=4, fill=True)  # deep searches for short rows
+    a = mine_negatives(anchors, Searcher(corpus), excluded, pos, rule)
+    b = mine_negatives(anchors, Searcher(corpus), excluded, pos, rule, max_candidates=100)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.filled, b.filled)
+
+
 def test_strict_rules_really_leave_rows_short_or_filled():
     anchors, corpus, excluded, pos = _problem(rows=50, n=120, seed=7)
     strict = Rule(k=8, perc=0.5, range_min=4)

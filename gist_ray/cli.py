@@ -1,9 +1,10 @@
-"""The ``gist-ray`` command line: ``train``, ``cache-guide``, ``init``, ``config``, ``eval``.
+"""The ``gist-ray`` command line: ``train``, ``cache-guide``, ``mine``, ``init``, ``config``,
+``eval``.
 
 The terminal shows gist-ray's own lines (the ``gist_ray`` logger; for ``eval`` on stderr) and a
-command's result on stdout. ``train`` and ``cache-guide`` send everything else (Ray, MLflow,
-transformers, datasets) to ``<output_dir>/gist-ray.log``, shown live with ``--verbose``; its path
-is printed at the end and with an error.
+command's result on stdout. ``train``, ``cache-guide`` and ``mine`` send everything else (Ray,
+MLflow, transformers, datasets) to ``<output_dir>/gist-ray.log``, shown live with ``--verbose``;
+its path is printed at the end and with an error.
 
 Exit status: 0 success; 1 an unexpected error (the traceback is in the log, or shown with
 ``--debug``); 2 a user error (bad config, data, model or cluster: one line saying what to
@@ -128,10 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
         "cache-guide", help="embed every training text with the guide once (sharded on Ray)"
     )
     _add_config_args(cache)
+    _add_mine_parser(sub)
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(cfg, verbose=False)
     _add_eval_parser(sub)
     return parser
+
+
+def _add_mine_parser(sub) -> None:
+    mine = sub.add_parser(
+        "mine",
+        help="mine k hard negatives per row with the (cached) guide; writes negative_1..k",
+        description="Mine hard negatives for data.train with the guide's cached embeddings: "
+        "the k most similar positives of other anchors that score below mine.perc x the "
+        "row's own positive (or below it - mine.margin). The output is a training file.",
+    )
+    _add_config_args(mine)
+    mine.add_argument("--k", type=int, metavar="K", help="negatives per row (mine.k)")
+    mine.add_argument("--out", metavar="PATH", help="output file (mine.output)")
 
 
 def _add_eval_parser(sub) -> None:
@@ -220,14 +235,17 @@ def _open_log(cfg, args: argparse.Namespace) -> Path:
             f"({e.strerror or e})"
         ) from e
     m = cfg.model
-    _log.info(
-        "loading student %s, guide %s and data %s (%d %s worker(s))",
-        m.student,
-        m.guide,
-        cfg.data.train,
-        cfg.ray.num_workers,
-        "GPU" if cfg.ray.use_gpu else "CPU",
-    )
+    if args.command == "mine":
+        _log.info("mining hard negatives for %s with guide %s", cfg.data.train, m.guide)
+    else:
+        _log.info(
+            "loading student %s, guide %s and data %s (%d %s worker(s))",
+            m.student,
+            m.guide,
+            cfg.data.train,
+            cfg.ray.num_workers,
+            "GPU" if cfg.ray.use_gpu else "CPU",
+        )
     _log.info("full log: %s%s", path, "" if args.verbose else " (--verbose shows it here)")
     return path
 
@@ -242,6 +260,15 @@ def _cmd_cache_guide(args: argparse.Namespace) -> int:
     from gist_ray.run import cache_guide
 
     return _logged(args, cache_guide)
+
+
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from gist_ray.mining.command import mine, print_summaries
+
+    # --k / --out are shorthands for --set, applied last so they win
+    args.overrides += [f"mine.k={args.k}"] if args.k is not None else []
+    args.overrides += [f"mine.output={args.out}"] if args.out is not None else []
+    return _logged(args, lambda cfg: print_summaries(mine(cfg), cfg, args.config))
 
 
 def _logged(args: argparse.Namespace, command) -> int:
@@ -285,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "train": _cmd_train,
         "cache-guide": _cmd_cache_guide,
+        "mine": _cmd_mine,
         "init": _cmd_init,
         "config": _cmd_config,
         "eval": _cmd_eval,

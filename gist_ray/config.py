@@ -22,6 +22,8 @@ from gist_ray.errors import ConfigError
 # Each list of allowed values lives with the code that implements it.
 from gist_ray.eval.metrics import REPORTED as EVAL_METRICS
 from gist_ray.loss import BACKENDS, STRATEGIES
+from gist_ray.mining.search import BACKENDS as MINE_BACKENDS
+from gist_ray.mining.select import SHORTFALL, THRESHOLDS
 from gist_ray.models import POOLINGS
 
 SAMPLINGS = ("proportional", "round_robin")  # how several datasets share the steps
@@ -152,6 +154,23 @@ class MlflowConfig:
 
 
 @dataclass
+class MineConfig:
+    """``gist-ray mine``: hard negatives for every row of data.train, from the guide cache."""
+
+    k: int = 5  # negatives per row, written as negative_1..negative_k
+    threshold: str = "perc_pos"  # perc_pos (NV-Retriever's TopK-PercPos) | margin | none
+    perc: float = 0.95  # perc_pos: keep candidates scoring below perc x the positive's score
+    margin: float = 0.05  # margin: keep candidates scoring below the positive's score - margin
+    range_min: int = 0  # skip the best range_min surviving candidates (possible positives)
+    shortfall: str = "drop"  # rows with fewer than k negatives: drop | fill (nearest above)
+    backend: str = "auto"  # auto (faiss when installed) | torch | faiss; both are exact
+    batch_size: int = 1024  # anchors searched at a time
+    corpus_chunk: int = 65536  # torch: corpus rows scored at a time (memory bound)
+    part_rows: int = 8192  # rows per resumable part
+    output: str = ""  # "" = <output_dir>/<dataset>-mined.<the input's format or parquet>
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,6 +179,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
     output_dir: str = "gist-ray-output"
 
     def to_dict(self) -> dict[str, Any]:
@@ -453,6 +473,7 @@ def validate(cfg: Config) -> Config:
         lo.margin_strategy,
     )
     check(lo.backend in BACKENDS, "loss.backend", f"one of {', '.join(BACKENDS)}", lo.backend)
+    _validate_mine(cfg.mine, check)
     check(r.num_workers > 0, "ray.num_workers", "must be > 0", r.num_workers)
     check(r.resource_wait_s >= 0, "ray.resource_wait_s", "must be >= 0", r.resource_wait_s)
     name = cfg.mlflow.run_name
@@ -538,6 +559,30 @@ def _check_self_guide(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.self_guide_decay = {m.self_guide_decay} is not allowed; must be in (0, 1)"
         )
+
+
+def _validate_mine(mi: MineConfig, check: Callable[[bool, str, str, Any], None]) -> None:
+    check(mi.k > 0, "mine.k", "must be > 0", mi.k)
+    check(
+        mi.threshold in THRESHOLDS,
+        "mine.threshold",
+        f"one of {', '.join(THRESHOLDS)}",
+        mi.threshold,
+    )
+    check(0 < mi.perc <= 1, "mine.perc", "must be in (0, 1]", mi.perc)
+    check(mi.margin >= 0, "mine.margin", "must be >= 0", mi.margin)
+    check(mi.range_min >= 0, "mine.range_min", "must be >= 0", mi.range_min)
+    check(
+        mi.shortfall in SHORTFALL, "mine.shortfall", f"one of {', '.join(SHORTFALL)}", mi.shortfall
+    )
+    check(
+        mi.backend in MINE_BACKENDS,
+        "mine.backend",
+        f"one of {', '.join(MINE_BACKENDS)}",
+        mi.backend,
+    )
+    for key in ("batch_size", "corpus_chunk", "part_rows"):
+        check(getattr(mi, key) > 0, f"mine.{key}", "must be > 0", getattr(mi, key))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

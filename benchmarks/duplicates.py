@@ -35,10 +35,11 @@ def false_negative_rows(ids: np.ndarray) -> int:
 
 
 def measure(texts: list[list[str]], batch: int, no_duplicates: bool, seed: int) -> dict:
-    from gist_ray.batches import GlobalBatches, duplicates, text_ids
+    from gist_ray.batches import GlobalBatches, ListSource, duplicates, text_ids
 
     t0 = time.perf_counter()
-    gb = GlobalBatches([texts], ["insuranceqa"], batch, seed, no_duplicates=no_duplicates)
+    source = ListSource("insuranceqa", texts)
+    gb = GlobalBatches([source], batch, seed, no_duplicates=no_duplicates)
     plan = gb.plan(0)
     seconds = time.perf_counter() - t0
     ids = text_ids(texts)

@@ -98,8 +98,7 @@ def train_worker(
     while state.step < total:
         t0 = time.perf_counter()
         d, idx = batches.local(state.step, rank(), world_size())
-        texts = sets[d].texts
-        columns = [[texts[c][i] for i in idx] for c in texts]
+        columns = sets[d].texts_at(idx)  # read on demand from the memory-mapped data
         metrics = optimizer_step(
             cfg, student, loss_fn, state, columns, guide(d, idx, columns), prompts[d]
         )
@@ -141,15 +140,15 @@ def student_prompts(
     dataset's own ``prompts``, else ``model.prompts``, else the model's own (``model_prompts``,
     its prompts by name). A prompt for a column the data lacks is a ConfigError."""
     own = own_prompts(model_prompts)
-    check_prompt_columns(cfg.model.prompts, "model.prompts", {s.name: list(s.texts) for s in sets})
+    check_prompt_columns(cfg.model.prompts, "model.prompts", {s.name: s.columns for s in sets})
     out = []
     for s in sets:
         setting = cfg.model.prompts
         if s.spec.prompts is not None:
             setting = s.spec.prompts
-            check_prompt_columns(setting, f"{s.spec.key}.prompts", {s.name: list(s.texts)})
-        by_col = column_prompts(setting, s.name, list(s.texts), own)
-        out.append([by_col.get(c, "") for c in s.texts])
+            check_prompt_columns(setting, f"{s.spec.key}.prompts", {s.name: s.columns})
+        by_col = column_prompts(setting, s.name, s.columns, own)
+        out.append([by_col.get(c, "") for c in s.columns])
     return out
 
 
@@ -262,8 +261,8 @@ def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
     spec = ModelSpec.guide(cfg)
     own = own_prompts(saved_prompts(resolve_model_path(spec.name), spec.revision))
     setting = cfg.model.guide_prompts
-    check_prompt_columns(setting, "model.guide_prompts", {s.name: list(s.texts) for s in sets})
-    return [column_prompts(setting, s.name, list(s.texts), own) for s in sets]
+    check_prompt_columns(setting, "model.guide_prompts", {s.name: s.columns for s in sets})
+    return [column_prompts(setting, s.name, s.columns, own) for s in sets]
 
 
 def guide_source(cfg: Config, sets: list[TrainingSet], device: torch.device) -> GuideFn:
@@ -272,11 +271,11 @@ def guide_source(cfg: Config, sets: list[TrainingSet], device: torch.device) -> 
     prompts = guide_prompts(cfg, sets)
     if cfg.data.guide_cache:
         caches = build_guide_cache(cfg, sets, prompts, device)
-        return lambda d, idx, _columns: [caches[d][c][idx] for c in sets[d].texts]
+        return lambda d, idx, _columns: [caches[d][c][idx] for c in sets[d].columns]
     guide = load_guide(cfg, device)
 
     def live(d: int, _idx: list[int], columns: list[list[str]]) -> list[torch.Tensor]:
-        return live_guide_embeddings(guide, columns, [prompts[d].get(c) for c in sets[d].texts])
+        return live_guide_embeddings(guide, columns, [prompts[d].get(c) for c in sets[d].columns])
 
     return live
 
@@ -324,7 +323,7 @@ def build_guide_cache(
             s.spec.source,
             resolve_model_path(cfg.model.guide),
             guide_settings(cfg),
-            s.texts,
+            dict(zip(s.columns, s.texts_at(range(s.rows)))),
             p,
             cache_root(),
         )

@@ -144,14 +144,8 @@ def _st_step1_loss(cfg, student_dir, guide_dir, prompts, train_len):
 
     sets = load_training_sets(cfg)
     rows = GlobalBatches.for_config(cfg, sets).batch(0).rows
-    texts = sets[0].texts
     features = [
-        {
-            "anchor": texts["anchor"][i],
-            "positive": texts["positive"][i],
-            "negative": texts["negative_1"][i],
-        }
-        for i in rows
+        {"anchor": a, "positive": p, "negative": n} for a, p, n in zip(*sets[0].texts_at(rows))
     ]
     student = SentenceTransformer(str(student_dir), device="cpu")
     guide = SentenceTransformer(str(guide_dir), device="cpu")

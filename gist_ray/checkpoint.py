@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 OPERATIONAL_KEYS = frozenset(
     {
         "data.guide_cache",
+        "data.guide_cache_dir",
         "train.mini_batch_size",
         "train.checkpoint_every",
         "train.log_every",

@@ -65,6 +65,9 @@ class DataConfig:
     sampling: str = "proportional"  # several datasets: proportional | round_robin
     no_duplicates: bool = True  # no text twice in one global batch (anchor, positive, negatives)
     guide_cache: bool = True  # embed every text with the guide once, before training
+    # where guide caches live; "" = beside a local dataset, else under ray.storage_path, else
+    # the gist-ray cache (node-local: set this on a multi-node cluster)
+    guide_cache_dir: str = ""
 
 
 @dataclass

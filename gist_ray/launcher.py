@@ -99,6 +99,7 @@ def _ray_entry(payload: dict[str, Any]) -> None:
         RayReporter(),
         payload["run_id"],
         payload["tracking_uri"],
+        guide_caches=payload.get("guide_caches"),
     )
 
 
@@ -336,9 +337,31 @@ def is_shared_storage(path: str) -> bool:
     return _mount_type(local).startswith(SHARED_FS_TYPES)
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_writable(path: str, key: str) -> None:
+    """A local ``path`` must be a folder this process can create files in."""
+    if "://" in path:
+        return  # object stores: Ray Train reports its own errors
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise GistRayError(
+            f"{key} = {path!r} is not writable ({type(e).__name__}: {e.strerror or e}); set "
+            f"{key} to a writable folder (shared storage on a multi-node cluster)"
+        ) from e
+
+
 def check_storage(cfg: Config, alive_nodes: int) -> None:
     """Checkpoints of a multi-node run must land where every node (and the driver) can read."""
     path = storage_path(cfg)
+    check_writable(path, "ray.storage_path")
     if alive_nodes > 1 and not (cfg.ray.shared_storage or is_shared_storage(path)):
         raise GistRayError(
             f"ray.storage_path = {path!r} is node-local but the cluster has {alive_nodes} nodes: "
@@ -358,7 +381,7 @@ def check_resources(cfg: Config) -> None:
     problem = _shortfall(cfg, ray.cluster_resources())
     if problem:
         raise GistRayError(problem)
-    check_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+    check_storage(cfg, alive_nodes())
 
 
 def run_dir_name(cfg: Config, run_id: str) -> str:
@@ -441,12 +464,20 @@ def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
     )
 
 
-def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
+def run_training(
+    cfg: Config, run_id: str, tracking_uri: str, guide_caches: list[str] | None = None
+) -> Path:
     """Fit on the cluster (resuming the run's latest checkpoint if it has one); return the final
-    checkpoint's directory (local copy)."""
+    checkpoint's directory (local copy). ``guide_caches``: the datasets' guide cache folders,
+    built before (:func:`prepare_guide_cache`)."""
     import ray.train
 
-    payload = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri}
+    payload = {
+        "config": cfg.to_dict(),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "guide_caches": guide_caches,
+    }
     trainer = _trainer(
         cfg,
         _ray_entry,
@@ -526,19 +557,48 @@ def _unwrap(e: BaseException) -> BaseException:
     return err
 
 
-def _ray_cache_entry(payload: dict[str, Any]) -> None:
-    from gist_ray import log
-    from gist_ray.config import load_config_dict
-    from gist_ray.train import cache_guide_worker
+def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
+    """Load or build every dataset's guide cache on the cluster (None when ``data.guide_cache``
+    is off): checks its folder (writable; shared when the cluster has several nodes), then runs
+    the missing shards as a Ray Data job (:func:`run_guide_job`)."""
+    from gist_ray import guide_cache
+    from gist_ray.train import guide_prompts
 
-    log.configure()
+    if not cfg.data.guide_cache:
+        return None
+    nodes = alive_nodes()
+    for s in sets:
+        root, chosen = guide_cache.cache_root(cfg, s.spec.source)
+        shared = cfg.ray.shared_storage or is_shared_storage(str(root))
+        guide_cache.check_root(root, chosen, nodes, shared)
+    return guide_cache.ensure(
+        cfg, sets, guide_prompts(cfg, sets), run_guide_job, cfg.ray.num_workers
+    )
 
-    cache_guide_worker(load_config_dict(payload["config"]))
 
+def run_guide_job(cfg: Config, folder: Path, shards: list[int]):
+    """Embed ``shards`` of a guide cache folder with a Ray Data job: ``map_batches`` runs
+    :class:`gist_ray.guide_embed.ShardEmbedder` (the guide, loaded once per actor) on up to
+    ``ray.num_workers`` actors, one GPU each with ``ray.use_gpu`` (else one CPU); each task
+    writes its shard to the folder. Yields each finished shard's text count."""
+    import ray.data
 
-def run_cache_guide(cfg: Config) -> None:
-    """``gist-ray cache-guide``: the guide embeds the training texts, sharded over the workers."""
+    from gist_ray.guide_embed import ShardEmbedder
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver logs its own progress, with an ETA
+    ctx.execution_options.preserve_order = False
+    gpu = {"num_gpus": 1} if cfg.ray.use_gpu else {"num_cpus": 1}
+    out = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=len(shards))
+    out = out.map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs={"config": cfg.to_dict(), "folder": str(folder)},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.ray.num_workers, len(shards))),
+        **gpu,
+    )
     try:
-        _trainer(cfg, _ray_cache_entry, {"config": cfg.to_dict()}).fit()
-    except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's error
+        for row in out.iter_rows():
+            yield int(row["texts"])
+    except Exception as e:  # noqa: BLE001 - Ray Data wraps the task's error
         raise _unwrap(e) from e

@@ -49,9 +49,15 @@ GuideFn = Callable[[int, list[int], list[list[str]]], list[torch.Tensor]]
 
 
 def train_worker(
-    cfg: Config, reporter: Reporter, run_id: str | None = None, tracking_uri: str | None = None
+    cfg: Config,
+    reporter: Reporter,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    guide_caches: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary."""
+    """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary.
+    ``guide_caches``: the datasets' guide cache folders the driver prepared (None: load or
+    build them here)."""
     device = worker_device(cfg)
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     sets = load_training_sets(cfg)
@@ -69,7 +75,7 @@ def train_worker(
         d["prompts"] or "none",
     )
     prompts = student_prompts(cfg, sets, student.model.prompts)
-    guide = guide_source(cfg, sets, device)
+    guide = guide_source(cfg, sets, device, guide_caches)
     batches = GlobalBatches.for_config(cfg, sets)
     total = batches.total_steps(cfg)
 
@@ -265,13 +271,22 @@ def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
     return [column_prompts(setting, s.name, s.columns, own) for s in sets]
 
 
-def guide_source(cfg: Config, sets: list[TrainingSet], device: torch.device) -> GuideFn:
-    """Where a step's guide embeddings come from: the guide cache (built or loaded now), or a
-    guide forward every step when ``data.guide_cache`` is off."""
+def guide_source(
+    cfg: Config,
+    sets: list[TrainingSet],
+    device: torch.device,
+    guide_caches: list[str] | None = None,
+) -> GuideFn:
+    """Where a step's guide embeddings come from: the guide cache, memory-mapped (the folders in
+    ``guide_caches``, else loaded or built here), or a guide forward every step when
+    ``data.guide_cache`` is off."""
     prompts = guide_prompts(cfg, sets)
     if cfg.data.guide_cache:
-        caches = build_guide_cache(cfg, sets, prompts, device)
-        return lambda d, idx, _columns: [caches[d][c][idx] for c in sets[d].columns]
+        from gist_ray.guide_cache import GuideCache
+
+        folders = guide_caches or local_guide_cache(cfg, sets, prompts)
+        caches = [GuideCache(f, s.rows) for f, s in zip(folders, sets)]
+        return lambda d, idx, _columns: [caches[d].embeddings(c, idx) for c in sets[d].columns]
     guide = load_guide(cfg, device)
 
     def live(d: int, _idx: list[int], columns: list[list[str]]) -> list[torch.Tensor]:
@@ -300,42 +315,17 @@ def guide_settings(cfg: Config) -> dict[str, object]:
     }
 
 
-def build_guide_cache(
-    cfg: Config, sets: list[TrainingSet], prompts: list[dict[str, str]], device: torch.device
-) -> list[dict[str, torch.Tensor]]:
-    """Load or build (on every worker, sharded) the guide embeddings of every dataset's texts;
-    the guide itself is loaded only when a cache must be built, and only once."""
+def local_guide_cache(
+    cfg: Config, sets: list[TrainingSet], prompts: list[dict[str, str]]
+) -> list[str]:
+    """The guide cache folders, loaded or built without Ray (``torchrun``, one process): rank 0
+    embeds the missing shards in its own process, the other ranks wait, then all open them."""
     from gist_ray import guide_cache
-    from gist_ray.assets import cache_root, resolve_model_path
+    from gist_ray.guide_embed import run_local
 
-    loaded: list[Encoder] = []
-
-    def guide_once() -> Encoder:
-        if not loaded:
-            loaded.append(load_guide(cfg, device))
-        return loaded[0]
-
-    out = []
-    for s, p in zip(sets, prompts):
-        t0 = time.perf_counter()
-        tensors, path, built = guide_cache.get_or_build(
-            guide_once,
-            s.spec.source,
-            resolve_model_path(cfg.model.guide),
-            guide_settings(cfg),
-            dict(zip(s.columns, s.texts_at(range(s.rows)))),
-            p,
-            cache_root(),
-        )
-        verb = "built" if built else "loaded"
-        log.info("guide cache of %r %s in %.1fs: %s", s.name, verb, time.perf_counter() - t0, path)
-        out.append(tensors)
-    return out
-
-
-def cache_guide_worker(cfg: Config) -> dict[str, Any]:
-    """``gist-ray cache-guide`` on one worker: embed this worker's shard of the training texts
-    with the guide; rank 0 writes the cache files. No training."""
-    sets = load_training_sets(cfg)
-    caches = build_guide_cache(cfg, sets, guide_prompts(cfg, sets), worker_device(cfg))
-    return {"rows": sum(s.rows for s in sets), "columns": [list(c) for c in caches]}
+    folders = [None] * len(sets)
+    if rank() == 0:
+        folders = guide_cache.ensure(cfg, sets, prompts, run_local)
+    if is_distributed():
+        dist.broadcast_object_list(folders, src=0)
+    return folders

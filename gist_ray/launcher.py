@@ -48,14 +48,23 @@ SHARED_FS_TYPES = (
     "weka",
     "fuse.",
 )
+NOT_VALIDATED = -1.0  # the score of a checkpoint no validation ranked (metrics are in [0, 1])
 # Test-only fault injection (gist_ray.faults) must reach the workers' processes.
 FORWARDED_ENV = ("GIST_RAY_FAULT_INJECT",)
 
 
 class RayReporter:
-    """Reporter backed by ``ray.train.report`` / ``ray.train.get_checkpoint``."""
+    """Reporter backed by ``ray.train.report`` / ``ray.train.get_checkpoint``. With
+    ``score_key`` (eval during training) checkpoints reported with ``validate`` are evaluated
+    by Ray Train's validation task while training goes on, and ranked by that metric."""
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    def __init__(self, score_key: str | None = None) -> None:
+        self.score_key = score_key
+        self.validates = score_key is not None
+
+    def report(
+        self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
+    ) -> None:
         """Returns once the checkpoint is committed: uploaded and recorded in the run's snapshot
         in storage, i.e. what a restart would resume from."""
         import ray.train
@@ -63,10 +72,13 @@ class RayReporter:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
+        if self.score_key:  # ranked below every validated one until (unless) validated
+            metrics = {self.score_key: NOT_VALIDATED, **metrics}
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
             checkpoint_dir_name=Path(checkpoint_dir).name,
+            validation=validate and self.validates,
         )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has copied it to storage
         ray.train.get_all_reported_checkpoints(
@@ -96,7 +108,7 @@ def _ray_entry(payload: dict[str, Any]) -> None:
 
     train_worker(
         load_config_dict(payload["config"]),
-        RayReporter(),
+        RayReporter(payload.get("score_key")),
         payload["run_id"],
         payload["tracking_uri"],
         guide_caches=payload.get("guide_caches"),
@@ -443,7 +455,7 @@ def export_checkpoint(cfg: Config, checkpoint) -> Path:
     return local
 
 
-def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
+def _trainer(cfg: Config, entry, payload: dict[str, Any], validation=None, **run_config: Any):
     """A TorchTrainer running ``entry(payload)`` on ``ray.num_workers`` workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -461,6 +473,30 @@ def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
         run_config=ray.train.RunConfig(
             storage_path=storage_path(cfg), worker_runtime_env={"env_vars": env}, **run_config
         ),
+        validation_config=validation,
+    )
+
+
+def _validation(cfg: Config, run_id: str, tracking_uri: str):
+    """Ray Train's validation of the checkpoints written every ``eval.every`` steps (None when
+    there is no eval during training): :func:`gist_ray.training_eval.validate_checkpoint` as a
+    task with ``eval.num_cpus`` / ``eval.num_gpus``."""
+    if not (cfg.eval.source and cfg.eval.every):
+        return None
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+    from gist_ray.training_eval import validate_checkpoint
+
+    kwargs = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri}
+    env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **QUIET_BARS}}
+    return ValidationConfig(
+        fn=validate_checkpoint,
+        task_config=ValidationTaskConfig(fn_kwargs=kwargs),
+        ray_remote_kwargs={
+            "num_cpus": cfg.eval.num_cpus,
+            "num_gpus": cfg.eval.num_gpus,
+            "runtime_env": env,
+        },
     )
 
 
@@ -472,18 +508,29 @@ def run_training(
     built before (:func:`prepare_guide_cache`)."""
     import ray.train
 
+    from gist_ray.training_eval import score_key
+
+    validation = _validation(cfg, run_id, tracking_uri)
+    score = score_key(cfg) if validation else None
     payload = {
         "config": cfg.to_dict(),
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "guide_caches": guide_caches,
+        "score_key": score,
     }
+    # With validation Ray keeps the 2 best-scored checkpoints (besides the latest, which a
+    # restart resumes from, and any still being validated), all on the run's storage.
+    keep = ray.train.CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=score, checkpoint_score_order="max"
+    )
     trainer = _trainer(
         cfg,
         _ray_entry,
         payload,
+        validation,
         name=run_dir_name(cfg, run_id),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=keep,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     try:
@@ -493,7 +540,33 @@ def run_training(
         raise _unwrap(e) from e
     if result.checkpoint is None:
         raise GistRayError("training finished without a checkpoint")
+    if score:
+        export_best(cfg, run_id, result.best_checkpoints, score)
     return export_checkpoint(cfg, result.checkpoint)
+
+
+def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:
+    """Copy the model of the best validated checkpoint (Ray's scoring) to
+    ``<output_dir>/best-model``, with its record in ``best-model.json``."""
+    from gist_ray.training_eval import BEST_DIR, write_best
+
+    validated = [(c, m) for c, m in scored or [] if m.get(score, NOT_VALIDATED) > NOT_VALIDATED]
+    if not validated:
+        log.warning("no checkpoint was validated; there is no best model")
+        return
+    best, metrics = max(validated, key=lambda cm: (cm[1][score], -int(cm[1].get("step", 0))))
+    with tempfile.TemporaryDirectory(prefix="gist-ray-best-") as tmp:
+        best.to_directory(tmp)
+        fileio.copy_dir(Path(tmp) / ckpt.MODEL_DIR, Path(cfg.output_dir) / BEST_DIR)
+    info = {"step": int(metrics["step"]), "metric": cfg.eval.metric, "value": metrics[score]}
+    write_best(cfg.output_dir, {**info, "run_id": run_id})
+    log.info(
+        "best checkpoint: step %d, %s %.4f -> %s",
+        info["step"],
+        cfg.eval.metric,
+        info["value"],
+        Path(cfg.output_dir) / BEST_DIR,
+    )
 
 
 def _resume_hint(cfg: Config, name: str) -> None:

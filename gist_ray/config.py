@@ -78,6 +78,11 @@ class EvalConfig:
     max_corpus: int = 1000
     every: int = 0  # steps between evaluations during training; 0 = only before and after
     metric: str = "ndcg@10"  # picks the best checkpoint
+    # resources of the validation task that evaluates a checkpoint beside training on Ray
+    # (eval.every): 0 CPUs keeps it schedulable on a cluster the workers fill; GPUs: 0 = CPU,
+    # a fraction shares a GPU (e.g. 0.25 on a node with a GPU the workers do not hold)
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
 
 
 @dataclass
@@ -407,6 +412,8 @@ def validate(cfg: Config) -> Config:
     e = cfg.eval
     check(e.every >= 0, "eval.every", "must be >= 0 (0 = only before and after)", e.every)
     check(e.metric in EVAL_METRICS, "eval.metric", f"one of {', '.join(EVAL_METRICS)}", e.metric)
+    check(e.num_cpus >= 0, "eval.num_cpus", "must be >= 0", e.num_cpus)
+    check(e.num_gpus >= 0, "eval.num_gpus", "must be >= 0 (a fraction shares a GPU)", e.num_gpus)
     check(e.max_queries >= 0, "eval.max_queries", "must be >= 0 (0 = all)", e.max_queries)
     check(e.max_corpus >= 0, "eval.max_corpus", "must be >= 0 (0 = all)", e.max_corpus)
     check(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)

@@ -84,8 +84,11 @@ def train_worker(
     checkpointer = Checkpointer(cfg, reporter)
     checkpointer.restore(state, student)
     step_log = StepLog(cfg, state, total, tracking_uri)
-    evaluator = None  # rank 0 evaluates every eval.every steps and keeps the best model
-    if rank() == 0 and cfg.eval.source and cfg.eval.every:
+    # Every eval.every steps a checkpoint is validated beside training (Ray Train's validation,
+    # no barrier); without Ray rank 0 evaluates in line and keeps the best model.
+    validates = getattr(reporter, "validates", False)
+    evaluator = None
+    if rank() == 0 and cfg.eval.source and cfg.eval.every and not validates:
         evaluator = TrainingEval(cfg, state.run_id)
     loss_fn = GistLoss.from_config(cfg.loss, gather=is_distributed())
 
@@ -114,14 +117,16 @@ def train_worker(
             metrics[f"loss/{metric_safe(sets[d].name)}"] = metrics["loss"]
         losses.append(metrics["loss"])
         step_log.step(state, metrics)
-        if eval_due(cfg, state.step, total):  # before the checkpoint, which flushes the metrics
+        validate = validates and eval_due(cfg, state.step, total)
+        if eval_due(cfg, state.step, total) and not validates:  # before the checkpoint
             if evaluator is not None:
                 scores = evaluator(student, state.step)
                 step_log.add(state, {f"eval/{k}": v for k, v in scores.items()})
             if is_distributed():
                 dist.barrier()  # the other ranks wait for rank 0's eval
-        if checkpointer.due(state.step, total):
-            checkpointer.save(state, student, {"step": state.step, "loss": metrics["loss"]})
+        if checkpointer.due(state.step, total) or validate:
+            report = {"step": state.step, "loss": metrics["loss"]}
+            checkpointer.save(state, student, report, validate=validate)
             step_log.committed(state)
         faults.maybe_fail(cfg.output_dir, rank(), state.step)  # test-only; no-op unless asked
     return {

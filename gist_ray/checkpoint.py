@@ -42,6 +42,7 @@ OPERATIONAL_KEYS = frozenset(
     {
         "data.guide_cache",
         "data.guide_cache_dir",
+        "data.guide_cache_dtype",
         "train.mini_batch_size",
         "train.checkpoint_every",
         "train.log_every",

@@ -68,6 +68,8 @@ class DataConfig:
     # where guide caches live; "" = beside a local dataset, else under ray.storage_path, else
     # the gist-ray cache (node-local: set this on a multi-node cluster)
     guide_cache_dir: str = ""
+    # float16 halves the cache (guide cosines to ~1e-3); float32 keeps the live guide's precision
+    guide_cache_dtype: str = "float16"
 
 
 @dataclass
@@ -413,6 +415,8 @@ def validate(cfg: Config) -> Config:
     check(e.every >= 0, "eval.every", "must be >= 0 (0 = only before and after)", e.every)
     check(e.metric in EVAL_METRICS, "eval.metric", f"one of {', '.join(EVAL_METRICS)}", e.metric)
     check(e.num_cpus >= 0, "eval.num_cpus", "must be >= 0", e.num_cpus)
+    dt = cfg.data.guide_cache_dtype
+    check(dt in ("float16", "float32"), "data.guide_cache_dtype", "float16 or float32", dt)
     check(e.num_gpus >= 0, "eval.num_gpus", "must be >= 0 (a fraction shares a GPU)", e.num_gpus)
     check(e.max_queries >= 0, "eval.max_queries", "must be >= 0 (0 = all)", e.max_queries)
     check(e.max_corpus >= 0, "eval.max_corpus", "must be >= 0 (0 = all)", e.max_corpus)

@@ -83,9 +83,16 @@ def _builtin(seed: int, max_examples: int | None) -> datasets.Dataset:
 
     folder = cache_root() / "datasets" / f"{BUILTIN}-v1-seed{seed}-{max_examples or 'all'}"
     if not (folder / "state.json").is_file():
+        bars = datasets.utils
         rows = datasets.Dataset.from_dict(insuranceqa.train_rows(seed, max_examples))
-        with atomic_dir(folder) as tmp:
-            rows.save_to_disk(str(tmp))
+        quiet = bars.are_progress_bars_disabled()
+        bars.disable_progress_bars()  # a worker's bar is noise in the driver's log
+        try:
+            with atomic_dir(folder) as tmp:
+                rows.save_to_disk(str(tmp))
+        finally:
+            if not quiet:
+                bars.enable_progress_bars()
     return datasets.load_from_disk(str(folder))
 
 

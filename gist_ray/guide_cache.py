@@ -9,9 +9,9 @@ fingerprint, and a folder per fingerprint holds
 - ``texts.parquet``: the unique (prompt, text) pairs, each with the column and row it first
   appears at (to name a text the guide fails on); one row group per shard;
 - ``index-<column>.npy``: per column, row -> unique text id;
-- ``emb-00000.npy`` ...: the shards, one L2-normalised float16 embedding per unique text (the
-  loss reads only the guide's cosine similarities, so normalising loses nothing and keeps fp16
-  in range);
+- ``emb-00000.npy`` ...: the shards, one L2-normalised embedding per unique text, float16 by
+  default (``data.guide_cache_dtype``; the loss reads only the guide's cosine similarities, so
+  normalising loses nothing and keeps fp16 in range; float32 matches the live guide exactly);
 - ``manifest.json``: the fingerprint and the shard layout, written before the shards.
 
 The shards are embedded by a Ray Data job (:func:`gist_ray.launcher.run_guide_job`: ``map_batches``
@@ -178,7 +178,7 @@ def read_manifest(folder: Path, fp: dict[str, str] | None = None) -> dict[str, A
 
 
 def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict[str, str],
-         workers: int) -> dict[str, Any]:  # fmt: skip
+         workers: int, dtype: str = "float16") -> dict[str, Any]:  # fmt: skip
     """Find the unique (prompt, text) pairs of ``data`` (Arrow hash tables, once, here) and
     write the texts, the row -> text-id indexes and the manifest (each atomically)."""
     import pyarrow as pa
@@ -219,10 +219,10 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
     folder.mkdir(parents=True, exist_ok=True)
     with fileio.atomic_file(folder / TEXTS) as tmp:
         pq.write_table(pa.concat_tables(parts), tmp, row_group_size=shard_texts)
-    dtype = np.int32 if total < 2**31 else np.int64
+    id_type = np.int32 if total < 2**31 else np.int64
     for c, col_ids in ids.items():
         with fileio.atomic_file(folder / f"index-{c}.npy") as tmp:
-            np.save(tmp, col_ids.astype(dtype))
+            np.save(tmp, col_ids.astype(id_type))
     manifest = {
         "fingerprint": fp,
         "rows": rows,
@@ -230,7 +230,7 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
         "unique_texts": total,
         "shard_texts": shard_texts,
         "shards": -(-total // shard_texts),
-        "dtype": "float16",
+        "dtype": dtype,
     }
     fileio.write_json(folder / MANIFEST, manifest)
     return manifest
@@ -247,7 +247,7 @@ def shard_size(manifest: dict[str, Any], k: int) -> int:
 
 def shard_problems(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
     """Shards that are not there in full: shard -> "missing" / "truncated" / why."""
-    out, dims = {}, set()
+    out, dims, dtype = {}, set(), np.dtype(manifest["dtype"])
     for k in range(manifest["shards"]):
         path = shard_path(folder, k)
         if not path.is_file():
@@ -258,7 +258,7 @@ def shard_problems(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
         except (ValueError, OSError, EOFError):
             out[k] = "truncated or damaged"
             continue
-        if arr.ndim != 2 or arr.shape[0] != shard_size(manifest, k) or arr.dtype != np.float16:
+        if arr.ndim != 2 or arr.shape[0] != shard_size(manifest, k) or arr.dtype != dtype:
             out[k] = f"the wrong shape {arr.shape} {arr.dtype}"
         else:
             dims.add(arr.shape[1])
@@ -328,13 +328,14 @@ def ensure(
     folders = []
     for s, p in zip(sets, prompts):
         t0 = time.perf_counter()
-        fp = fingerprint(guide, guide_settings(cfg), texts_hash(s.data, s.columns), p)
+        settings = {**guide_settings(cfg), "dtype": cfg.data.guide_cache_dtype}
+        fp = fingerprint(guide, settings, texts_hash(s.data, s.columns), p)
         root, _ = cache_root(cfg, s.spec.source)
         folder = folder_for(root, s.name, fp)
         manifest = read_manifest(folder, fp)
         if manifest is None:
             _say_why_new(root, s.name, fp)
-            manifest = plan(folder, s.data, p, fp, workers)
+            manifest = plan(folder, s.data, p, fp, workers, cfg.data.guide_cache_dtype)
             todo = list(range(manifest["shards"]))
         else:
             problems = shard_problems(folder, manifest)

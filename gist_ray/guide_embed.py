@@ -3,9 +3,10 @@ job (:class:`ShardEmbedder` is the callable class ``map_batches`` runs, holding 
 :func:`run_local`, the same work in this process (``torchrun`` or a single process).
 
 A shard's texts are read from its row group of ``texts.parquet``, embedded longest-first in
-batches (similar lengths pad alike) grouped by prompt, L2-normalised, and written as float16 under
-a temporary name, then renamed. A text the guide fails on is found by retrying its batch one text
-at a time and named by its column and row (:class:`gist_ray.errors.DataError`).
+batches (similar lengths pad alike) grouped by prompt, L2-normalised, and written (float16 or
+float32, ``data.guide_cache_dtype``) under a temporary name, then renamed. A text the guide
+fails on is found by retrying its batch one text at a time and named by its column and row
+(:class:`gist_ray.errors.DataError`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class ShardEmbedder:
         table = pq.ParquetFile(self.folder / TEXTS).read_row_group(k)
         prompts, texts = table.column("prompt").to_pylist(), table.column("text").to_pylist()
         order = sorted(range(len(texts)), key=lambda i: (prompts[i], -len(texts[i])))
-        emb = np.empty((len(texts), self.guide.dim), dtype=np.float16)
+        emb = np.empty((len(texts), self.guide.dim), dtype=self.manifest["dtype"])
         for start in range(0, len(order), BATCH_TEXTS):
             part = order[start : start + BATCH_TEXTS]
             for prompt in dict.fromkeys(prompts[i] for i in part):  # a batch may straddle two

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +83,9 @@ def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cac
     torch.testing.assert_close(
         torch.tensor(cached["losses"]), torch.tensor(live["losses"]), rtol=1e-5, atol=1e-6
     )
-    (folder,) = (tiny_pairs_file.parent / ".gist-ray-guide-cache").glob("pairs-*")
-    assert (folder / guide_cache.MANIFEST).is_file(), "the cache is stored beside the dataset"
+    root = tiny_pairs_file.parent / ".gist-ray-guide-cache"  # beside the dataset
+    folder = Path(json.loads((root / "pairs.latest.json").read_text())["folder"])
+    assert folder.parent == root and (folder / guide_cache.MANIFEST).is_file()
     assert not list(folder.glob(".*tmp*")), "temporary file left behind"
 
 
@@ -124,8 +126,6 @@ def test_second_run_loads_and_a_missing_or_truncated_shard_is_rebuilt_alone(
     data = _write(tmp_path / "pairs.jsonl", make_sentences(40, 1), make_sentences(40, 2))
     cfg = _cfg(tiny_models, data, tmp_path / "out", "train.batch_size=4")
     (folder,), _, first = _ensure(cfg)
-    from pathlib import Path
-
     folder = Path(folder)
     shards = guide_cache.read_manifest(folder)["shards"]
     assert shards > 2 and first.shards == list(range(shards))
@@ -260,8 +260,6 @@ def test_cache_guide_builds_with_ray_data_then_a_second_job_loads(
     for column, seed in (("anchor", 5), ("positive", 6)):
         want = torch.nn.functional.normalize(guide.encode(make_sentences(40, seed)), dim=-1)
         torch.testing.assert_close(cache.embeddings(column, range(40)), want, rtol=0, atol=2e-3)
-    from pathlib import Path
-
     mtimes = {p: p.stat().st_mtime_ns for p in Path(folder).glob("emb-*.npy")}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gist_ray"):

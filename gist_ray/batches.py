@@ -15,12 +15,12 @@ Nothing here grows with the dataset: every worker computes the rows of a step fr
 - With ``data.no_duplicates`` no text appears twice in one *global* batch across the anchor,
   positive and negative columns (the guarantee of sentence-transformers'
   ``NoDuplicatesBatchSampler``, applied to the global batch rather than one device's): a repeated
-  positive is a false negative the guide cannot mask. The batch's texts are read and a row that
-  repeats a text of an earlier row is swapped for a random row (drawn from a stream keyed by the
-  seed, epoch and batch) that repeats none. sentence-transformers instead defers such a row to a
-  later batch, which needs the whole epoch's order in memory; here a swapped-out row misses this
-  epoch and the row swapped in is seen twice in it (rare on large data; with no repeated texts
-  an epoch is an exact permutation of the rows).
+  positive is a false negative the guide cannot mask. As sentence-transformers does, a row that
+  repeats a text of the batch being filled waits for a later batch, but only within a window of
+  ``WINDOW`` batches (their texts are read once per window), not the whole epoch, whose order
+  would have to be held in memory; a batch the window cannot fill is topped up with random rows
+  (keyed by the seed, epoch and batch) that repeat nothing, so a few rows are seen twice in an
+  epoch and as many not at all (with no repeated texts an epoch is an exact permutation).
 
 Each worker takes its contiguous slice of the global batch.
 """
@@ -40,6 +40,7 @@ ORDER_STREAM = 1 << 20  # the key of the dataset order (datasets use 0, 1, ...)
 SWAP_STREAM = 1 << 21  # the key of a batch's replacement rows
 ROUNDS = 6  # Feistel rounds: enough for a well-mixed order, cheap to evaluate
 MAX_DRAWS_PER_ROW = 64  # replacement rows tried per batch row before giving up
+WINDOW = 8  # no-duplicates planning looks this many batches ahead: O(WINDOW x batch) per worker
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -143,6 +144,9 @@ class GlobalBatches:
     sampling: str = "proportional"
     no_duplicates: bool = True
     _last: tuple[int, Batch] | None = field(default=None, init=False, repr=False)
+    _window: tuple[tuple[int, int, int], list[list[int]]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         for s in self.sources:
@@ -212,34 +216,58 @@ class GlobalBatches:
     def _rows(self, epoch: int, d: int, j: int, which: str) -> list[int]:
         """Rows of dataset ``d``'s ``j``-th global batch of ``epoch``."""
         b = self.batch_size
-        rows = Permutation(self.sizes[d], self.seed, epoch, d)(np.arange(j * b, (j + 1) * b))
-        if self.no_duplicates:
-            return self._without_repeats(d, rows, (self.seed, epoch, d, j), which)
-        return rows.tolist()
+        if not self.no_duplicates:
+            perm = Permutation(self.sizes[d], self.seed, epoch, d)
+            return perm(np.arange(j * b, (j + 1) * b)).tolist()
+        w = j // WINDOW
+        if self._window is None or self._window[0] != (epoch, d, w):
+            self._window = ((epoch, d, w), self._plan_window(epoch, d, w, which))
+        return self._window[1][j - w * WINDOW]
 
-    def _without_repeats(self, d: int, rows: np.ndarray, key: tuple, which: str) -> list[int]:
-        """``rows`` with every row that repeats a text of an earlier row swapped for a random
-        row that repeats none (drawn deterministically from ``key``)."""
-        source = self.sources[d]
-        seen: set[str] = set()
-        kept: list[int] = []
-        taken = set()
+    def _plan_window(self, epoch: int, d: int, w: int, which: str) -> list[list[int]]:
+        """The no-duplicates batches ``[w*WINDOW, (w+1)*WINDOW)`` of dataset ``d``: their rows
+        (in permutation order) are placed greedily, a row that repeats a text of the batch being
+        filled waits for a later batch of the window (sentence-transformers' deferral, bounded
+        to the window); a batch the window's rows cannot fill is topped up with random rows that
+        repeat nothing (drawn deterministically from the seed, epoch and batch)."""
+        b, source = self.batch_size, self.sources[d]
+        lo, hi = w * WINDOW, min((w + 1) * WINDOW, self._per_dataset()[d])
+        rows = Permutation(self.sizes[d], self.seed, epoch, d)(np.arange(lo * b, hi * b)).tolist()
+        texts = list(zip(*source.texts_at(rows)))
+        pending, out = list(range(len(rows))), []
+        for j in range(lo, hi):
+            seen: set[str] = set()
+            kept: list[int] = []
+            waiting: list[int] = []
+            for pos, i in enumerate(pending):
+                if len(kept) == b:
+                    waiting.extend(pending[pos:])
+                    break
+                if seen.isdisjoint(texts[i]):
+                    kept.append(rows[i])
+                    seen.update(texts[i])
+                else:
+                    waiting.append(i)
+            pending = waiting
+            if len(kept) < b:
+                self._top_up(source, kept, seen, (self.seed, epoch, d, j), which)
+            out.append(kept)
+        return out
 
-        def offer(candidates: Sequence[int]) -> None:
-            for row, texts in zip(candidates, zip(*source.texts_at(candidates))):
-                if len(kept) == self.batch_size:
-                    return
-                if row not in taken and seen.isdisjoint(texts):
-                    kept.append(int(row))
-                    taken.add(row)
-                    seen.update(texts)
-
-        offer(rows.tolist())
+    def _top_up(self, source: RowSource, kept: list[int], seen: set[str], key: tuple,
+                which: str) -> None:  # fmt: skip
+        """Fill ``kept`` up to the batch size with random rows that repeat no text of it."""
+        taken = set(kept)
         rng = np.random.Generator(np.random.Philox(key=[int(_key(*key, SWAP_STREAM)), 0]))
         draws, limit = 0, MAX_DRAWS_PER_ROW * self.batch_size
         while len(kept) < self.batch_size and draws < limit:
             n = min(limit - draws, max(16, 2 * (self.batch_size - len(kept))))
-            offer(rng.integers(0, source.rows, n).tolist())
+            candidates = rng.integers(0, source.rows, n).tolist()
+            for row, texts in zip(candidates, zip(*source.texts_at(candidates))):
+                if len(kept) < self.batch_size and row not in taken and seen.isdisjoint(texts):
+                    kept.append(row)
+                    taken.add(row)
+                    seen.update(texts)
             draws += n
         if len(kept) < self.batch_size:
             raise DataError(
@@ -248,7 +276,6 @@ class GlobalBatches:
                 f"{len(kept)} after {draws} random rows); lower train.batch_size or set "
                 "data.no_duplicates=false"
             )
-        return kept
 
     def plan(self, epoch: int) -> list[Batch]:
         """Every global batch of ``epoch``, in step order (tests and tools; training asks

@@ -1,9 +1,10 @@
 """Ray Train launcher: the only module that knows about Ray.
 
 It connects to a Ray cluster (``ray.address`` / ``RAY_ADDRESS``, e.g. inside ``ray job submit``)
-or starts a local one, checks resources and storage, finds the checkpoint a rerun resumes from,
-runs :func:`gist_ray.train.train_worker` on ``ray.num_workers`` TorchTrainer workers and copies
-the final model out of the last checkpoint.
+or starts a local one, checks resources and storage, builds the guide cache as a Ray Data job,
+finds the checkpoint a rerun resumes from, runs :func:`gist_ray.train.train_worker` on
+``ray.num_workers`` TorchTrainer workers (with Ray Train's validation of the ``eval.every``
+checkpoints), and copies the final and the best model out of the checkpoints.
 
 Fault tolerance is Ray Train V2's: ``FailureConfig(max_failures)`` restarts the worker group
 after a worker or node dies and ``ray.train.get_checkpoint()`` hands the restarted workers the

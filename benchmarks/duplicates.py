@@ -35,10 +35,11 @@ def false_negative_rows(ids: np.ndarray) -> int:
 
 
 def measure(texts: list[list[str]], batch: int, no_duplicates: bool, seed: int) -> dict:
-    from gist_ray.batches import GlobalBatches, duplicates, text_ids
+    from gist_ray.batches import GlobalBatches, ListSource, duplicates, text_ids
 
     t0 = time.perf_counter()
-    gb = GlobalBatches([texts], ["insuranceqa"], batch, seed, no_duplicates=no_duplicates)
+    source = ListSource("insuranceqa", texts)
+    gb = GlobalBatches([source], batch, seed, no_duplicates=no_duplicates)
     plan = gb.plan(0)
     seconds = time.perf_counter() - t0
     ids = text_ids(texts)
@@ -55,6 +56,8 @@ def measure(texts: list[list[str]], batch: int, no_duplicates: bool, seed: int) 
         "false_negative_rows_per_batch": float(np.mean(fneg)),
         "false_negative_row_share": sum(fneg) / (batch * len(plan)),
         "plan_seconds": round(seconds, 2),
+        # rows an epoch trains on more than once (swapped in for a row that repeated a text)
+        "rows_seen_twice_share": 1 - len({r for b in plan for r in b.rows}) / (batch * len(plan)),
     }
 
 
@@ -81,13 +84,14 @@ def main() -> None:
     print(f"{result['data']}; global batch {a.batch}; one epoch")
     print(
         f"{'no_duplicates':<14}{'batches':>8}{'repeated texts':>16}{'batches w/ repeat':>19}"
-        f"{'false-neg rows':>16}{'plan s':>8}"
+        f"{'false-neg rows':>16}{'plan s':>8}{'rows twice':>12}"
     )
     for r in result["runs"]:
         print(
             f"{str(r['no_duplicates']).lower():<14}{r['batches']:>8}"
             f"{r['repeated_text_share']:>15.2%} {r['batches_with_a_repeat']:>18.0%}"
             f"{r['false_negative_row_share']:>15.2%} {r['plan_seconds']:>7}"
+            f"{r['rows_seen_twice_share']:>11.2%}"
         )
     if a.out:
         a.out.write_text(json.dumps(result, indent=2) + "\n")

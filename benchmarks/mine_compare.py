@@ -96,7 +96,7 @@ def mine_st(cfg, out: Path) -> dict:
     from gist_ray.data import load_training_sets
 
     [s] = load_training_sets(cfg)
-    ds = datasets.Dataset.from_dict({c: s.texts[c] for c in ("anchor", "positive")})
+    ds = datasets.Dataset.from_dict({c: s.column_texts()[c] for c in ("anchor", "positive")})
     t0 = time.perf_counter()
     guide = SentenceTransformer(resolve_model_path(cfg.model.guide), device="cpu")
     guide.max_seq_length = min(cfg.model.max_seq_length, guide.max_seq_length)

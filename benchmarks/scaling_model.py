@@ -54,7 +54,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Impl:
-    """What the code does with the pool: the design's intent or what main ships today."""
+    """What the code does with the pool: the design's intent, what main ships, or what it
+    shipped before issues 11 and 12."""
 
     name: str
     emb_bytes: int  # student and guide embeddings as they reach the gather and the kernel
@@ -65,10 +66,17 @@ class Impl:
 
 DESIGN = Impl("design (bf16, reduce-scatter)", 2, "reduce_scatter", True, False)
 GUIDE_LOCAL = Impl("design, guide twins read from the cache", 2, "reduce_scatter", False, False)
-# As shipped: gradient caching and the guide cache hand over fp32 embeddings (`.float()`), so
-# the kernel runs fp32 tiles (tf32x3) and fp32 cuBLAS GEMMs; the backward of the all-gather is
-# an all-reduce; gist_loss concatenates the segments (P twice: AP and PP).
-SHIPPED = Impl("as shipped (fp32, all-reduce)", 4, "all_reduce", True, True)
+# Before issues 11 and 12: gradient caching and the guide cache handed over fp32 embeddings
+# (`.float()`), so the kernel ran fp32 tiles (tf32x3) and fp32 cuBLAS GEMMs; the backward of the
+# all-gather was an all-reduce; the front end concatenated the segments (P twice: AP and PP).
+BEFORE = Impl("before issues 11-12 (fp32, all-reduce)", 4, "all_reduce", True, True)
+# As shipped: embeddings keep the autocast dtype (bf16) into the loss, the guide cache's fp16
+# rows are cast to it, the gather's backward is a reduce-scatter (an all-to-all on gloo: the same
+# bytes), a segment table replaces the copies. Guide twins are still gathered with the cache on
+# (GistLoss takes local guide rows only): the design's all-gather, exactly.
+SHIPPED = Impl("as shipped (bf16, reduce-scatter)", 2, "reduce_scatter", True, False)
+# On CPU there is no autocast: the same path in fp32.
+CPU_PATH = Impl("as shipped on CPU (fp32, all-to-all)", 4, "reduce_scatter", True, False)
 
 
 @dataclass(frozen=True)
@@ -430,11 +438,12 @@ def table_crossover() -> str:
         for d in DIMS:
             base = Step(w, 1, d)
             cells = [krows(comm_crossover(base, H100, bw, impl)) for impl in (
-                DESIGN, GUIDE_LOCAL, SHIPPED)]  # fmt: skip
+                SHIPPED, GUIDE_LOCAL, BEFORE)]  # fmt: skip
             rows.append([link, str(w), str(d), *cells])
     return md_table(
-        ["link", "W", "d", "design", "guide twins from the cache", "as shipped (fp32)"], rows, 1
-    )
+        ["link", "W", "d", "design = as shipped", "guide twins from the cache",
+         "before issues 11-12 (fp32)"], rows, 1,
+    )  # fmt: skip
 
 
 def table_fit() -> str:
@@ -445,8 +454,8 @@ def table_fit() -> str:
             base = Step(w, 1, d)
             cells = []
             for mem in (
-                allgather_memory,
                 lambda s: allgather_memory(s, SHIPPED),
+                lambda s: allgather_memory(s, BEFORE),
                 lambda s: sharded_memory(s, H100),
                 ring_memory,
             ):
@@ -454,7 +463,15 @@ def table_fit() -> str:
                 cells.append(" / ".join(krows(c) for c in caps))
             rows.append([str(w), str(d), *cells])
     return md_table(
-        ["W", "d", "all-gather (design)", "all-gather (as shipped)", "sharded pool", "ring"], rows
+        [
+            "W",
+            "d",
+            "all-gather (design = as shipped)",
+            "all-gather (before issues 11-12)",
+            "sharded pool",
+            "ring",
+        ],
+        rows,  # fmt: skip
     )
 
 
@@ -569,10 +586,10 @@ def table_step_crossover() -> str:
 
 
 def table_shipped() -> str:
-    """What the shipped code's fp32 path and all-reduce cost against the design, one point."""
+    """What the shipped code costs against the design, and what it cost before issues 11-12."""
     s, bw = Step(32, 4096, 768), NODE_LINKS["400 Gb/s"]
     rows = []
-    for impl in (DESIGN, GUIDE_LOCAL, SHIPPED):
+    for impl in (DESIGN, SHIPPED, GUIDE_LOCAL, BEFORE):
         traffic = sum(t.bytes for t in pool_traffic(s, impl).values())
         rows.append([
             impl.name, gb(traffic), ms(pool_comm_seconds(s, H100, bw, impl)),
@@ -627,7 +644,8 @@ def cpu_hardware() -> Hardware:
 
 
 def table_configs() -> str:
-    """configs/*.yaml: every text padded to max_seq_length, guide cache on, shipped fp32 path."""
+    """configs/*.yaml: every text padded to max_seq_length, guide cache on, the shipped path
+    (bf16 on GPUs, fp32 on the CPU)."""
     cases = [
         ("cpu-default.yaml", cpu_hardware(), 0.0),
         ("gpu-1node.yaml", A10G, G5_NODE_BW),
@@ -639,7 +657,8 @@ def table_configs() -> str:
     for name, hw, node_bw in cases:
         cfg = load_config(name)
         s, enc, seq = config_step(cfg)
-        p = step_parts(s, hw, enc, node_bw, SHIPPED, seq, cfg["train"]["mini_batch_size"] > 0)
+        impl = CPU_PATH if hw.kernel_eff == 1.0 else SHIPPED
+        p = step_parts(s, hw, enc, node_bw, impl, seq, cfg["train"]["mini_batch_size"] > 0)
         link = "gloo, one machine" if hw.kernel_eff == 1.0 else (
             "PCIe + 40 Gb/s" if hw is A10G else "NVLink + 400 Gb/s")  # fmt: skip
         rows.append([
@@ -724,12 +743,12 @@ def cpu_model(workers: int, per_worker: int) -> dict[str, float]:
     s = Step(workers, per_worker, 384, 768, 1)
     parts = {
         "encoder": encoder_flops(enc, per_worker * CPU_TOKENS_PER_ROW, False) / hw.mm16,
-        "loss": kernel_seconds(s, hw, SHIPPED),
+        "loss": kernel_seconds(s, hw, CPU_PATH),
         "gloo": 0.0,
     }
     if workers > 1:
         loss_allreduce = Traffic(0.0, 2 * (workers - 1))
-        traffic = [*pool_traffic(s, SHIPPED).values(), param_traffic(enc, workers), loss_allreduce]
+        traffic = [*pool_traffic(s, CPU_PATH).values(), param_traffic(enc, workers), loss_allreduce]
         parts["gloo"] = sum(transfer_seconds(t, GLOO_BW, GLOO_ALPHA) for t in traffic)
     return parts
 

@@ -81,7 +81,7 @@ def run_st(a, out: Path) -> dict:
     )
 
     from gist_ray.assets import resolve_model_path
-    from gist_ray.batches import GlobalBatches
+    from gist_ray.batches import GlobalBatches, ListSource
     from gist_ray.optim import lr_lambda
     from gist_ray.train import seed_everything
 
@@ -97,7 +97,8 @@ def run_st(a, out: Path) -> dict:
         loss_fn = GISTEmbedLoss(model, guide, temperature=0.01)
     names = ["anchor", "positive", "negative_1"]
     cols = {c: data[c] for c in names}
-    batches = GlobalBatches(len(data), a["batch"], a["seed"])
+    # the global batches gist-ray trains on (same seed, no text twice in a batch)
+    batches = GlobalBatches([ListSource("insuranceqa", list(cols.values()))], a["batch"], a["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], weight_decay=0.01)
     warmup = math.ceil(0.1 * a["steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, a["steps"]))
@@ -106,7 +107,7 @@ def run_st(a, out: Path) -> dict:
     times, losses, cpu = [], [], [cpu_s()]
     for step in range(a["steps"]):
         t0 = time.perf_counter()
-        idx = batches.local_indices(step, 0, 1)
+        idx = batches.local(step, 0, 1)[1]
         features = [prep([cols[c][i] for i in idx]) for c in names]
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(features, None)

@@ -1,16 +1,26 @@
 """Which rows make up each global batch: a pure function of the step, so a resumed run (or a
 restarted worker) sees exactly the batches the interrupted one would have.
 
-Each epoch is planned from ``(train.seed, epoch)`` alone:
+Nothing here grows with the dataset: every worker computes the rows of a step from
+``(train.seed, epoch, step)`` in O(batch) time and memory.
 
-- every global batch comes from one dataset, so its in-batch negatives stay in-domain; with
-  several datasets the batches are interleaved ``proportional`` to their sizes (shuffled) or
-  ``round_robin`` (until the smallest runs out), as sentence-transformers' multi-dataset
-  samplers do;
-- with ``data.no_duplicates`` no text appears twice in one *global* batch across the anchor,
-  positive and negative columns (sentence-transformers' ``NoDuplicatesBatchSampler``, applied to
-  the global batch rather than one device's): a repeated positive would be a false negative the
-  guide cannot mask (its guide similarity equals the threshold, and masking needs ``>``).
+- The rows of a dataset are visited in the order of a keyed pseudo-random permutation of
+  ``[0, rows)`` (:class:`Permutation`, a Feistel network with cycle-walking): the row at any
+  position is computed on its own, so there is no index of every row (``randperm`` of 10^8 rows
+  is 800 MB per worker). Global batch ``j`` of a dataset is positions ``[j*b, (j+1)*b)``.
+- Every global batch comes from one dataset, so its in-batch negatives stay in-domain; with
+  several datasets the batches are interleaved ``proportional`` to their sizes (a permutation of
+  the epoch's batch slots, shuffled per epoch) or ``round_robin`` (until the smallest runs out),
+  as sentence-transformers' multi-dataset samplers do.
+- With ``data.no_duplicates`` no text appears twice in one *global* batch across the anchor,
+  positive and negative columns (the guarantee of sentence-transformers'
+  ``NoDuplicatesBatchSampler``, applied to the global batch rather than one device's): a repeated
+  positive is a false negative the guide cannot mask. As sentence-transformers does, a row that
+  repeats a text of the batch being filled waits for a later batch, but only within a window of
+  ``WINDOW`` batches (their texts are read once per window), not the whole epoch, whose order
+  would have to be held in memory; a batch the window cannot fill is topped up with random rows
+  (keyed by the seed, epoch and batch) that repeat nothing, so a few rows are seen twice in an
+  epoch and as many not at all (with no repeated texts an epoch is an exact permutation).
 
 Each worker takes its contiguous slice of the global batch.
 """
@@ -19,15 +29,43 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
-import torch
 
 from gist_ray.config import Config
 from gist_ray.errors import ConfigError, DataError
 
-EXTRA_PASSES = 3  # reshuffles a no-duplicates epoch may use to fill its batches
-ORDER_STREAM = 1 << 20  # the random stream of the dataset order (datasets use 0, 1, ...)
+ORDER_STREAM = 1 << 20  # the key of the dataset order (datasets use 0, 1, ...)
+SWAP_STREAM = 1 << 21  # the key of a batch's replacement rows
+ROUNDS = 6  # Feistel rounds: enough for a well-mixed order, cheap to evaluate
+MAX_DRAWS_PER_ROW = 64  # replacement rows tried per batch row before giving up
+WINDOW = 8  # no-duplicates planning looks this many batches ahead: O(WINDOW x batch) per worker
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+class RowSource(Protocol):
+    """What batch planning reads of a dataset (``gist_ray.data.TrainingSet`` is one)."""
+
+    name: str
+    rows: int
+
+    def texts_at(self, rows: Sequence[int]) -> list[list[str]]: ...
+
+
+@dataclass
+class ListSource:
+    """In-memory columns as a :class:`RowSource` (tests and benchmarks)."""
+
+    name: str
+    columns: list[list[str]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns[0])
+
+    def texts_at(self, rows: Sequence[int]) -> list[list[str]]:
+        return [[col[i] for i in rows] for col in self.columns]
 
 
 @dataclass(frozen=True)
@@ -38,10 +76,50 @@ class Batch:
     rows: tuple[int, ...]
 
 
-def _generator(*key: int) -> torch.Generator:
-    entropy = [k % 2**32 for k in key]  # SeedSequence takes non-negative ints
-    seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _key(*parts: int) -> np.uint64:
+    h = np.uint64(0)
+    for p in parts:
+        h = _mix(np.asarray(h ^ np.uint64(p % 2**64)))[()]
+    return np.uint64(h)
+
+
+class Permutation:
+    """A keyed pseudo-random permutation of ``[0, n)`` in O(1) memory: a balanced Feistel
+    network on the smallest even bit width covering ``n`` (a bijection of ``[0, 2^bits)``),
+    cycle-walked into ``[0, n)`` (re-applied while the value falls outside; ``2^bits < 4n``, so
+    under four rounds on average)."""
+
+    def __init__(self, n: int, *key: int) -> None:
+        bits = max(2, (max(n, 2) - 1).bit_length())
+        bits += bits % 2
+        self.n, self.half = n, np.uint64(bits // 2)
+        self.mask = np.uint64((1 << (bits // 2)) - 1)
+        self.keys = [_key(*key, r) for r in range(ROUNDS)]
+
+    def _once(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The values at ``positions`` (each in ``[0, n)``), as int64."""
+        x = np.asarray(positions, dtype=np.uint64)
+        x = self._once(x)
+        out = x >= self.n
+        while out.any():
+            x[out] = self._once(x[out])
+            out = x >= self.n
+        return x.astype(np.int64)
 
 
 def text_ids(columns: Sequence[Sequence[str]]) -> np.ndarray:
@@ -56,75 +134,35 @@ def duplicates(ids: np.ndarray) -> int:
     return int(ids.size - np.unique(ids).size)
 
 
-def no_duplicate_batches(
-    ids: np.ndarray, batch_size: int, count: int, generator: torch.Generator
-) -> list[tuple[int, ...]] | None:
-    """``count`` full batches with no id twice in one batch, greedily in a shuffled order
-    (conflicting rows wait for a later batch), reshuffling up to EXTRA_PASSES times when a pass
-    falls short, as sentence-transformers does; None if even that cannot fill them."""
-    rows_texts = ids.tolist()
-    out: list[tuple[int, ...]] = []
-    for _ in range(1 + EXTRA_PASSES):
-        pending = torch.randperm(len(ids), generator=generator).tolist()
-        while pending and len(out) < count:
-            seen: set[int] = set()
-            batch: list[int] = []
-            waiting: list[int] = []
-            for pos, row in enumerate(pending):
-                texts = rows_texts[row]
-                if seen.isdisjoint(texts):
-                    batch.append(row)
-                    seen.update(texts)
-                    if len(batch) == batch_size:
-                        waiting.extend(pending[pos + 1 :])
-                        break
-                else:
-                    waiting.append(row)
-            if len(batch) < batch_size:
-                break  # the rest of this pass cannot fill a batch
-            out.append(tuple(batch))
-            pending = waiting
-        if len(out) == count:
-            return out
-    return None
-
-
 @dataclass
 class GlobalBatches:
-    """The global batches of every epoch, planned from the seed and the epoch only."""
+    """The global batches of every epoch, each computed from the seed, epoch and step alone."""
 
-    texts: list[list[list[str]]]  # per dataset: its columns' texts, in loss order
-    names: list[str]
+    sources: list[RowSource]
     batch_size: int
     seed: int
     sampling: str = "proportional"
     no_duplicates: bool = True
-    _ids: list[np.ndarray | None] = field(default_factory=list, init=False, repr=False)
-    _plan: tuple[int, list[Batch]] | None = field(default=None, init=False, repr=False)
+    _last: tuple[int, Batch] | None = field(default=None, init=False, repr=False)
+    _window: tuple[tuple[int, int, int], list[list[int]]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
-        self._ids = [text_ids(cols) if self.no_duplicates else None for cols in self.texts]
-        for name, rows in zip(self.names, self.sizes):
-            if rows < self.batch_size:
+        for s in self.sources:
+            if s.rows < self.batch_size:
                 raise ConfigError(
                     f"train.batch_size = {self.batch_size} is larger than the dataset "
-                    f"{name!r} ({rows} rows)"
+                    f"{s.name!r} ({s.rows} rows)"
                 )
-        for name, ids in zip(self.names, self._ids):
-            if ids is not None and len(np.unique(ids)) < self.batch_size:
-                raise DataError(
-                    f"dataset {name!r} has {len(np.unique(ids))} unique texts, fewer than "
-                    f"train.batch_size = {self.batch_size}: no global batch can be filled without "
-                    "repeating one; lower train.batch_size or set data.no_duplicates=false"
-                )
-        self.plan(0)  # a batch size the data cannot fill fails now, not at the next epoch
+        for d in range(len(self.sources)):  # a batch the data cannot fill fails now, not later
+            self._rows(0, d, 0, "of epoch 0")
 
     @classmethod
-    def for_config(cls, cfg: Config, sets: Sequence) -> GlobalBatches:
+    def for_config(cls, cfg: Config, sets: Sequence[RowSource]) -> GlobalBatches:
         """The batches of ``cfg`` over the training sets (``gist_ray.data.TrainingSet``)."""
         return cls(
-            [list(s.texts.values()) for s in sets],
-            [s.name for s in sets],
+            list(sets),
             cfg.train.batch_size,
             cfg.train.seed,
             cfg.data.sampling,
@@ -132,64 +170,118 @@ class GlobalBatches:
         )
 
     @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
     def sizes(self) -> list[int]:
-        return [len(cols[0]) for cols in self.texts]
+        return [s.rows for s in self.sources]
 
     @property
     def num_rows(self) -> int:
         return sum(self.sizes)
 
     def _per_dataset(self) -> list[int]:
-        return [rows // self.batch_size for rows in self.sizes]
+        per = [rows // self.batch_size for rows in self.sizes]
+        return [min(per)] * len(per) if self.sampling == "round_robin" else per
 
     @property
     def steps_per_epoch(self) -> int:
-        per = self._per_dataset()
-        return min(per) * len(per) if self.sampling == "round_robin" else sum(per)
+        return sum(self._per_dataset())
 
     def total_steps(self, cfg: Config) -> int:
         """``train.max_steps`` when set, else ``train.epochs`` full epochs."""
         return cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
-    def _dataset_batches(self, d: int, epoch: int, count: int) -> list[tuple[int, ...]]:
-        g = _generator(self.seed, epoch, d)
-        ids = self._ids[d]
-        if ids is None:
-            perm = torch.randperm(self.sizes[d], generator=g).tolist()
-            return [
-                tuple(perm[i * self.batch_size : (i + 1) * self.batch_size]) for i in range(count)
-            ]
-        found = no_duplicate_batches(ids, self.batch_size, count, g)
-        if found is None:
-            raise DataError(
-                f"dataset {self.names[d]!r}: cannot fill {count} global batches of "
-                f"{self.batch_size} rows without repeating a text ({len(np.unique(ids))} unique "
-                "texts); lower train.batch_size or set data.no_duplicates=false"
-            )
-        return found
-
-    def plan(self, epoch: int) -> list[Batch]:
-        """Every global batch of ``epoch``, in step order (the latest epoch's plan is kept)."""
-        if self._plan is not None and self._plan[0] == epoch:
-            return self._plan[1]
+    def _slot(self, epoch: int, pos: int) -> tuple[int, int]:
+        """(dataset, its batch index) of the epoch's ``pos``-th step."""
         per = self._per_dataset()
         if self.sampling == "round_robin":
-            per = [min(per)] * len(per)
-            order = [d for _ in range(per[0]) for d in range(len(per))]
-        else:
-            order = [d for d, n in enumerate(per) for _ in range(n)]
-            if len(per) > 1:
-                g = _generator(self.seed, epoch, ORDER_STREAM)
-                shuffle = torch.randperm(len(order), generator=g)
-                order = [order[i] for i in shuffle.tolist()]
-        queues = [iter(self._dataset_batches(d, epoch, n)) for d, n in enumerate(per)]
-        batches = [Batch(d, next(queues[d])) for d in order]
-        self._plan = (epoch, batches)
-        return batches
+            return pos % len(per), pos // len(per)
+        if len(per) > 1:  # a shuffled interleaving, proportional to the datasets' batches
+            pos = int(Permutation(self.steps_per_epoch, self.seed, epoch, ORDER_STREAM)([pos])[0])
+        d = int(np.searchsorted(np.cumsum(per), pos, side="right"))
+        return d, pos - sum(per[:d])
 
     def batch(self, step: int) -> Batch:
+        """The global batch of ``step`` (the latest one is kept: every worker asks once)."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
         epoch, pos = divmod(step, self.steps_per_epoch)
-        return self.plan(epoch)[pos]
+        d, j = self._slot(epoch, pos)
+        found = Batch(d, tuple(self._rows(epoch, d, j, f"of step {step}")))
+        self._last = (step, found)
+        return found
+
+    def _rows(self, epoch: int, d: int, j: int, which: str) -> list[int]:
+        """Rows of dataset ``d``'s ``j``-th global batch of ``epoch``."""
+        b = self.batch_size
+        if not self.no_duplicates:
+            perm = Permutation(self.sizes[d], self.seed, epoch, d)
+            return perm(np.arange(j * b, (j + 1) * b)).tolist()
+        w = j // WINDOW
+        if self._window is None or self._window[0] != (epoch, d, w):
+            self._window = ((epoch, d, w), self._plan_window(epoch, d, w, which))
+        return self._window[1][j - w * WINDOW]
+
+    def _plan_window(self, epoch: int, d: int, w: int, which: str) -> list[list[int]]:
+        """The no-duplicates batches ``[w*WINDOW, (w+1)*WINDOW)`` of dataset ``d``: their rows
+        (in permutation order) are placed greedily, a row that repeats a text of the batch being
+        filled waits for a later batch of the window (sentence-transformers' deferral, bounded
+        to the window); a batch the window's rows cannot fill is topped up with random rows that
+        repeat nothing (drawn deterministically from the seed, epoch and batch)."""
+        b, source = self.batch_size, self.sources[d]
+        lo, hi = w * WINDOW, min((w + 1) * WINDOW, self._per_dataset()[d])
+        rows = Permutation(self.sizes[d], self.seed, epoch, d)(np.arange(lo * b, hi * b)).tolist()
+        texts = list(zip(*source.texts_at(rows)))
+        pending, out = list(range(len(rows))), []
+        for j in range(lo, hi):
+            seen: set[str] = set()
+            kept: list[int] = []
+            waiting: list[int] = []
+            for pos, i in enumerate(pending):
+                if len(kept) == b:
+                    waiting.extend(pending[pos:])
+                    break
+                if seen.isdisjoint(texts[i]):
+                    kept.append(rows[i])
+                    seen.update(texts[i])
+                else:
+                    waiting.append(i)
+            pending = waiting
+            if len(kept) < b:
+                self._top_up(source, kept, seen, (self.seed, epoch, d, j), which)
+            out.append(kept)
+        return out
+
+    def _top_up(self, source: RowSource, kept: list[int], seen: set[str], key: tuple,
+                which: str) -> None:  # fmt: skip
+        """Fill ``kept`` up to the batch size with random rows that repeat no text of it."""
+        taken = set(kept)
+        rng = np.random.Generator(np.random.Philox(key=[int(_key(*key, SWAP_STREAM)), 0]))
+        draws, limit = 0, MAX_DRAWS_PER_ROW * self.batch_size
+        while len(kept) < self.batch_size and draws < limit:
+            n = min(limit - draws, max(16, 2 * (self.batch_size - len(kept))))
+            candidates = rng.integers(0, source.rows, n).tolist()
+            for row, texts in zip(candidates, zip(*source.texts_at(candidates))):
+                if len(kept) < self.batch_size and row not in taken and seen.isdisjoint(texts):
+                    kept.append(row)
+                    taken.add(row)
+                    seen.update(texts)
+            draws += n
+        if len(kept) < self.batch_size:
+            raise DataError(
+                f"dataset {source.name!r}: cannot fill the global batch {which} with "
+                f"train.batch_size = {self.batch_size} rows without repeating a text (found "
+                f"{len(kept)} after {draws} random rows); lower train.batch_size or set "
+                "data.no_duplicates=false"
+            )
+
+    def plan(self, epoch: int) -> list[Batch]:
+        """Every global batch of ``epoch``, in step order (tests and tools; training asks
+        :meth:`batch` for one step at a time)."""
+        start = epoch * self.steps_per_epoch
+        return [self.batch(s) for s in range(start, start + self.steps_per_epoch)]
 
     def local(self, step: int, rank: int, world: int) -> tuple[int, list[int]]:
         """(dataset, this worker's rows) of the global batch of ``step``."""

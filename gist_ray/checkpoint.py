@@ -41,6 +41,8 @@ FORMAT_VERSION = 1
 OPERATIONAL_KEYS = frozenset(
     {
         "data.guide_cache",
+        "data.guide_cache_dir",
+        "data.guide_cache_dtype",
         "train.mini_batch_size",
         "train.gradient_checkpointing",  # recomputes activations with the same dropout masks
         "model.lora_export",
@@ -185,7 +187,13 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
 class Reporter(Protocol):
     """Where a worker sends metrics and checkpoints (Ray Train, or a local folder)."""
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+    # True: a checkpoint reported with ``validate`` is evaluated beside training (Ray Train's
+    # validation); False: the training loop evaluates in line
+    validates: bool
+
+    def report(
+        self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
+    ) -> None: ...
 
     def latest_checkpoint(self) -> str | None: ...
 
@@ -193,10 +201,14 @@ class Reporter(Protocol):
 class LocalReporter:
     """Keeps checkpoints under ``<output_dir>/checkpoints`` (runs without Ray)."""
 
+    validates = False
+
     def __init__(self, output_dir: str | Path) -> None:
         self.root = Path(output_dir) / "checkpoints"
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    def report(
+        self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
+    ) -> None:
         if checkpoint_dir and rank() == 0:
             target = self.root / Path(checkpoint_dir).name
             if Path(checkpoint_dir).resolve() != target.resolve():
@@ -261,9 +273,11 @@ class Checkpointer:
         log.info("resumed from %s at step %d", latest, state.step)
         return True
 
-    def save(self, state: TrainState, student, metrics: dict[str, float]) -> None:
+    def save(
+        self, state: TrainState, student, metrics: dict[str, float], validate: bool = False
+    ) -> None:
         """Checkpoint ``state``; returns once the checkpoint is committed (a restart would resume
-        from it)."""
+        from it). ``validate``: the reporter evaluates it beside training."""
         rngs: list[Any] = [None] * world_size()  # every rank's, so dropout replays on resume
         if is_distributed():
             dist.all_gather_object(rngs, rng_state())
@@ -286,4 +300,4 @@ class Checkpointer:
                     "config": self.cfg.to_dict(),
                 },
             )
-        self.reporter.report(metrics, str(path) if path else None)
+        self.reporter.report(metrics, str(path) if path else None, validate)

@@ -90,6 +90,11 @@ class DataConfig:
     sampling: str = "proportional"  # several datasets: proportional | round_robin
     no_duplicates: bool = True  # no text twice in one global batch (anchor, positive, negatives)
     guide_cache: bool = True  # embed every text with the guide once, before training
+    # where guide caches live; "" = beside a local dataset, else under ray.storage_path, else
+    # the gist-ray cache (node-local: set this on a multi-node cluster)
+    guide_cache_dir: str = ""
+    # float16 halves the cache (guide cosines to ~1e-3); float32 keeps the live guide's precision
+    guide_cache_dtype: str = "float16"
 
 
 @dataclass
@@ -100,6 +105,11 @@ class EvalConfig:
     max_corpus: int = 1000
     every: int = 0  # steps between evaluations during training; 0 = only before and after
     metric: str = "ndcg@10"  # picks the best checkpoint
+    # resources of the validation task that evaluates a checkpoint beside training on Ray
+    # (eval.every): 0 CPUs keeps it schedulable on a cluster the workers fill; GPUs: 0 = CPU,
+    # a fraction shares a GPU (e.g. 0.25 on a node with a GPU the workers do not hold)
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
 
 
 @dataclass
@@ -462,6 +472,10 @@ def validate(cfg: Config) -> Config:
     e = cfg.eval
     check(e.every >= 0, "eval.every", "must be >= 0 (0 = only before and after)", e.every)
     check(e.metric in EVAL_METRICS, "eval.metric", f"one of {', '.join(EVAL_METRICS)}", e.metric)
+    check(e.num_cpus >= 0, "eval.num_cpus", "must be >= 0", e.num_cpus)
+    dt = cfg.data.guide_cache_dtype
+    check(dt in ("float16", "float32"), "data.guide_cache_dtype", "float16 or float32", dt)
+    check(e.num_gpus >= 0, "eval.num_gpus", "must be >= 0 (a fraction shares a GPU)", e.num_gpus)
     check(e.max_queries >= 0, "eval.max_queries", "must be >= 0 (0 = all)", e.max_queries)
     check(e.max_corpus >= 0, "eval.max_corpus", "must be >= 0 (0 = all)", e.max_corpus)
     check(lo.temperature > 0, "loss.temperature", "must be > 0", lo.temperature)

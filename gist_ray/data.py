@@ -4,17 +4,23 @@ Training data has canonical columns `anchor`, `positive` and optionally `negativ
 Sources: a local .json/.jsonl/.csv/.parquet file, a `save_to_disk` folder, a hub dataset name
 (where the network allows) or the built-in `insuranceqa` (package insuranceqa-data==1.0).
 Every bad input raises a one-line DataError naming the source, column and row.
+
+Training data stays on disk: a loaded dataset is Arrow memory-mapped (files and hub data through
+the `datasets` cache, saved folders as they are; the built-in set and other in-memory data are
+written once to an Arrow folder under the gist-ray cache and reopened), and training reads the
+rows of a step with :meth:`TrainingSet.texts_at`, so a worker's memory does not grow with the
+dataset.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from gist_ray import insuranceqa
@@ -54,7 +60,7 @@ def load_pairs(
                 f"built-in '{BUILTIN}' training split must be 'train' (got {split!r}); "
                 "valid and test are held out for eval"
             )
-        ds = datasets.Dataset.from_dict(insuranceqa.train_rows(seed, max_examples))
+        ds = _builtin(seed, max_examples)
         label = BUILTIN
         roles = {c: c for c in ds.column_names}
     else:
@@ -64,10 +70,30 @@ def load_pairs(
             ds = ds.select(range(max_examples))
     if len(ds) == 0:
         raise DataError(f"{label} is empty (0 rows); training needs at least one row")
-    table = ds.with_format("arrow")[:]
     for col in ds.column_names:
-        _check_texts(table.column(col), col, roles[col], label, ds)
+        _check_column(ds, col, roles[col], label)
     return ds
+
+
+def _builtin(seed: int, max_examples: int | None) -> datasets.Dataset:
+    """The built-in rows, written once to an Arrow folder under the gist-ray cache (per seed and
+    size: the rows are a pure function of both) and memory-mapped from there."""
+    from gist_ray.assets import cache_root
+    from gist_ray.fileio import atomic_dir
+
+    folder = cache_root() / "datasets" / f"{BUILTIN}-v1-seed{seed}-{max_examples or 'all'}"
+    if not (folder / "state.json").is_file():
+        bars = datasets.utils
+        rows = datasets.Dataset.from_dict(insuranceqa.train_rows(seed, max_examples))
+        quiet = bars.are_progress_bars_disabled()
+        bars.disable_progress_bars()  # a worker's bar is noise in the driver's log
+        try:
+            with atomic_dir(folder) as tmp:
+                rows.save_to_disk(str(tmp))
+        finally:
+            if not quiet:
+                bars.enable_progress_bars()
+    return datasets.load_from_disk(str(folder))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -197,37 +223,51 @@ def _select_roles(
     return ds.rename_columns({f"__gist_{i}": role for i, role in enumerate(roles)}), roles
 
 
-def _check_texts(
-    arr: pa.ChunkedArray, col: str, src: str, label: str, ds: datasets.Dataset
-) -> None:
-    """Every text must be a non-empty, non-whitespace string; report the first bad row."""
+CHECK_CHUNK_ROWS = 65_536  # validation reads the data in slices of this many rows
+
+
+def _check_column(ds: datasets.Dataset, col: str, src: str, label: str) -> None:
+    """Every text must be a non-empty, non-whitespace string; report the first bad row. Reads
+    the column in slices, so checking a large dataset needs no copy of it in memory."""
     where = f"{label}: column {col!r}" + (f" (source column {src!r})" if src != col else "")
     rule = "texts must be non-empty strings"
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):  # vectorised
+    kind = ds.features[col]
+    if getattr(kind, "dtype", None) not in ("string", "large_string"):
+        _first_bad_value(ds, col, where, rule)  # numbers, lists, mixed: invalid data only
+        return
+    arrow = ds.select_columns([col]).with_format("arrow")
+    first, n_bad = None, 0
+    for start in range(0, len(ds), CHECK_CHUNK_ROWS):
+        arr = arrow[start : start + CHECK_CHUNK_ROWS].column(0)
         blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0)
         bad = pc.or_kleene(pc.is_null(arr), pc.fill_null(blank, False))
-        n_bad = pc.sum(bad).as_py() or 0
-        if n_bad:
+        count = pc.sum(bad).as_py() or 0
+        if count and first is None:
             row = pc.index(bad, True).as_py()
-            what = "null" if arr[row].as_py() is None else "empty or whitespace"
-            raise DataError(f"{where} row {row} (0-based) is {what}; {rule} ({n_bad} bad in all)")
-        return
-    # Not a string column (numbers, lists, or mixed values stored as JSON): find the first row
-    # that is not a non-empty string in python; this path only runs for invalid data.
-    for row, value in enumerate(ds[col]):
-        if not isinstance(value, str) or not value.strip():
-            what = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
-            if isinstance(value, str):
-                what = "empty or whitespace"
-            raise DataError(f"{where} row {row} (0-based) is {what}; {rule}")
+            first = (start + row, "null" if arr[row].as_py() is None else "empty or whitespace")
+        n_bad += count
+    if first is not None:
+        row, what = first
+        raise DataError(f"{where} row {row} (0-based) is {what}; {rule} ({n_bad} bad in all)")
+
+
+def _first_bad_value(ds: datasets.Dataset, col: str, where: str, rule: str) -> None:
+    for start in range(0, len(ds), CHECK_CHUNK_ROWS):
+        for row, value in enumerate(ds[start : start + CHECK_CHUNK_ROWS][col], start):
+            if not isinstance(value, str) or not value.strip():
+                what = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+                if isinstance(value, str):
+                    what = "empty or whitespace"
+                raise DataError(f"{where} row {row} (0-based) is {what}; {rule}")
 
 
 @dataclass
 class TrainingSet:
-    """One training dataset of ``data.train``: its spec and its texts by column."""
+    """One training dataset of ``data.train``: its spec and its rows, memory-mapped (Arrow), with
+    columns anchor, positive, negative_1..k in loss order."""
 
     spec: DatasetSpec
-    texts: dict[str, list[str]]  # anchor, positive, negative_1..k (loss order)
+    data: datasets.Dataset
 
     @property
     def name(self) -> str:
@@ -235,7 +275,24 @@ class TrainingSet:
 
     @property
     def rows(self) -> int:
-        return len(self.texts["anchor"])
+        return len(self.data)
+
+    @property
+    def columns(self) -> list[str]:
+        return loss_columns(self.data)
+
+    def column_texts(self) -> dict[str, list[str]]:
+        """Every row's text, per column, read whole: for mining, which searches the whole corpus
+        (training reads only its batch rows, :meth:`texts_at`)."""
+        return {c: self.data[c] for c in self.columns}
+
+    def texts_at(self, rows: Sequence[int]) -> list[list[str]]:
+        """The texts of ``rows`` (in that order), one list per column: read on demand from the
+        memory-mapped data."""
+        if len(rows) == 0:
+            return [[] for _ in self.columns]
+        picked = self.data[list(map(int, rows))]
+        return [picked[c] for c in self.columns]
 
 
 def load_training_sets(cfg: Config) -> list[TrainingSet]:
@@ -255,11 +312,11 @@ def load_training_sets(cfg: Config) -> list[TrainingSet]:
             if several:
                 raise DataError(f"{spec.key} (dataset {spec.name!r}): {e}") from e
             raise
-        out.append(TrainingSet(spec, text_columns(ds)))
+        out.append(TrainingSet(spec, ds.select_columns(loss_columns(ds))))
     return out
 
 
-def text_columns(ds: datasets.Dataset) -> dict[str, list[str]]:
-    """The texts by column, in loss order: anchor, positive, negative_1..k."""
+def loss_columns(ds: datasets.Dataset) -> list[str]:
+    """The text columns in loss order: anchor, positive, negative_1..k."""
     negatives = sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))
-    return {c: ds[c] for c in ["anchor", "positive", *negatives]}
+    return ["anchor", "positive", *negatives]

@@ -1,9 +1,10 @@
 """Ray Train launcher: the only module that knows about Ray.
 
 It connects to a Ray cluster (``ray.address`` / ``RAY_ADDRESS``, e.g. inside ``ray job submit``)
-or starts a local one, checks resources and storage, finds the checkpoint a rerun resumes from,
-runs :func:`gist_ray.train.train_worker` on ``ray.num_workers`` TorchTrainer workers and copies
-the final model out of the last checkpoint.
+or starts a local one, checks resources and storage, builds the guide cache as a Ray Data job,
+finds the checkpoint a rerun resumes from, runs :func:`gist_ray.train.train_worker` on
+``ray.num_workers`` TorchTrainer workers (with Ray Train's validation of the ``eval.every``
+checkpoints), and copies the final and the best model out of the checkpoints.
 
 Fault tolerance is Ray Train V2's: ``FailureConfig(max_failures)`` restarts the worker group
 after a worker or node dies and ``ray.train.get_checkpoint()`` hands the restarted workers the
@@ -48,14 +49,23 @@ SHARED_FS_TYPES = (
     "weka",
     "fuse.",
 )
+NOT_VALIDATED = -1.0  # the score of a checkpoint no validation ranked (metrics are in [0, 1])
 # Test-only fault injection (gist_ray.faults) must reach the workers' processes.
 FORWARDED_ENV = ("GIST_RAY_FAULT_INJECT",)
 
 
 class RayReporter:
-    """Reporter backed by ``ray.train.report`` / ``ray.train.get_checkpoint``."""
+    """Reporter backed by ``ray.train.report`` / ``ray.train.get_checkpoint``. With
+    ``score_key`` (eval during training) checkpoints reported with ``validate`` are evaluated
+    by Ray Train's validation task while training goes on, and ranked by that metric."""
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    def __init__(self, score_key: str | None = None) -> None:
+        self.score_key = score_key
+        self.validates = score_key is not None
+
+    def report(
+        self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
+    ) -> None:
         """Returns once the checkpoint is committed: uploaded and recorded in the run's snapshot
         in storage, i.e. what a restart would resume from."""
         import ray.train
@@ -63,10 +73,13 @@ class RayReporter:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
+        if self.score_key:  # ranked below every validated one until (unless) validated
+            metrics = {self.score_key: NOT_VALIDATED, **metrics}
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
             checkpoint_dir_name=Path(checkpoint_dir).name,
+            validation=validate and self.validates,
         )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has copied it to storage
         ray.train.get_all_reported_checkpoints(
@@ -96,9 +109,10 @@ def _ray_entry(payload: dict[str, Any]) -> None:
 
     train_worker(
         load_config_dict(payload["config"]),
-        RayReporter(),
+        RayReporter(payload.get("score_key")),
         payload["run_id"],
         payload["tracking_uri"],
+        guide_caches=payload.get("guide_caches"),
     )
 
 
@@ -336,9 +350,31 @@ def is_shared_storage(path: str) -> bool:
     return _mount_type(local).startswith(SHARED_FS_TYPES)
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_writable(path: str, key: str) -> None:
+    """A local ``path`` must be a folder this process can create files in."""
+    if "://" in path:
+        return  # object stores: Ray Train reports its own errors
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise GistRayError(
+            f"{key} = {path!r} is not writable ({type(e).__name__}: {e.strerror or e}); set "
+            f"{key} to a writable folder (shared storage on a multi-node cluster)"
+        ) from e
+
+
 def check_storage(cfg: Config, alive_nodes: int) -> None:
     """Checkpoints of a multi-node run must land where every node (and the driver) can read."""
     path = storage_path(cfg)
+    check_writable(path, "ray.storage_path")
     if alive_nodes > 1 and not (cfg.ray.shared_storage or is_shared_storage(path)):
         raise GistRayError(
             f"ray.storage_path = {path!r} is node-local but the cluster has {alive_nodes} nodes: "
@@ -358,7 +394,7 @@ def check_resources(cfg: Config) -> None:
     problem = _shortfall(cfg, ray.cluster_resources())
     if problem:
         raise GistRayError(problem)
-    check_storage(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+    check_storage(cfg, alive_nodes())
 
 
 def run_dir_name(cfg: Config, run_id: str) -> str:
@@ -420,7 +456,7 @@ def export_checkpoint(cfg: Config, checkpoint) -> Path:
     return local
 
 
-def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
+def _trainer(cfg: Config, entry, payload: dict[str, Any], validation=None, **run_config: Any):
     """A TorchTrainer running ``entry(payload)`` on ``ray.num_workers`` workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -438,21 +474,64 @@ def _trainer(cfg: Config, entry, payload: dict[str, Any], **run_config: Any):
         run_config=ray.train.RunConfig(
             storage_path=storage_path(cfg), worker_runtime_env={"env_vars": env}, **run_config
         ),
+        validation_config=validation,
     )
 
 
-def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
+def _validation(cfg: Config, run_id: str, tracking_uri: str):
+    """Ray Train's validation of the checkpoints written every ``eval.every`` steps (None when
+    there is no eval during training): :func:`gist_ray.training_eval.validate_checkpoint` as a
+    task with ``eval.num_cpus`` / ``eval.num_gpus``."""
+    if not (cfg.eval.source and cfg.eval.every):
+        return None
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+    from gist_ray.training_eval import validate_checkpoint
+
+    kwargs = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri}
+    env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **QUIET_BARS}}
+    return ValidationConfig(
+        fn=validate_checkpoint,
+        task_config=ValidationTaskConfig(fn_kwargs=kwargs),
+        ray_remote_kwargs={
+            "num_cpus": cfg.eval.num_cpus,
+            "num_gpus": cfg.eval.num_gpus,
+            "runtime_env": env,
+        },
+    )
+
+
+def run_training(
+    cfg: Config, run_id: str, tracking_uri: str, guide_caches: list[str] | None = None
+) -> Path:
     """Fit on the cluster (resuming the run's latest checkpoint if it has one); return the final
-    checkpoint's directory (local copy)."""
+    checkpoint's directory (local copy). ``guide_caches``: the datasets' guide cache folders,
+    built before (:func:`prepare_guide_cache`)."""
     import ray.train
 
-    payload = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri}
+    from gist_ray.training_eval import score_key
+
+    validation = _validation(cfg, run_id, tracking_uri)
+    score = score_key(cfg) if validation else None
+    payload = {
+        "config": cfg.to_dict(),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "guide_caches": guide_caches,
+        "score_key": score,
+    }
+    # With validation Ray keeps the 2 best-scored checkpoints (besides the latest, which a
+    # restart resumes from, and any still being validated), all on the run's storage.
+    keep = ray.train.CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=score, checkpoint_score_order="max"
+    )
     trainer = _trainer(
         cfg,
         _ray_entry,
         payload,
+        validation,
         name=run_dir_name(cfg, run_id),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=keep,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     try:
@@ -462,7 +541,33 @@ def run_training(cfg: Config, run_id: str, tracking_uri: str) -> Path:
         raise _unwrap(e) from e
     if result.checkpoint is None:
         raise GistRayError("training finished without a checkpoint")
+    if score:
+        export_best(cfg, run_id, result.best_checkpoints, score)
     return export_checkpoint(cfg, result.checkpoint)
+
+
+def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:
+    """Copy the model of the best validated checkpoint (Ray's scoring) to
+    ``<output_dir>/best-model``, with its record in ``best-model.json``."""
+    from gist_ray.training_eval import BEST_DIR, write_best
+
+    validated = [(c, m) for c, m in scored or [] if m.get(score, NOT_VALIDATED) > NOT_VALIDATED]
+    if not validated:
+        log.warning("no checkpoint was validated; there is no best model")
+        return
+    best, metrics = max(validated, key=lambda cm: (cm[1][score], -int(cm[1].get("step", 0))))
+    with tempfile.TemporaryDirectory(prefix="gist-ray-best-") as tmp:
+        best.to_directory(tmp)
+        fileio.copy_dir(Path(tmp) / ckpt.MODEL_DIR, Path(cfg.output_dir) / BEST_DIR)
+    info = {"step": int(metrics["step"]), "metric": cfg.eval.metric, "value": metrics[score]}
+    write_best(cfg.output_dir, {**info, "run_id": run_id})
+    log.info(
+        "best checkpoint: step %d, %s %.4f -> %s",
+        info["step"],
+        cfg.eval.metric,
+        info["value"],
+        Path(cfg.output_dir) / BEST_DIR,
+    )
 
 
 def _resume_hint(cfg: Config, name: str) -> None:
@@ -526,19 +631,48 @@ def _unwrap(e: BaseException) -> BaseException:
     return err
 
 
-def _ray_cache_entry(payload: dict[str, Any]) -> None:
-    from gist_ray import log
-    from gist_ray.config import load_config_dict
-    from gist_ray.train import cache_guide_worker
+def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
+    """Load or build every dataset's guide cache on the cluster (None when ``data.guide_cache``
+    is off): checks its folder (writable; shared when the cluster has several nodes), then runs
+    the missing shards as a Ray Data job (:func:`run_guide_job`)."""
+    from gist_ray import guide_cache
+    from gist_ray.train import guide_prompts
 
-    log.configure()
+    if not cfg.data.guide_cache:
+        return None
+    nodes = alive_nodes()
+    for s in sets:
+        root, chosen = guide_cache.cache_root(cfg, s.spec.source)
+        shared = cfg.ray.shared_storage or is_shared_storage(str(root))
+        guide_cache.check_root(root, chosen, nodes, shared)
+    return guide_cache.ensure(
+        cfg, sets, guide_prompts(cfg, sets), run_guide_job, cfg.ray.num_workers
+    )
 
-    cache_guide_worker(load_config_dict(payload["config"]))
 
+def run_guide_job(cfg: Config, folder: Path, shards: list[int]):
+    """Embed ``shards`` of a guide cache folder with a Ray Data job: ``map_batches`` runs
+    :class:`gist_ray.guide_embed.ShardEmbedder` (the guide, loaded once per actor) on up to
+    ``ray.num_workers`` actors, one GPU each with ``ray.use_gpu`` (else one CPU); each task
+    writes its shard to the folder. Yields each finished shard's text count."""
+    import ray.data
 
-def run_cache_guide(cfg: Config) -> None:
-    """``gist-ray cache-guide``: the guide embeds the training texts, sharded over the workers."""
+    from gist_ray.guide_embed import ShardEmbedder
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver logs its own progress, with an ETA
+    ctx.execution_options.preserve_order = False
+    gpu = {"num_gpus": 1} if cfg.ray.use_gpu else {"num_cpus": 1}
+    out = ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=len(shards))
+    out = out.map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs={"config": cfg.to_dict(), "folder": str(folder)},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.ray.num_workers, len(shards))),
+        **gpu,
+    )
     try:
-        _trainer(cfg, _ray_cache_entry, {"config": cfg.to_dict()}).fit()
-    except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's error
+        for row in out.iter_rows():
+            yield int(row["texts"])
+    except Exception as e:  # noqa: BLE001 - Ray Data wraps the task's error
         raise _unwrap(e) from e

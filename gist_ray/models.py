@@ -84,6 +84,14 @@ class ModelSpec:
         return "model.guide_" if self.key == "model.guide" else "model."
 
 
+def guide_spec(cfg: Config) -> ModelSpec:
+    """The guide to load: ``model.guide``, or with ``model.guide: self`` the student as the config
+    names it (the frozen self-guide is the student at step 0; LoRA adapters start as identity)."""
+    from gist_ray.config import SELF
+
+    return ModelSpec.student(cfg) if cfg.model.guide == SELF else ModelSpec.guide(cfg)
+
+
 @contextlib.contextmanager
 def quiet_hf() -> Iterator[None]:
     """No per-model "Loading weights" / "Writing model shards" bars while loading or saving

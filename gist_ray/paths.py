@@ -57,6 +57,7 @@ def check_job_paths(cfg: Config, tracking_uri: str) -> None:
         ("ray.storage_path", cfg.ray.storage_path, "shared storage (s3://..., an NFS mount)"),
         ("mlflow.tracking_uri", tracking_uri, "a server (http://HEAD:5000) or sqlite:////abs/path"),
         ("mlflow.artifact_location", m.artifact_location, "an absolute path or s3://..."),
+        ("data.guide_cache_dir", cfg.data.guide_cache_dir, "a folder every node shares"),
     ]
     for key, value, instead in candidates:
         path = local_path(value)

@@ -86,6 +86,16 @@ class StepLog:
         state.pending = []
 
 
+def guide_job_line(name: str, done: int, total: int, elapsed: float) -> str:
+    """The guide-cache job's progress, as the driver logs it after each finished shard."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate else 0.0
+    return (
+        f"guide cache of {name!r}: {done:,}/{total:,} unique texts "
+        f"({100 * done // max(total, 1)}%), {rate:,.0f} texts/s, ETA {fmt_eta(eta)}"
+    )
+
+
 def guide_cache_line(done: int, total: int, elapsed: float) -> str:
     """The guide-cache build's progress, as rank 0 logs it (and the driver parses it)."""
     eta = elapsed / done * (total - done) if done else 0.0

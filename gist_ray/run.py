@@ -29,7 +29,12 @@ def _absolutize(cfg: Config) -> Config:
 
     cfg = dataclasses.replace(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
-    cfg.data = dataclasses.replace(cfg.data, train=map_sources(cfg.data.train, absolute))
+    cache_dir = cfg.data.guide_cache_dir
+    cfg.data = dataclasses.replace(
+        cfg.data,
+        train=map_sources(cfg.data.train, absolute),
+        guide_cache_dir=str(Path(cache_dir).expanduser().resolve()) if cache_dir else "",
+    )
     cfg.eval = dataclasses.replace(cfg.eval, source=absolute(cfg.eval.source))
     guide = cfg.model.guide if cfg.model.guide == SELF else absolute(cfg.model.guide)
     cfg.model = dataclasses.replace(cfg.model, student=absolute(cfg.model.student), guide=guide)
@@ -136,6 +141,7 @@ def train(cfg: Config) -> dict[str, Any]:
     launcher.connect(cfg)
     launcher.check_resources(cfg)
     run = _open_run(cfg, tracking_uri, inputs.steps)
+    guide_caches = None if run.complete else launcher.prepare_guide_cache(cfg, inputs.sets)
     _log_training_data(tracking_uri, run.run_id, inputs.sets)
     before = run.before
     if evalset is not None and not before:
@@ -156,7 +162,7 @@ def train(cfg: Config) -> dict[str, Any]:
         final_ckpt = (
             launcher.export_checkpoint(cfg, run.found.checkpoint)
             if run.complete
-            else launcher.run_training(cfg, run.run_id, tracking_uri)
+            else launcher.run_training(cfg, run.run_id, tracking_uri, guide_caches)
         )
         trained = load_encoder(user_spec(cfg, str(final_ckpt / MODEL_DIR)), frozen=True)
         merged = cfg.model.lora.rank > 0 and cfg.model.lora_export == "merged"
@@ -269,10 +275,12 @@ def _print_summary(cfg, evalset, before, after, model_dir, run_id, tracking_uri,
     print(f"wall time:   {wall / 60:.1f} min")
 
 
-def cache_guide(cfg: Config) -> None:
-    """``gist-ray cache-guide``: validate the data, then build the guide cache on Ray."""
+def cache_guide(cfg: Config) -> list[str]:
+    """``gist-ray cache-guide``: validate the data, then build the guide cache as a Ray Data
+    job (or load it, when it is complete). Returns the cache folders."""
     from gist_ray import launcher
     from gist_ray.data import load_training_sets
+    from gist_ray.train import guide_prompts
 
     if cfg.model.guide == SELF and cfg.model.self_guide == "ema":
         raise ConfigError(
@@ -281,8 +289,13 @@ def cache_guide(cfg: Config) -> None:
         )
     check_job_paths(cfg, "")
     cfg = _absolutize(cfg)
-    load_training_sets(cfg)
+    cfg.data = dataclasses.replace(cfg.data, guide_cache=True)
+    sets = load_training_sets(cfg)
+    guide_prompts(cfg, sets)
     launcher.connect(cfg)
     launcher.check_resources(cfg)
-    launcher.run_cache_guide(cfg)
+    folders = launcher.prepare_guide_cache(cfg, sets)
     log.info("guide cache ready; `gist-ray train` with the same data and guide uses it")
+    for s, folder in zip(sets, folders):
+        print(f"{s.name}: {folder}")
+    return folders

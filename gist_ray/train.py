@@ -35,6 +35,7 @@ from gist_ray.models import (
     check_prompt_columns,
     column_prompts,
     describe,
+    guide_spec,
     load_encoder,
     own_prompts,
     saved_prompts,
@@ -51,9 +52,15 @@ GuideFn = Callable[[int, list[int], list[list[str]]], list[torch.Tensor]]
 
 
 def train_worker(
-    cfg: Config, reporter: Reporter, run_id: str | None = None, tracking_uri: str | None = None
+    cfg: Config,
+    reporter: Reporter,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    guide_caches: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary."""
+    """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary.
+    ``guide_caches``: the datasets' guide cache folders the driver prepared (None: load or
+    build them here)."""
     device = worker_device(cfg)
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     sets = load_training_sets(cfg)
@@ -73,7 +80,7 @@ def train_worker(
     )
     prompts = student_prompts(cfg, sets, student.model.prompts)
     self_guide = make_self_guide(cfg, student)  # None unless model.guide: self
-    guide = guide_source(cfg, sets, device, self_guide)
+    guide = guide_source(cfg, sets, device, guide_caches, self_guide)
     batches = GlobalBatches.for_config(cfg, sets)
     total = batches.total_steps(cfg)
 
@@ -84,8 +91,11 @@ def train_worker(
     checkpointer = Checkpointer(cfg, reporter)
     checkpointer.restore(state, student)
     step_log = StepLog(cfg, state, total, tracking_uri)
-    evaluator = None  # rank 0 evaluates every eval.every steps and keeps the best model
-    if rank() == 0 and cfg.eval.source and cfg.eval.every:
+    # Every eval.every steps a checkpoint is validated beside training (Ray Train's validation,
+    # no barrier); without Ray rank 0 evaluates in line and keeps the best model.
+    validates = getattr(reporter, "validates", False)
+    evaluator = None
+    if rank() == 0 and cfg.eval.source and cfg.eval.every and not validates:
         evaluator = TrainingEval(cfg, state.run_id)
     loss_fn = GistLoss.from_config(cfg.loss, gather=is_distributed())
     warmup_loss = unmasked(loss_fn)
@@ -105,8 +115,7 @@ def train_worker(
     while state.step < total:
         t0 = time.perf_counter()
         d, idx = batches.local(state.step, rank(), world_size())
-        texts = sets[d].texts
-        columns = [[texts[c][i] for i in idx] for c in texts]
+        columns = sets[d].texts_at(idx)  # read on demand from the memory-mapped data
         step_loss = warmup_loss if state.step < cfg.train.guide_warmup_steps else loss_fn
         metrics = optimizer_step(
             cfg, student, step_loss, state, columns, guide(d, idx, columns), prompts[d]
@@ -119,14 +128,16 @@ def train_worker(
             metrics[f"loss/{metric_safe(sets[d].name)}"] = metrics["loss"]
         losses.append(metrics["loss"])
         step_log.step(state, metrics)
-        if eval_due(cfg, state.step, total):  # before the checkpoint, which flushes the metrics
+        validate = validates and eval_due(cfg, state.step, total)
+        if eval_due(cfg, state.step, total) and not validates:  # before the checkpoint
             if evaluator is not None:
                 scores = evaluator(student, state.step)
                 step_log.add(state, {f"eval/{k}": v for k, v in scores.items()})
             if is_distributed():
                 dist.barrier()  # the other ranks wait for rank 0's eval
-        if checkpointer.due(state.step, total):
-            checkpointer.save(state, student, {"step": state.step, "loss": metrics["loss"]})
+        if checkpointer.due(state.step, total) or validate:
+            report = {"step": state.step, "loss": metrics["loss"]}
+            checkpointer.save(state, student, report, validate=validate)
             step_log.committed(state)
         faults.maybe_fail(cfg.output_dir, rank(), state.step)  # test-only; no-op unless asked
     return {
@@ -151,15 +162,15 @@ def student_prompts(
     dataset's own ``prompts``, else ``model.prompts``, else the model's own (``model_prompts``,
     its prompts by name). A prompt for a column the data lacks is a ConfigError."""
     own = own_prompts(model_prompts)
-    check_prompt_columns(cfg.model.prompts, "model.prompts", {s.name: list(s.texts) for s in sets})
+    check_prompt_columns(cfg.model.prompts, "model.prompts", {s.name: s.columns for s in sets})
     out = []
     for s in sets:
         setting = cfg.model.prompts
         if s.spec.prompts is not None:
             setting = s.spec.prompts
-            check_prompt_columns(setting, f"{s.spec.key}.prompts", {s.name: list(s.texts)})
-        by_col = column_prompts(setting, s.name, list(s.texts), own)
-        out.append([by_col.get(c, "") for c in s.texts])
+            check_prompt_columns(setting, f"{s.spec.key}.prompts", {s.name: s.columns})
+        by_col = column_prompts(setting, s.name, s.columns, own)
+        out.append([by_col.get(c, "") for c in s.columns])
     return out
 
 
@@ -278,11 +289,7 @@ def worker_device(cfg: Config) -> torch.device:
 def load_guide(cfg: Config, device: torch.device) -> Encoder:
     """The frozen guide (eval mode, no gradient) on ``device``; with ``model.guide: self`` the
     student as loaded (the student at step 0: a fresh LoRA adapter changes nothing)."""
-    return load_encoder(_guide_spec(cfg), device, frozen=True)
-
-
-def _guide_spec(cfg: Config) -> ModelSpec:
-    return ModelSpec.student(cfg) if cfg.model.guide == SELF else ModelSpec.guide(cfg)
+    return load_encoder(guide_spec(cfg), device, frozen=True)
 
 
 def make_self_guide(cfg: Config, student: Encoder) -> SelfGuide | None:
@@ -303,33 +310,41 @@ def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
     own (read from its folder, so a cache hit needs no guide)."""
     from gist_ray.assets import resolve_model_path
 
-    spec = _guide_spec(cfg)
+    spec = guide_spec(cfg)
     if cfg.model.guide == SELF:  # the student's prompts
         own = saved_prompts(resolve_model_path(spec.name), spec.revision)
         by_col = student_prompts(cfg, sets, own)
-        return [{c: p for c, p in zip(s.texts, ps) if p} for s, ps in zip(sets, by_col)]
+        return [{c: p for c, p in zip(s.columns, ps) if p} for s, ps in zip(sets, by_col)]
     own = own_prompts(saved_prompts(resolve_model_path(spec.name), spec.revision))
     setting = cfg.model.guide_prompts
-    check_prompt_columns(setting, "model.guide_prompts", {s.name: list(s.texts) for s in sets})
-    return [column_prompts(setting, s.name, list(s.texts), own) for s in sets]
+    check_prompt_columns(setting, "model.guide_prompts", {s.name: s.columns for s in sets})
+    return [column_prompts(setting, s.name, s.columns, own) for s in sets]
 
 
 def guide_source(
-    cfg: Config, sets: list[TrainingSet], device: torch.device, self_guide: SelfGuide | None = None
+    cfg: Config,
+    sets: list[TrainingSet],
+    device: torch.device,
+    guide_caches: list[str] | None = None,
+    self_guide: SelfGuide | None = None,
 ) -> GuideFn:
-    """Where a step's guide embeddings come from: the guide cache (built or loaded now), or a
-    guide forward every step when ``data.guide_cache`` is off or the guide is an EMA."""
+    """Where a step's guide embeddings come from: the guide cache, memory-mapped (the folders in
+    ``guide_caches``, else loaded or built here), or a guide forward every step when
+    ``data.guide_cache`` is off or the guide is an EMA of the student."""
     prompts = guide_prompts(cfg, sets)
     live = self_guide is not None and self_guide.live
     if cfg.data.guide_cache and live:
         log.info("model.self_guide = ema changes the guide every step: no guide cache, live guide")
     if cfg.data.guide_cache and not live:
-        caches = build_guide_cache(cfg, sets, prompts, device, self_guide)
-        return lambda d, idx, _columns: [caches[d][c][idx] for c in sets[d].texts]
+        from gist_ray.guide_cache import GuideCache
+
+        folders = guide_caches or local_guide_cache(cfg, sets, prompts)
+        caches = [GuideCache(f, s.rows) for f, s in zip(folders, sets)]
+        return lambda d, idx, _columns: [caches[d].embeddings(c, idx) for c in sets[d].columns]
     guide = self_guide.encoder if self_guide is not None else load_guide(cfg, device)
 
     def live(d: int, _idx: list[int], columns: list[list[str]]) -> list[torch.Tensor]:
-        return live_guide_embeddings(guide, columns, [prompts[d].get(c) for c in sets[d].texts])
+        return live_guide_embeddings(guide, columns, [prompts[d].get(c) for c in sets[d].columns])
 
     return live
 
@@ -345,7 +360,7 @@ def live_guide_embeddings(
 
 def guide_settings(cfg: Config) -> dict[str, object]:
     """The guide's settings that, with its files and the prompts, fix its embeddings."""
-    spec = _guide_spec(cfg)
+    spec = guide_spec(cfg)
     settings: dict[str, object] = {
         "revision": spec.revision,
         "model_kwargs": spec.model_kwargs,
@@ -357,46 +372,17 @@ def guide_settings(cfg: Config) -> dict[str, object]:
     return settings
 
 
-def build_guide_cache(
-    cfg: Config,
-    sets: list[TrainingSet],
-    prompts: list[dict[str, str]],
-    device: torch.device,
-    self_guide: SelfGuide | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Load or build (on every worker, sharded) the guide embeddings of every dataset's texts;
-    the guide itself is loaded only when a cache must be built, and only once."""
+def local_guide_cache(
+    cfg: Config, sets: list[TrainingSet], prompts: list[dict[str, str]]
+) -> list[str]:
+    """The guide cache folders, loaded or built without Ray (``torchrun``, one process): rank 0
+    embeds the missing shards in its own process, the other ranks wait, then all open them."""
     from gist_ray import guide_cache
-    from gist_ray.assets import cache_root, resolve_model_path
+    from gist_ray.guide_embed import run_local
 
-    loaded: list[Encoder] = []
-
-    def guide_once() -> Encoder:
-        if not loaded:
-            loaded.append(self_guide.encoder if self_guide else load_guide(cfg, device))
-        return loaded[0]
-
-    out = []
-    for s, p in zip(sets, prompts):
-        t0 = time.perf_counter()
-        tensors, path, built = guide_cache.get_or_build(
-            guide_once,
-            s.spec.source,
-            resolve_model_path(_guide_spec(cfg).name),
-            guide_settings(cfg),
-            s.texts,
-            p,
-            cache_root(),
-        )
-        verb = "built" if built else "loaded"
-        log.info("guide cache of %r %s in %.1fs: %s", s.name, verb, time.perf_counter() - t0, path)
-        out.append(tensors)
-    return out
-
-
-def cache_guide_worker(cfg: Config) -> dict[str, Any]:
-    """``gist-ray cache-guide`` on one worker: embed this worker's shard of the training texts
-    with the guide; rank 0 writes the cache files. No training."""
-    sets = load_training_sets(cfg)
-    caches = build_guide_cache(cfg, sets, guide_prompts(cfg, sets), worker_device(cfg))
-    return {"rows": sum(s.rows for s in sets), "columns": [list(c) for c in caches]}
+    folders = [None] * len(sets)
+    if rank() == 0:
+        folders = guide_cache.ensure(cfg, sets, prompts, run_local)
+    if is_distributed():
+        dist.broadcast_object_list(folders, src=0)
+    return folders

@@ -71,3 +71,54 @@ class TrainingEval:
             note = f"best {self.best['value']:.4f} at step {self.best['step']}"
         log.info("eval step %d: %s %.4f%s", step, self.metric, value, f" ({note})" if note else "")
         return metrics
+
+
+def score_key(cfg: Config) -> str:
+    """The metric Ray Train's checkpoint scoring ranks validated checkpoints by."""
+    return f"eval/{cfg.eval.metric}"
+
+
+def validate_checkpoint(
+    checkpoint: Any, config: dict[str, Any], run_id: str, tracking_uri: str
+) -> dict[str, float]:
+    """Ray Train's validation function (a task beside the training workers): the retrieval
+    metrics of a checkpoint's model at its own settings, logged to MLflow on the checkpoint's
+    step unless that step already holds them (a validation repeated after a restart logs
+    nothing twice). Returns ``{"eval/<metric>": value}``, which Ray attaches to the
+    checkpoint and scores it by."""
+    from gist_ray import log as console_log
+    from gist_ray.checkpoint import META_FILE, MODEL_DIR
+    from gist_ray.config import load_config_dict
+    from gist_ray.eval.sets import load_eval_for
+    from gist_ray.models import load_encoder
+    from gist_ray.run import evaluate_model, user_spec
+
+    console_log.configure()
+    cfg = load_config_dict(config)
+    with checkpoint.as_directory() as folder:
+        step = int(json.loads((Path(folder) / META_FILE).read_text())["step"])
+        model = load_encoder(user_spec(cfg, str(Path(folder) / MODEL_DIR)), frozen=True)
+        metrics = {f"eval/{k}": v for k, v in evaluate_model(model, load_eval_for(cfg)).items()}
+    if run_id and tracking_uri:
+        log_once(tracking_uri, run_id, metrics, step)
+    log.info("eval step %d: %s %.4f", step, cfg.eval.metric, metrics[score_key(cfg)])
+    return metrics
+
+
+def log_once(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step``, leaving out those the run already holds at that step."""
+    import time
+
+    import mlflow
+
+    from gist_ray.tracking.runs import metric_name
+
+    client = mlflow.MlflowClient(tracking_uri)
+    ts = int(time.time() * 1000)
+    batch = [
+        mlflow.entities.Metric(metric_name(k), float(v), ts, step)
+        for k, v in metrics.items()
+        if step not in {m.step for m in client.get_metric_history(run_id, metric_name(k))}
+    ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)

@@ -58,6 +58,24 @@ def build_tiny_bert(
     return path
 
 
+def build_short_guide(path: Path, positions: int = 12) -> Path:
+    """A real model that fails on long texts: a tiny BERT whose position table (``positions``)
+    is shorter than the max length it is run at (``model.guide_max_seq_length=64``)."""
+    import json
+
+    import safetensors.torch as st
+
+    build_tiny_bert(path, hidden=16, seed=3)
+    conf = json.loads((path / "config.json").read_text())
+    conf["max_position_embeddings"] = positions
+    (path / "config.json").write_text(json.dumps(conf))
+    weights = st.load_file(str(path / "model.safetensors"))
+    for k in [k for k in weights if "position_embeddings" in k]:
+        weights[k] = weights[k][:positions].clone()
+    st.save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
 def write_triplets(path: Path, rows: int, seed: int) -> Path:
     """A jsonl file of (anchor, positive, negative) sentences."""
     import json

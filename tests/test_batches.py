@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gist_ray.batches import GlobalBatches, duplicates, text_ids
+from gist_ray.batches import GlobalBatches, ListSource, Permutation, duplicates, text_ids
 from gist_ray.errors import ConfigError, DataError
 from tests.conftest import make_sentences
 
@@ -26,7 +26,8 @@ def _faq(n: int, seed: int) -> list[list[str]]:
 
 def _batches(texts, batch=16, **kw) -> GlobalBatches:
     names = kw.pop("names", [f"d{i}" for i in range(len(texts))])
-    return GlobalBatches(texts, names, batch, seed=kw.pop("seed", 7), **kw)
+    sources = [ListSource(n, cols) for n, cols in zip(names, texts)]
+    return GlobalBatches(sources, batch, seed=kw.pop("seed", 7), **kw)
 
 
 def _dups(gb: GlobalBatches, texts, epoch: int = 0) -> list[int]:
@@ -54,11 +55,41 @@ def test_no_text_twice_in_a_global_batch():
 
 
 def test_distinct_texts_every_row_once_per_epoch():
-    """Rows are redrawn (as sentence-transformers does) only when conflicts leave a pass short;
-    with no duplicate texts an epoch is a permutation of the rows."""
+    """Rows are swapped only when they repeat a text; with no repeated texts an epoch is a
+    permutation of the rows."""
     texts = [[make_sentences(64, 1), [f"answer {i}" for i in range(64)]]]
-    rows = [r for b in _batches(texts).plan(0) for r in b.rows]
+    gb = _batches(texts)
+    rows = [r for b in gb.plan(0) for r in b.rows]
     assert sorted(rows) == list(range(64))
+    assert rows != [r for b in gb.plan(1) for r in b.rows]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 4097])
+def test_permutation_is_a_bijection_fixed_by_its_key(n):
+    perm = Permutation(n, 7, 0, 0)(np.arange(n))
+    assert sorted(perm.tolist()) == list(range(n))
+    np.testing.assert_array_equal(perm, Permutation(n, 7, 0, 0)(np.arange(n)))
+    if n > 5:
+        assert not np.array_equal(perm, Permutation(n, 7, 1, 0)(np.arange(n)))
+        assert not np.array_equal(perm, np.arange(n)), "a shuffled order"
+
+
+def test_a_step_costs_the_batch_not_the_dataset():
+    """100 million rows: the rows of any step come from the batch alone (no index of every
+    row), each step's rows are distinct and in range."""
+
+    class Huge:
+        name, rows = "huge", 100_000_000
+
+        def texts_at(self, rows):
+            return [[f"q{r}" for r in rows], [f"a{r}" for r in rows]]
+
+    gb = GlobalBatches([Huge()], 4096, seed=3)
+    assert gb.steps_per_epoch == 100_000_000 // 4096
+    for step in (0, 1, gb.steps_per_epoch - 1, gb.steps_per_epoch):
+        rows = gb.batch(step).rows
+        assert len(set(rows)) == 4096 and 0 <= min(rows) and max(rows) < 100_000_000
+    assert gb.batch(0).rows != gb.batch(gb.steps_per_epoch).rows, "epoch 1 is reshuffled"
 
 
 def test_workers_slice_the_same_global_batch():
@@ -95,7 +126,8 @@ def test_fewer_unique_texts_than_the_batch_is_one_line_error():
     with pytest.raises(DataError) as e:
         _batches([few], batch=16, names=["faq"])
     msg = str(e.value)
-    assert "dataset 'faq' has 6 unique texts" in msg and "train.batch_size = 16" in msg
+    assert "dataset 'faq': cannot fill the global batch of epoch 0" in msg
+    assert "train.batch_size = 16" in msg and "found 1 after" in msg
     assert "data.no_duplicates=false" in msg and "\n" not in msg
     _batches([few], batch=16, no_duplicates=False)  # allowed when asked
 
@@ -103,7 +135,7 @@ def test_fewer_unique_texts_than_the_batch_is_one_line_error():
 def test_batches_that_cannot_be_filled_without_repeats_are_an_error():
     # 40 distinct anchors but one shared positive: no two rows fit in one batch.
     rows = [make_sentences(40, 3), ["the one answer"] * 40]
-    with pytest.raises(DataError, match="cannot fill 5 global batches of 8 rows"):
+    with pytest.raises(DataError, match="cannot fill the global batch of epoch 0 with"):
         _batches([rows], batch=8, names=["shared"])
 
 

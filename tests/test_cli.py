@@ -209,19 +209,26 @@ def test_init_needs_two_text_columns(tmp_path, capsys):
 
 
 @pytest.mark.slow  # starts a local Ray cluster through the console script
-def test_a_workers_error_is_one_line_with_the_log(tiny_models, tiny_pairs_file, tmp_path):
-    """Rank 0 cannot write the guide cache (a file is where its folder goes): the terminal
-    gets that error, not Ray's wrapper, and the log's path; the log has the tracebacks."""
+def test_a_workers_error_is_one_line_with_the_log(tiny_models, tmp_path):
+    """The guide (run live, no cache) fails on a long text inside a worker: the terminal gets
+    that error and where it happened, not Ray's wrapper, and the log's path; the log has the
+    tracebacks."""
+    import json
     import os
     import shutil
 
+    from tests.conftest import build_short_guide, make_sentences
+
     data = tmp_path / "pairs.jsonl"
-    shutil.copy(tiny_pairs_file, data)
-    (tmp_path / ".gist-ray-guide-cache").write_text("in the way\n")
+    rows = [{"anchor": a, "positive": p} for a, p in zip(make_sentences(16, 1), "abcdefghijklmnop")]
+    rows[3]["positive"] = " ".join(make_sentences(8, 4))  # beyond the guide's 12 positions
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sets = [
         f"model.student={tiny_models['student']}",
-        f"model.guide={tiny_models['guide']}",
+        f"model.guide={build_short_guide(tmp_path / 'short-guide')}",
         "model.max_seq_length=32",
+        "model.guide_max_seq_length=64",
+        "data.guide_cache=false",
         f"data.train={data}",
         "eval.source=",
         "train.batch_size=8",
@@ -239,10 +246,10 @@ def test_a_workers_error_is_one_line_with_the_log(tiny_models, tiny_pairs_file, 
         env=env,
     )
     log = tmp_path / "out" / "gist-ray.log"
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("gist-ray: error: cannot write the guide cache ")
+    assert line.startswith("gist-ray: error: ") and " on Ray worker rank " in line
     assert line.endswith(f"(full log: {log})")
     assert "Training failed" not in proc.stdout + proc.stderr
     text = log.read_text()
-    assert "WorkerGroupError" in text and "gist_ray/guide_cache.py" in text
+    assert "WorkerGroupError" in text and "gist_ray/train.py" in text

@@ -220,9 +220,9 @@ def test_several_training_sets_each_with_its_columns(tmp_path):
         ]
     )
     one, two = load_training_sets(cfg)
-    assert (one.name, one.rows, list(one.texts)) == ("one", 3, ["anchor", "positive", "negative_1"])
-    assert (two.name, two.rows, list(two.texts)) == ("two", 2, ["anchor", "positive"])
-    assert two.texts["anchor"] == [r["question"] for r in ROWS[:2]]
+    assert (one.name, one.rows, one.columns) == ("one", 3, ["anchor", "positive", "negative_1"])
+    assert (two.name, two.rows, two.columns) == ("two", 2, ["anchor", "positive"])
+    assert two.texts_at([1, 0])[0] == [ROWS[1]["question"], ROWS[0]["question"]]
 
 
 def test_an_empty_dataset_in_a_list_names_its_key(tmp_path):
@@ -235,3 +235,25 @@ def test_an_empty_dataset_in_a_list_names_its_key(tmp_path):
     cfg = load_config(overrides=[f"data.train=[{good}, {empty}]"])
     with pytest.raises(DataError, match=r"^data.train\[1\] \(dataset 'empty'\): .* is empty"):
         load_training_sets(cfg)
+
+
+def test_training_data_is_memory_mapped_not_held_in_memory(tmp_path, monkeypatch):
+    """Files and the built-in set are read from Arrow files on disk (the built-in rows are
+    written once, atomically, under the gist-ray cache) and rows are read on demand."""
+    from gist_ray.config import load_config
+    from gist_ray.data import load_training_sets
+
+    monkeypatch.setenv("GIST_RAY_CACHE", str(tmp_path / "cache"))
+    pairs = tmp_path / "pairs.jsonl"
+    write(pairs, [{"anchor": r["question"], "positive": r["answer"]} for r in ROWS])
+    cfg = load_config(
+        overrides=[f"data.train={{file: {pairs}, builtin: insuranceqa}}", "data.max_examples=64"]
+    )
+    for s in load_training_sets(cfg):
+        assert s.data.cache_files, f"{s.name} is held in memory"
+        assert type(s.data._data).__name__ == "MemoryMappedTable", s.name
+    saved = list((tmp_path / "cache" / "datasets").iterdir())
+    assert [p.name for p in saved] == ["insuranceqa-v1-seed42-64"]
+    again = load_training_sets(cfg)[1]
+    assert again.data.cache_files[0]["filename"].startswith(str(saved[0]))
+    assert again.texts_at([3])[0][0] == load_training_sets(cfg)[1].texts_at([3])[0][0]

@@ -1,14 +1,23 @@
-"""The guide cache: built once, fingerprinted, atomic, and exact."""
+"""The guide cache: one fp16 embedding per unique text, fingerprinted, built shard by shard
+(atomically), loaded instead of rebuilt, memory-mapped by the workers, and exact."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from gist_ray import guide_cache
 from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
-from gist_ray.train import train_worker
+from gist_ray.errors import ConfigError, DataError
+from gist_ray.guide_embed import run_local
+from gist_ray.train import guide_prompts, train_worker
+from tests.conftest import build_short_guide, make_sentences
 
 
 @pytest.fixture()
@@ -35,150 +44,247 @@ def _cfg(tiny_models, data_file, out, *extra):
     )
 
 
+def _write(path, anchors, positives):
+    path.write_text(
+        "".join(json.dumps({"anchor": a, "positive": p}) + "\n" for a, p in zip(anchors, positives))
+    )
+    return path
+
+
+class _Counting:
+    """run_local, counting the shards it embeds."""
+
+    def __init__(self):
+        self.shards: list[int] = []
+
+    def __call__(self, cfg, folder, shards):
+        self.shards += shards
+        return run_local(cfg, folder, shards)
+
+
+def _ensure(cfg, runner=None):
+    from gist_ray.data import load_training_sets
+
+    sets = load_training_sets(cfg)
+    runner = runner or _Counting()
+    return guide_cache.ensure(cfg, sets, guide_prompts(cfg, sets), runner), sets, runner
+
+
 def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cache_env):
     live = train_worker(
         _cfg(tiny_models, tiny_pairs_file, cache_env / "live", "data.guide_cache=false"),
         LocalReporter(cache_env / "live"),
     )
-    cached = train_worker(
-        _cfg(tiny_models, tiny_pairs_file, cache_env / "cached"),
+    cached = train_worker(  # float32: the live guide's precision, so the same masks
+        _cfg(tiny_models, tiny_pairs_file, cache_env / "cached", "data.guide_cache_dtype=float32"),
         LocalReporter(cache_env / "cached"),
     )
     assert len(live["losses"]) == len(cached["losses"]) == 3
     torch.testing.assert_close(
         torch.tensor(cached["losses"]), torch.tensor(live["losses"]), rtol=1e-5, atol=1e-6
     )
-    files = list((tiny_pairs_file.parent / ".gist-ray-guide-cache").glob("*.safetensors"))
-    assert files, "the cache is stored beside the dataset"
-    assert not list(files[0].parent.glob(".*tmp")), "temporary file left behind"
-
-
-def _columns():
-    return {"anchor": ["a b", "c d", "a b"], "positive": ["e f", "g h", "i j"]}
-
-
-class _CountingGuide:
-    """Stands in for an Encoder in compute(): deterministic embeddings, counts its calls."""
-
-    dim = 4
-
-    def __init__(self):
-        self.calls = 0
-
-    def encode(self, texts, prompt=None, batch_size=64):
-        self.calls += 1
-        return torch.stack(
-            [
-                torch.tensor([len(t), t.count("a"), len(prompt or ""), float(hash(t) % 7)])
-                for t in texts
-            ]
-        )
-
-
-SETTINGS = {"revision": "", "model_kwargs": {}, "pooling": "own", "max_seq_length": 32}
-
-
-def test_cache_is_reused_then_rebuilt_on_mismatch_or_truncation(tiny_models, tmp_path, capsys):
-    guide = _CountingGuide()
-    model_dir = str(tiny_models["guide"])
-    args = ("insuranceqa-test", model_dir, SETTINGS)
-
-    first, path, built = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
-    assert built and guide.calls == 1 and path.is_file()
-    torch.testing.assert_close(first["anchor"][0], first["anchor"][2])  # same text, same row
-
-    again, path2, built2 = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
-    assert not built2 and path2 == path and guide.calls == 1
-    torch.testing.assert_close(again["positive"], first["positive"])
-
-    # Another max length is another fingerprint: another file, built fresh.
-    longer = {**SETTINGS, "max_seq_length": 64}
-    _, path3, built3 = guide_cache.get_or_build(
-        lambda: guide, "insuranceqa-test", model_dir, longer, _columns(), {}, tmp_path
+    half = train_worker(  # float16 (the default): a near-tie mask may flip, the loss stays close
+        _cfg(tiny_models, tiny_pairs_file, cache_env / "half"), LocalReporter(cache_env / "half")
     )
-    assert built3 and path3 != path
-
-    # Other prompts too; and the same text under two prompts gets two embeddings.
-    prompts = {"anchor": "query: "}
-    with_prompts, path4, built4 = guide_cache.get_or_build(
-        lambda: guide, *args, _columns(), prompts, tmp_path
+    torch.testing.assert_close(
+        torch.tensor(half["losses"]), torch.tensor(live["losses"]), rtol=1e-3, atol=1e-4
     )
-    assert built4 and path4 not in (path, path3)
-    assert with_prompts["anchor"][0, 2] == len("query: ") and with_prompts["positive"][0, 2] == 0
-
-    # A file whose metadata belongs to other texts is never used.
-    other = {"anchor": ["x"] * 3, "positive": ["y"] * 3}
-    fp_other = guide_cache.fingerprint(model_dir, SETTINGS, other, {})
-    guide_cache.save(path, fp_other, guide_cache.compute(guide, other, {}))
-    calls = guide.calls
-    _, _, rebuilt = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
-    assert rebuilt and guide.calls == calls + 1
-    assert "another guide or dataset" in capsys.readouterr().out
-
-    # A truncated file is detected and rebuilt.
-    path.write_bytes(path.read_bytes()[:40])
-    _, _, rebuilt = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
-    assert rebuilt
-    assert "truncated or corrupt" in capsys.readouterr().out
+    root = tiny_pairs_file.parent / ".gist-ray-guide-cache"  # beside the dataset
+    folder = Path(json.loads((root / "pairs.latest.json").read_text())["folder"])
+    assert folder.parent == root and (folder / guide_cache.MANIFEST).is_file()
+    assert not list(folder.glob(".*tmp*")), "temporary file left behind"
 
 
-def test_compute_embeds_each_prompt_and_text_pair_once():
-    guide = _CountingGuide()
-    columns = {"anchor": ["a b", "a b", "c"], "positive": ["a b", "d", "c"]}
-    out = guide_cache.compute(guide, columns, {"anchor": "q: "})
-    # "a b" as an anchor (with the prompt) differs from "a b" as a positive (without).
-    assert out["anchor"][0, 2] == 3 and out["positive"][0, 2] == 0
-    torch.testing.assert_close(out["anchor"][0], out["anchor"][1])
-
-
-def test_fingerprint_tracks_the_guide_files_settings_and_prompts(tiny_models, tmp_path):
-    import shutil
-
-    cols = _columns()
-    a = guide_cache.fingerprint(str(tiny_models["guide"]), SETTINGS, cols, {})
-    b = guide_cache.fingerprint(str(tiny_models["student"]), SETTINGS, cols, {})
-    c = guide_cache.fingerprint(str(tiny_models["guide"]), {**SETTINGS, "pooling": "cls"}, cols, {})
-    d = guide_cache.fingerprint(str(tiny_models["guide"]), SETTINGS, cols, {"anchor": "q: "})
-    assert a["guide"] != b["guide"] and len({str(x) for x in (a, c, d)}) == 3
-    # The module stack counts: a changed module folder (e.g. 2_Dense) is another guide.
-    copy = shutil.copytree(tiny_models["guide"], tmp_path / "guide")
-    (copy / "2_Dense").mkdir()
-    (copy / "2_Dense" / "config.json").write_text('{"out_features": 8}')
-    e = guide_cache.fingerprint(str(copy), SETTINGS, cols, {})
-    assert e["guide"] != a["guide"]
-
-
-def test_cache_guide_command_on_ray(ray_cluster, tiny_models, tmp_path):
-    """`gist-ray cache-guide` shards the guide over 2 Ray workers and writes one valid file."""
-    import json
-
-    from gist_ray.cli import main
-    from tests.conftest import make_sentences
-
-    data = tmp_path / "pairs.jsonl"
-    rows = zip(make_sentences(20, 5), make_sentences(20, 6))
-    data.write_text("".join(json.dumps({"anchor": a, "positive": p}) + "\n" for a, p in rows))
-    args = [
-        f"model.guide={tiny_models['guide']}",
-        "model.max_seq_length=32",
-        f"data.train={data}",
-        "data.max_examples=0",
-        "train.batch_size=4",
-        "ray.num_workers=2",
-        f"output_dir={tmp_path / 'out'}",
-    ]
-    assert main(["cache-guide", *sum((["--set", a] for a in args), [])]) == 0
-    (path,) = (tmp_path / ".gist-ray-guide-cache").glob("*.safetensors")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    assert set(tensors) == {"anchor", "positive"}
-    assert tensors["anchor"].shape == (20, 48)
-    # The shards gathered from the two workers land on the right rows.
+def test_one_fp16_row_per_unique_text_equal_to_the_guide(tiny_models, tmp_path, cache_env):
     from gist_ray.models import ModelSpec, load_encoder
 
+    anchors, positives = make_sentences(30, 5), make_sentences(30, 6)
+    anchors[3] = anchors[0]  # a repeated anchor
+    positives[7] = anchors[1]  # an anchor's text as a positive: the same prompt, the same row
+    data = _write(tmp_path / "pairs.jsonl", anchors, positives)
+    cfg = _cfg(tiny_models, data, tmp_path / "out", "train.batch_size=4")
+    (folder,), sets, runner = _ensure(cfg)
+    cache = guide_cache.GuideCache(folder, 30)
+    assert cache.manifest["unique_texts"] == 58 and len(runner.shards) == cache.manifest["shards"]
+    assert cache.index["anchor"][3] == cache.index["anchor"][0]
+    assert cache.index["positive"][7] == cache.index["anchor"][1]
+    assert all(s.dtype == np.float16 for s in cache.shards)
+
     guide = load_encoder(ModelSpec(str(tiny_models["guide"]), max_seq_length=32), frozen=True)
-    direct = guide.encode(make_sentences(20, 6))
-    torch.testing.assert_close(tensors["positive"], direct, rtol=1e-4, atol=1e-5)
-    direct = guide.encode(make_sentences(20, 5))
-    torch.testing.assert_close(tensors["anchor"], direct, rtol=1e-4, atol=1e-5)
+    rows = [29, 0, 3, 17]
+    want = torch.nn.functional.normalize(guide.encode([positives[r] for r in rows]), dim=-1)
+    torch.testing.assert_close(cache.embeddings("positive", rows), want, rtol=0, atol=2e-3)
+
+    # Another prompt for the anchors: their texts are other unique pairs.
+    cfg_p = _cfg(tiny_models, data, tmp_path / "out", "train.batch_size=4",
+                 "model.guide_prompts={anchor: 'query: '}")  # fmt: skip
+    (folder_p,), _, _ = _ensure(cfg_p)
+    assert folder_p != folder
+    cache_p = guide_cache.GuideCache(folder_p, 30)
+    assert cache_p.manifest["unique_texts"] == 29 + 30
+    assert cache_p.index["positive"][7] != cache_p.index["anchor"][1]
+
+
+def test_second_run_loads_and_a_missing_or_truncated_shard_is_rebuilt_alone(
+    tiny_models, tmp_path, cache_env, caplog, monkeypatch
+):
+    monkeypatch.setattr(guide_cache, "MIN_SHARD_TEXTS", 8)  # several shards from little data
+    data = _write(tmp_path / "pairs.jsonl", make_sentences(40, 1), make_sentences(40, 2))
+    cfg = _cfg(tiny_models, data, tmp_path / "out", "train.batch_size=4")
+    (folder,), _, first = _ensure(cfg)
+    folder = Path(folder)
+    shards = guide_cache.read_manifest(folder)["shards"]
+    assert shards > 2 and first.shards == list(range(shards))
+    before = guide_cache.GuideCache(folder).embeddings("anchor", range(40))
+
+    (again,), _, second = _ensure(cfg)
+    assert Path(again) == folder and second.shards == [], "a second run loads the cache"
+
+    guide_cache.shard_path(folder, 1).unlink()
+    two = guide_cache.shard_path(folder, 2)
+    two.write_bytes(two.read_bytes()[:100])
+    with pytest.raises(Exception, match="guide cache .* is incomplete \\(shard 1: missing\\)"):
+        guide_cache.GuideCache(folder)  # a worker never reads a half-built cache
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gist_ray"):
+        _, _, third = _ensure(cfg)
+    assert third.shards == [1, 2]
+    assert "shard 1 is missing; rebuilding that shard" in caplog.text
+    assert "shard 2 is truncated or damaged; rebuilding that shard" in caplog.text
+    after = guide_cache.GuideCache(folder).embeddings("anchor", range(40))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_a_changed_dataset_is_rebuilt_and_said_so(tiny_models, tmp_path, cache_env, caplog):
+    data = _write(tmp_path / "pairs.jsonl", make_sentences(20, 1), make_sentences(20, 2))
+    cfg = _cfg(tiny_models, data, tmp_path / "out", "train.batch_size=4")
+    (old,), _, _ = _ensure(cfg)
+    changed = make_sentences(20, 2)
+    changed[5] = "a brand new answer"
+    _write(data, make_sentences(20, 1), changed)
+    with caplog.at_level(logging.INFO, logger="gist_ray"):
+        (new,), _, runner = _ensure(cfg)
+    assert new != old and runner.shards
+    assert "the dataset changed since the cache at" in caplog.text
+    assert "building a new one" in caplog.text
+    assert (
+        guide_cache.GuideCache(new, 20).manifest["fingerprint"]["texts"]
+        != (guide_cache.GuideCache(old, 20).manifest["fingerprint"]["texts"])
+    )
+
+
+def test_a_text_the_guide_fails_on_is_named_by_column_and_row(tmp_path, cache_env):
+    """A guide whose position table is shorter than its max length fails on a long text: the
+    error names that text's column and row."""
+    guide = build_short_guide(tmp_path / "short-guide")
+    anchors, positives = make_sentences(10, 1), [s.split()[0] for s in make_sentences(10, 2)]
+    positives[6] = " ".join(make_sentences(8, 4))  # far beyond 12 tokens
+    data = _write(tmp_path / "pairs.jsonl", anchors, positives)
+    cfg = load_config(overrides=[f"model.guide={guide}", "model.guide_max_seq_length=64",
+                                 f"data.train={data}", "data.max_examples=0",
+                                 "train.batch_size=2"])  # fmt: skip
+    with pytest.raises(DataError) as e:
+        _ensure(cfg)
+    msg = str(e.value)
+    assert "the guide fails on column 'positive' row 6 (0-based)" in msg and "\n" not in msg
+    (folder,) = (tmp_path / ".gist-ray-guide-cache").glob("pairs-*")
+    assert not list(folder.glob("emb-*.npy")), "no shard of the failed job looks complete"
+
+
+def test_fingerprint_tracks_the_guide_files_settings_prompts_and_texts(tiny_models, tmp_path):
+    import shutil
+
+    settings = {"revision": "", "model_kwargs": {}, "pooling": "own", "max_seq_length": 32}
+    guide = guide_cache.model_identity(str(tiny_models["guide"]))
+    a = guide_cache.fingerprint(guide, settings, "t", {})
+    b = guide_cache.fingerprint(guide_cache.model_identity(str(tiny_models["student"])),
+                                settings, "t", {})  # fmt: skip
+    c = guide_cache.fingerprint(guide, {**settings, "pooling": "cls"}, "t", {})
+    d = guide_cache.fingerprint(guide, settings, "t", {"anchor": "q: "})
+    e = guide_cache.fingerprint(guide, settings, "other texts", {})
+    assert len({json.dumps(x, sort_keys=True) for x in (a, b, c, d, e)}) == 5
+    # The module stack counts: a changed module folder (e.g. 2_Normalize) is another guide.
+    copy = shutil.copytree(tiny_models["guide"], tmp_path / "guide")
+    (copy / "2_Normalize").mkdir()
+    (copy / "2_Normalize" / "config.json").write_text("{}")
+    assert guide_cache.model_identity(str(copy)) != guide
+    # A hub model in the Hugging Face cache is its snapshot's commit.
+    snap = tmp_path / "models--org--guide" / "snapshots" / ("ab12" * 10)
+    shutil.copytree(tiny_models["guide"], snap)
+    assert guide_cache.model_identity(str(snap)) == "commit:" + "ab12" * 10
+
+
+def test_an_unwritable_or_node_local_cache_folder_is_a_one_line_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not __import__("os").access(locked, __import__("os").W_OK):  # not as root
+            with pytest.raises(ConfigError, match="data.guide_cache_dir = .* is not writable"):
+                guide_cache.check_root(locked / "c", "data.guide_cache_dir", 1, False)
+    finally:
+        locked.chmod(0o700)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="is not writable \\(FileExistsError|NotADirectory"):
+        guide_cache.check_root(blocker / "c", "data.guide_cache_dir", 1, False)
+    with pytest.raises(ConfigError) as e:
+        guide_cache.check_root(tmp_path / "c", "ray.storage_path", 2, False)
+    assert "node-local but the cluster has 2 nodes" in str(e.value)
+    assert "data.guide_cache_dir" in str(e.value) and "\n" not in str(e.value)
+    guide_cache.check_root(tmp_path / "c", "ray.storage_path", 2, True)  # shared: fine
+
+
+def test_cache_guide_builds_with_ray_data_then_a_second_job_loads(
+    ray_cluster, tiny_models, tmp_path, caplog
+):
+    """`gist-ray cache-guide` embeds the unique texts with a Ray Data job (2 actors); a second
+    job on the same cluster loads the cache instead of building it."""
+    from gist_ray.models import ModelSpec, load_encoder
+    from gist_ray.run import cache_guide
+
+    data = _write(tmp_path / "pairs.jsonl", make_sentences(40, 5), make_sentences(40, 6))
+    cfg = load_config(
+        overrides=[
+            f"model.guide={tiny_models['guide']}",
+            "model.max_seq_length=32",
+            f"data.train={data}",
+            "data.max_examples=0",
+            f"data.guide_cache_dir={tmp_path / 'shared-cache'}",
+            "train.batch_size=4",
+            "ray.num_workers=2",
+            f"output_dir={tmp_path / 'out'}",
+        ]
+    )
+    with caplog.at_level(logging.INFO, logger="gist_ray"):
+        (folder,) = cache_guide(cfg)
+    assert "unique texts (100%)" in caplog.text and "ETA" in caplog.text
+    assert "built in" in caplog.text
+    assert folder.startswith(str(tmp_path / "shared-cache"))
+    cache = guide_cache.GuideCache(folder, 40)
+    guide = load_encoder(ModelSpec(str(tiny_models["guide"]), max_seq_length=32), frozen=True)
+    for column, seed in (("anchor", 5), ("positive", 6)):
+        want = torch.nn.functional.normalize(guide.encode(make_sentences(40, seed)), dim=-1)
+        torch.testing.assert_close(cache.embeddings(column, range(40)), want, rtol=0, atol=2e-3)
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(folder).glob("emb-*.npy")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gist_ray"):
+        assert cache_guide(cfg) == [folder]
+    assert "loaded in" in caplog.text and "embedding" not in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in Path(folder).glob("emb-*.npy")} == mtimes
+
+
+def test_a_text_the_guide_fails_on_in_the_ray_data_job(ray_cluster, tmp_path, cache_env, capfd):
+    """The job's failure on one text reaches the user as one line naming the row."""
+    from gist_ray.cli import EXIT_USER_ERROR, main
+
+    guide = build_short_guide(tmp_path / "short-guide")
+    positives = [s.split()[0] for s in make_sentences(10, 2)]
+    positives[4] = " ".join(make_sentences(8, 4))
+    data = _write(tmp_path / "pairs.jsonl", make_sentences(10, 1), positives)
+    args = [f"model.guide={guide}", "model.guide_max_seq_length=64", f"data.train={data}",
+            "data.max_examples=0", "train.batch_size=2", "ray.num_workers=2",
+            f"output_dir={tmp_path / 'out'}"]  # fmt: skip
+    assert main(["cache-guide", *sum((["--set", a] for a in args), [])]) == EXIT_USER_ERROR
+    err = [x for x in capfd.readouterr().err.splitlines() if x.startswith("gist-ray: error")]
+    assert len(err) == 1 and "the guide fails on column 'positive' row 4 (0-based)" in err[0]

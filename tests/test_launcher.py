@@ -110,6 +110,17 @@ def test_multinode_storage_must_be_shared(tmp_path):
         launcher.check_storage(load_config(overrides=[f"output_dir={tmp_path}", shared]), 2)
 
 
+def test_unwritable_storage_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = load_config(overrides=[f"output_dir={tmp_path}", f"ray.storage_path={blocker}/ray"])
+    with pytest.raises(GistRayError) as e:
+        launcher.check_storage(cfg, alive_nodes=1)
+    msg = str(e.value)
+    assert msg.startswith(f"ray.storage_path = '{blocker}/ray' is not writable (")
+    assert "set ray.storage_path to a writable folder" in msg and "\n" not in msg
+
+
 def test_gpus_the_cluster_lacks_are_refused(ray_cluster):
     cfg = load_config(overrides=["ray.use_gpu=true"])
     with pytest.raises(GistRayError, match="needs 2 GPUs but the cluster has 0") as e:

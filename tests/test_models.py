@@ -110,6 +110,7 @@ def _train_one_step(student_dir, guide_dir, data, out, train_len, *extra):
             "train.batch_size=16",
             "train.max_steps=1",
             "train.lr=1e-20",
+            "data.guide_cache_dtype=float32",  # the guide's precision: parity to 1e-5
             "train.warmup_ratio=0",
             "ray.num_workers=1",
             f"output_dir={out}",
@@ -144,14 +145,8 @@ def _st_step1_loss(cfg, student_dir, guide_dir, prompts, train_len):
 
     sets = load_training_sets(cfg)
     rows = GlobalBatches.for_config(cfg, sets).batch(0).rows
-    texts = sets[0].texts
     features = [
-        {
-            "anchor": texts["anchor"][i],
-            "positive": texts["positive"][i],
-            "negative": texts["negative_1"][i],
-        }
-        for i in rows
+        {"anchor": a, "positive": p, "negative": n} for a, p, n in zip(*sets[0].texts_at(rows))
     ]
     student = SentenceTransformer(str(student_dir), device="cpu")
     guide = SentenceTransformer(str(guide_dir), device="cpu")
@@ -351,7 +346,8 @@ def test_too_few_unique_texts_for_the_global_batch(tmp_path, tiny_models, capfd)
         "".join(json.dumps({"anchor": "same", "positive": f"a{i % 3}"}) + "\n" for i in range(40))
     )
     err = _train_cli(tmp_path, capfd, f"data.train={data}", "train.batch_size=8")
-    assert "dataset 'faq' has 4 unique texts, fewer than train.batch_size = 8" in err
+    assert "dataset 'faq': cannot fill the global batch of epoch 0 with train.batch_size = 8" in err
+    assert "without repeating a text (found 1 after" in err
 
 
 def test_prompts_resolve_like_the_sentence_transformers_trainer():

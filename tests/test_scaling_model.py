@@ -56,7 +56,7 @@ def test_kernel_seconds_bf16_and_fp32_paths():
     f = sm.loss_flops(SMALL)
     assert sm.kernel_seconds(SMALL, hw) == pytest.approx(16384 / hw.mm16)
     fp32 = (6144 + 6144) / hw.tile32 + 4096 / hw.mm32
-    assert sm.kernel_seconds(SMALL, hw, sm.SHIPPED) == pytest.approx(fp32)
+    assert sm.kernel_seconds(SMALL, hw, sm.BEFORE) == pytest.approx(fp32)
     fwd, bwd = sm.kernel_split(SMALL, hw, sm.DESIGN)
     assert fwd == pytest.approx(f["forward"] / hw.mm16)
     assert bwd == pytest.approx((f["recompute"] + f["grad_gemms"]) / hw.mm16)
@@ -70,9 +70,10 @@ def test_pool_bytes_by_hand():
     assert t["backward"] == sm.Traffic(192, 3)  # 3 reduce-scatters
     local = sm.pool_traffic(SMALL, sm.GUIDE_LOCAL)
     assert local["forward"] == sm.Traffic(192, 3)
-    shipped = sm.pool_traffic(SMALL, sm.SHIPPED)  # fp32, all-reduce: 2 x (1/2) x 768
-    assert shipped["forward"] == sm.Traffic(1152, 6)
-    assert shipped["backward"] == sm.Traffic(768, 6)
+    before = sm.pool_traffic(SMALL, sm.BEFORE)  # fp32, all-reduce: 2 x (1/2) x 768
+    assert before["forward"] == sm.Traffic(1152, 6)
+    assert before["backward"] == sm.Traffic(768, 6)
+    assert sm.pool_traffic(SMALL, sm.SHIPPED) == t, "the shipped path is the design's all-gather"
 
 
 def test_single_worker_moves_nothing():
@@ -107,9 +108,10 @@ def test_softmax_buffer_is_capped():
     assert big - left == (1 << 27) * 2
 
 
-def test_shipped_memory_exceeds_design():
+def test_memory_before_issues_11_12_exceeded_the_design():
     s = sm.Step(32, 4096, 768)
-    assert sm.allgather_memory(s, sm.SHIPPED) > 2 * sm.allgather_memory(s)
+    assert sm.allgather_memory(s, sm.BEFORE) > 2 * sm.allgather_memory(s)
+    assert sm.allgather_memory(s, sm.SHIPPED) == sm.allgather_memory(s)
 
 
 @pytest.mark.parametrize("field", ["workers", "rows", "d"])

@@ -4,6 +4,7 @@ resolve, logged once per run, and the eval set is one too."""
 from __future__ import annotations
 
 import pytest
+from datasets import Dataset
 
 from gist_ray.config import DatasetSpec
 from gist_ray.data import TrainingSet
@@ -11,7 +12,7 @@ from gist_ray.data import TrainingSet
 
 def _set(source: str, name: str = "pairs") -> TrainingSet:
     spec = DatasetSpec(name, source, {}, None, 0, "data.train")
-    return TrainingSet(spec, {"anchor": ["a", "b"], "positive": ["c", "d"]})
+    return TrainingSet(spec, Dataset.from_dict({"anchor": ["a", "b"], "positive": ["c", "d"]}))
 
 
 @pytest.fixture(scope="module")

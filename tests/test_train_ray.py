@@ -203,7 +203,8 @@ def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tm
 
 
 def test_eval_metrics_on_the_step_axis_and_best_step(trained):
-    """eval.every=2 over 5 steps: base model at 0, rank 0 at 2 and 4, the exported model at 5."""
+    """eval.every=2 over 5 steps: base model at 0, Ray Train's validation of the checkpoints at 2
+    and 4, the exported model at 5."""
     import mlflow
 
     from gist_ray.tracking.plots import history
@@ -232,6 +233,31 @@ def test_eval_metrics_on_the_step_axis_and_best_step(trained):
     assert final.best_model_dir == str(best_dir)
     assert (best_dir / "modules.json").is_file()
     assert read_best(cfg.output_dir, run_id)["step"] == final.best_step
+
+
+def test_checkpoints_validated_beside_training_and_scored_by_ray(trained):
+    """The checkpoints of steps 2 and 4 carry their validation metrics in Ray's own record (the
+    run's storage), the best one is kept there, and best-model/ is its model."""
+    import ray.train
+    from sentence_transformers import SentenceTransformer
+
+    from gist_ray.launcher import run_dir_name, storage_path
+    from gist_ray.training_eval import read_best
+
+    cfg, result = trained
+    run_dir = Path(storage_path(cfg)) / run_dir_name(cfg, result["run_id"])
+    ray_result = ray.train.Result.from_path(str(run_dir))
+    scored = {m["step"]: m for _, m in ray_result.best_checkpoints}
+    assert scored[4]["eval/ndcg@10"] >= 0 and scored[5]["eval/ndcg@10"] == -1.0, scored
+    validated = {s: m["eval/ndcg@10"] for s, m in scored.items() if m["eval/ndcg@10"] >= 0}
+    info = read_best(cfg.output_dir, result["run_id"])
+    if info["step"] in validated:  # else the exported final model was the best
+        assert info["value"] == pytest.approx(max(validated.values()))
+        kept = run_dir / f"checkpoint-{info['step']:07d}"
+        best = SentenceTransformer(str(Path(cfg.output_dir) / "best-model"), device="cpu")
+        saved = SentenceTransformer(str(kept / "model"), device="cpu")
+        for a, b in zip(best.state_dict().values(), saved.state_dict().values()):
+            assert torch.equal(a, b)
 
 
 def test_gist_diagnostics_logged_every_step(trained):

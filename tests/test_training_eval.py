@@ -61,3 +61,36 @@ def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
     resumed(student, 8)  # 0.7 again: ties keep the earlier step
     assert ev.read_best(out, "run-a")["step"] == 6
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_validation_of_a_checkpoint_logs_its_step_once(setup, tmp_path):
+    """Ray Train's validation function on a real checkpoint folder: it evaluates the
+    checkpoint's model, logs eval/* on the checkpoint's step, and a second validation of the
+    same step (after a restart) adds nothing to MLflow."""
+    import contextlib
+
+    import mlflow
+
+    from gist_ray.checkpoint import META_FILE, MODEL_DIR
+
+    cfg, student = setup
+    folder = tmp_path / "checkpoint-0000004"
+    student.save(folder / MODEL_DIR)
+    (folder / META_FILE).write_text(json.dumps({"step": 4}))
+
+    class Checkpoint:  # what Ray hands the function: a folder behind as_directory()
+        def as_directory(self):
+            return contextlib.nullcontext(str(folder))
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("v")).info.run_id
+    first = ev.validate_checkpoint(Checkpoint(), cfg.to_dict(), run_id, uri)
+    assert {"eval/ndcg@10", "eval/recall@10"} <= set(first) and 0 < first["eval/ndcg@10"] <= 1
+    client.log_metric(run_id, "eval/ndcg_at_10", 0.123, step=4)  # as if logged by a first try
+    ev.validate_checkpoint(Checkpoint(), cfg.to_dict(), run_id, uri)
+    history = client.get_metric_history(run_id, "eval/ndcg_at_10")
+    assert sorted((m.step, m.value) for m in history) == sorted(
+        [(4, first["eval/ndcg@10"]), (4, 0.123)]
+    ), "the second validation logged nothing"
+    assert len(client.get_metric_history(run_id, "eval/recall_at_10")) == 1

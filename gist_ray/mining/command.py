@@ -120,7 +120,7 @@ class Corpus:
     """A dataset's unique positives and, per row, what it may never get as a negative."""
 
     def __init__(self, s: TrainingSet) -> None:
-        anchors, positives = s.texts["anchor"], s.texts["positive"]
+        anchors, positives = s.column_texts()["anchor"], s.column_texts()["positive"]
         self.ids: dict[str, int] = {}
         self.first_row: list[int] = []  # the row whose positive embedding stands for the text
         for row, text in enumerate(positives):
@@ -159,7 +159,7 @@ def fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: 
     (its files, settings and prompts), the rule, the output's format."""
     h = hashlib.sha256()
     for col in ("anchor", "positive"):
-        for text in s.texts[col]:
+        for text in s.column_texts()[col]:
             h.update(text.encode() + b"\0")
         h.update(emb[col].float().numpy().tobytes())
     src = Path(s.spec.source).expanduser()
@@ -169,7 +169,7 @@ def fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: 
         "format": output.FORMAT,
         "data": h.hexdigest(),
         "file": output.sha256_file(src) if src.is_file() else s.spec.source,
-        "rows": str(len(s.texts["anchor"])),
+        "rows": str(len(s.column_texts()["anchor"])),
         "rule": f"k={m.k} {m.threshold} {value[m.threshold]} range_min={m.range_min} "
         f"shortfall={m.shortfall}",
         "output_format": out.suffix.lower(),
@@ -194,7 +194,7 @@ def mine_set(
     t0 = time.perf_counter()
     a = F.normalize(emb["anchor"].float(), dim=-1)
     corpus = F.normalize(emb["positive"][c.first_row].float(), dim=-1)
-    pos = positive_scores(c, s.texts["anchor"], a, corpus)
+    pos = positive_scores(c, s.column_texts()["anchor"], a, corpus)
     searcher = Searcher(corpus, backend, cfg.mine.corpus_chunk)
     parts = output.Parts(out, fp, cfg.mine.part_rows)
     rows, step = len(a), cfg.mine.part_rows
@@ -320,10 +320,10 @@ def source_rows(s: TrainingSet) -> datasets.Dataset:
     its own negatives, which the mined ones replace; the built-in data as anchor, positive."""
     from gist_ray.data import _NEG, _load_source  # the reader and names training uses
 
-    n = len(s.texts["anchor"])
+    n = len(s.column_texts()["anchor"])
     src = s.spec.source
     if src.strip().lower() == insuranceqa.NAME and not Path(src).exists():
-        return datasets.Dataset.from_dict({k: s.texts[k] for k in ("anchor", "positive")})
+        return datasets.Dataset.from_dict({k: s.column_texts()[k] for k in ("anchor", "positive")})
     ds, _ = _load_source(src, "train")
     ds = ds.select(range(n))  # training reads the first max_examples rows
     columns = s.spec.columns or {}

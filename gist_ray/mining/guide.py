@@ -8,20 +8,29 @@ there (its negatives are the data's positives), so training on it runs no guide 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from gist_ray import fileio
 from gist_ray.config import Config
 from gist_ray.data import TrainingSet
 
 
 def guide_embeddings_for(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, torch.Tensor]]:
-    """Per dataset, column -> the guide's embedding of each row's text (as stored), loaded
-    from the guide cache, built first (in this process) when missing."""
-    from gist_ray.train import build_guide_cache, guide_prompts, worker_device
+    """Per dataset, column -> the guide's embedding of each row's text (float32, as stored),
+    read from the guide cache, built first (in this process) when missing."""
+    from gist_ray.guide_cache import GuideCache
+    from gist_ray.train import guide_prompts, local_guide_cache
 
-    return build_guide_cache(cfg, sets, guide_prompts(cfg, sets), worker_device(cfg))
+    folders = local_guide_cache(cfg, sets, guide_prompts(cfg, sets))
+    out = []
+    for folder, s in zip(folders, sets):
+        cache, rows = GuideCache(folder, s.rows), np.arange(s.rows)
+        out.append({c: cache.embeddings(c, rows) for c in s.columns})
+    return out
 
 
 def known_embeddings(
@@ -32,32 +41,39 @@ def known_embeddings(
 
     known = {}
     for s, prompts, cache in zip(sets, guide_prompts(cfg, sets), caches):
-        for col, texts in s.texts.items():
+        for col, texts in s.column_texts().items():
             for text, row in zip(texts, cache[col]):
                 known[(prompts.get(col, ""), text)] = row
     return known
 
 
-def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) -> list[Path]:
+def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) -> list[str]:
     """Write the guide cache of ``cfg``'s datasets (e.g. a mined file) from embeddings already
-    computed, where every (prompt, text) is known: the file training would build, so it loads
-    it instead of running the guide again. Returns the caches written or already there."""
+    computed, where every (prompt, text) is known: the folder training would build, so it loads
+    it instead of running the guide again. Returns the cache folders written or already there."""
     from gist_ray import guide_cache
-    from gist_ray.assets import cache_root, resolve_model_path
     from gist_ray.data import load_training_sets
-    from gist_ray.train import guide_prompts, guide_settings
+    from gist_ray.train import guide_prompts
 
     sets = load_training_sets(cfg)
-    written = []
-    for s, prompts in zip(sets, guide_prompts(cfg, sets)):
-        keys = {c: [(prompts.get(c, ""), t) for t in texts] for c, texts in s.texts.items()}
-        if any(k not in known for ks in keys.values() for k in ks):
-            continue  # a text the guide has not seen: training builds this cache itself
-        model_dir = resolve_model_path(cfg.model.guide)
-        fp = guide_cache.fingerprint(model_dir, guide_settings(cfg), s.texts, prompts)
-        path = guide_cache.cache_path(s.spec.source, fp, cache_root())
-        if guide_cache.load(path, fp, s.rows) is None:
-            tensors = {c: torch.stack([known[k] for k in ks]) for c, ks in keys.items()}
-            guide_cache.save(path, fp, tensors)
-        written.append(path)
-    return written
+    chosen = [
+        (s, p)
+        for s, p in zip(sets, guide_prompts(cfg, sets))
+        if all((p.get(c, ""), t) in known for c, ts in s.column_texts().items() for t in ts)
+    ]  # a dataset with a text the guide has not seen: training builds its cache itself
+
+    def from_known(_cfg: Config, folder: Path, shards: list[int]) -> Iterator[int]:
+        import pyarrow.parquet as pq
+
+        dtype = guide_cache.read_manifest(folder)["dtype"]
+        for k in shards:
+            table = pq.ParquetFile(Path(folder) / guide_cache.TEXTS).read_row_group(k)
+            keys = zip(table.column("prompt").to_pylist(), table.column("text").to_pylist())
+            emb = torch.stack([known[key].float() for key in keys]).numpy().astype(dtype)
+            with fileio.atomic_file(guide_cache.shard_path(folder, k)) as tmp:
+                np.save(tmp, emb)
+            yield len(emb)
+
+    if not chosen:
+        return []
+    return guide_cache.ensure(cfg, [s for s, _ in chosen], [p for _, p in chosen], from_known)

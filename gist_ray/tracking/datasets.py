@@ -26,13 +26,11 @@ def source_uri(source: str) -> str:
 
 def training_dataset(training_set) -> Any:
     """An ``mlflow.data`` dataset of one :class:`gist_ray.data.TrainingSet`."""
-    import datasets
     import mlflow.data
 
-    ds = datasets.Dataset.from_dict(training_set.texts)
-    with _plain_sources():
+    with _plain_sources():  # the digest reads the first rows only
         return mlflow.data.from_huggingface(
-            ds, name=training_set.name, source=source_uri(training_set.spec.source)
+            training_set.data, name=training_set.name, source=source_uri(training_set.spec.source)
         )
 
 

@@ -75,7 +75,7 @@ def _expected(cfg, rule: Rule):
     """The plain reference over the cached guide embeddings: row -> negative texts."""
     sets = load_training_sets(cfg)
     emb = guide_embeddings_for(cfg, sets)[0]
-    anchors, positives = sets[0].texts["anchor"], sets[0].texts["positive"]
+    anchors, positives = sets[0].column_texts()["anchor"], sets[0].column_texts()["positive"]
     corpus_texts = list(dict.fromkeys(positives))
     first = [positives.index(t) for t in corpus_texts]
     corpus = F.normalize(emb["positive"][first], dim=-1)
@@ -136,7 +136,13 @@ def test_mine_then_train_on_it(tiny_models, data, tmp_path, caplog):
         ]
     )
     sets = load_training_sets(train)
-    assert list(sets[0].texts) == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+    assert list(sets[0].column_texts()) == [
+        "anchor",
+        "positive",
+        "negative_1",
+        "negative_2",
+        "negative_3",
+    ]
     caplog.clear()
     result = train_worker(train, LocalReporter(tmp_path / "train"))
     assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
@@ -144,7 +150,7 @@ def test_mine_then_train_on_it(tiny_models, data, tmp_path, caplog):
     # ... and it holds what the guide computes for those texts
     seeded = guide_embeddings_for(train, sets)[0]
     guide, prompts = load_guide(train, torch.device("cpu")), guide_prompts(train, sets)[0]
-    for col, texts in sets[0].texts.items():
+    for col, texts in sets[0].column_texts().items():
         live = live_guide_embeddings(guide, [texts], [prompts.get(col)])[0]
         torch.testing.assert_close(seeded[col], live, atol=1e-5, rtol=1e-4)
 

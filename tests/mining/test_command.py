@@ -152,7 +152,9 @@ def test_mine_then_train_on_it(tiny_models, data, tmp_path, caplog):
     guide, prompts = load_guide(train, torch.device("cpu")), guide_prompts(train, sets)[0]
     for col, texts in sets[0].column_texts().items():
         live = live_guide_embeddings(guide, [texts], [prompts.get(col)])[0]
-        torch.testing.assert_close(seeded[col], live, atol=1e-5, rtol=1e-4)
+        # the cache holds unit vectors in data.guide_cache_dtype (float16 by default)
+        unit = torch.nn.functional.normalize(live.float(), dim=-1)
+        torch.testing.assert_close(seeded[col], unit, atol=2e-3, rtol=0)
 
 
 def test_resume_after_an_interruption_gives_the_same_output(

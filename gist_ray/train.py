@@ -23,7 +23,7 @@ import torch.distributed as dist
 from gist_ray import faults
 from gist_ray.batches import GlobalBatches
 from gist_ray.checkpoint import Checkpointer, Reporter, TrainState
-from gist_ray.config import Config
+from gist_ray.config import Config, validate_loss_for
 from gist_ray.data import load_training_data, text_columns
 from gist_ray.distributed import is_distributed, rank, world_size
 from gist_ray.gradcache import backward_with_replay, embed_without_graph
@@ -47,6 +47,7 @@ def train_worker(
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     texts = text_columns(load_training_data(cfg))
     student = load_encoder(cfg.model.student, cfg.model.pooling, cfg.model.max_seq_length)
+    validate_loss_for(cfg, student.dim, len(texts) - 2)
     student.to(device).train()
     guide = guide_source(cfg, texts, device)
     batches = GlobalBatches.for_config(cfg, len(texts["anchor"]))
@@ -118,9 +119,13 @@ def optimizer_step(
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
-    if is_distributed():
+    widths = {k: v for k, v in stats.items() if k.startswith("loss/dim_")}
+    if is_distributed():  # the loss, and each Matryoshka width's, over every worker's rows
         dist.all_reduce(loss)
         loss /= world_size()
+        for v in widths.values():
+            dist.all_reduce(v)
+            v /= world_size()
     return {
         "loss": loss.item(),
         "lr": lr,

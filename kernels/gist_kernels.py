@@ -116,6 +116,22 @@ def _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _harden(s, rows, n0, offset, hard_off, hard_diag, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):  # fmt: skip
+    """Hardness weighting of the logits ``s = dot/τ`` after the mask: ``s·(1 + α·τ)`` (that is
+    ``s/τ + α·s``) where it applies, ``hard_off`` off the diagonal and ``hard_diag`` on it (1
+    where it does not apply; ``gist_ray.loss.plan.hardness_factors``). Dropped entries stay
+    -inf."""
+    row0 = tl.program_id(0) * BLOCK_M
+    if (hard_diag != hard_off) & (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0):
+        diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+        s = s * tl.where(diag, hard_diag, hard_off)
+    else:
+        s = s * hard_off
+    return s
+
+
+@triton.jit
 def _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N: tl.constexpr):
     """Per row, the dropped entries of tile ``n0`` that are not masked candidates: the padding
     columns past ``hi`` and the self-pair."""
@@ -151,17 +167,20 @@ def _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N: tl.constexpr):
 )
 def gist_fwd_kernel(
     L, GL, C, GC, RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
-    b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau,
+    b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau, hard_off, hard_diag,
     stride_l, stride_gl, stride_c, stride_gc, stride_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    STORE_BITS: tl.constexpr,
+    STORE_BITS: tl.constexpr, LOAD_BITS: tl.constexpr,
 ):  # fmt: skip
     """One segment, one (row block, column split): online max/sum over the split's tiles.
 
     Writes row ``part_row0 + split`` of the partial buffers: the split's lse (``-inf`` if every
     entry was dropped), its masked count and its count of kept logits above ``POS``; with
     ``STORE_BITS`` also the dropped entries' bits (``BITS`` points at this segment's plane).
+    With ``LOAD_BITS`` (a narrower Matryoshka width) the mask comes from those bits and no
+    guide tile is computed. The logits are hardness-weighted (:func:`_harden`) after ``POS`` is
+    compared: the positive's rank is by similarity.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -179,15 +198,21 @@ def gist_fwd_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        g = _guide_tile(
-            GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
-            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
-        )  # fmt: skip
-        start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
-        if STORE_BITS:
+        if LOAD_BITS:
             ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
             ok = row_ok[:, None] & (byte < (n + 7) // 8)[None, :]
-            tl.store(ptrs, _pack_bits(start != 0.0, BLOCK_M, BLOCK_N), mask=ok)
+            packed = tl.load(ptrs, mask=ok, other=255)
+            start = tl.where(_unpack_bits(packed, BLOCK_M, BLOCK_N), float("-inf"), 0.0)
+        else:
+            g = _guide_tile(
+                GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+                BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+            )  # fmt: skip
+            start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
+            if STORE_BITS:
+                ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
+                ok = row_ok[:, None] & (byte < (n + 7) // 8)[None, :]
+                tl.store(ptrs, _pack_bits(start != 0.0, BLOCK_M, BLOCK_N), mask=ok)
         s = _dot_tile(
             start, L, C, rows, cols, row_ok, col_ok, d, stride_l, stride_c,
             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
@@ -197,6 +222,7 @@ def gist_fwd_kernel(
         # The positive's own logit equals POS bit for bit (same tile code in the diag kernel),
         # so it is not above itself.
         n_above += tl.sum((s > pos[:, None]).to(tl.int32), axis=1)
+        s = _harden(s, rows, n0, offset, hard_off, hard_diag, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Rows with everything dropped so far keep m = -inf: shift them by 0, so that
         # exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
@@ -253,14 +279,15 @@ def gist_diag_kernel(
 )
 def gist_prob_kernel(
     L, GL, C, GC, RL, RC, LIMIT, LSE, W, BITS, P,
-    b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau,
+    b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau, hard_off, hard_diag,
     stride_l, stride_gl, stride_c, stride_gc, stride_bits, stride_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     LOAD_BITS: tl.constexpr,
 ):  # fmt: skip
-    """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(s_ij/τ - lse_i) - [j is i's
-    positive])`` for kept entries, 0 for dropped ones, over the segment columns
+    """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(z_ij - lse_i) - [j is i's
+    positive])`` (``z = s/τ``, hardness-weighted by :func:`_harden`) for kept entries, 0 for
+    dropped ones, over the segment columns
     ``chunk_lo .. chunk_hi``, stored in P's dtype. The one-hot is subtracted in float32, before
     the only rounding (the difference is small exactly on the rows that matter).
 
@@ -294,7 +321,9 @@ def gist_prob_kernel(
             cols, row_ok, col_ok, d, stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
             PRECISION,
         )  # fmt: skip
-    prob = tl.exp(s * inv_tau - lse[:, None])
+    # The hardness weighting's α·s carries no gradient: d(logit)/ds stays 1/τ (in W).
+    s = _harden(s * inv_tau, rows, n0, offset, hard_off, hard_diag, BLOCK_M, BLOCK_N)
+    prob = tl.exp(s - lse[:, None])
     positive = _on_diagonal(rows, n0, offset, BLOCK_N) & (diag_code == 1)
     prob = tl.where(positive, prob - 1.0, prob) * w[:, None]
     ptrs = P + rows.to(tl.int64)[:, None] * stride_p + (cols - chunk_lo)[None, :]

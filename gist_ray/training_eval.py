@@ -53,11 +53,14 @@ class TrainingEval:
 
         self.evalset = load_eval_for(cfg)
         self.metric, self.run_id = cfg.eval.metric, run_id
+        self.dims = list(cfg.loss.matryoshka_dims)  # retrieval at each width too
         self.output_dir = Path(cfg.output_dir)
         self.best = read_best(self.output_dir, run_id)
 
     def __call__(self, student: Encoder, step: int) -> dict[str, float]:
-        metrics = retrieval_metrics(lambda t: student.encode(t, batch_size=64), self.evalset)
+        metrics = retrieval_metrics(
+            lambda t: student.encode(t, batch_size=64), self.evalset, dims=self.dims
+        )
         value = metrics[self.metric]
         improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
         if improved:

@@ -61,3 +61,23 @@ def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
     resumed(student, 8)  # 0.7 again: ties keep the earlier step
     assert ev.read_best(out, "run-a")["step"] == 6
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_matryoshka_widths_are_evaluated(tmp_path, tiny_models):
+    """With loss.matryoshka_dims the periodic eval also reports retrieval at each width (real
+    metrics on the real encoder; the tiny student is 32 wide)."""
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    texts = ["car insurance cover", "cancel a policy", "home flood damage", "life insurance"]
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "car cover"}) + "\n")
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    (beir / "qrels.tsv").write_text("q1\td0\t1\n")
+    cfg = load_config(overrides=[f"eval.source={beir}", "eval.every=1",
+                                 f"output_dir={tmp_path / 'out'}",
+                                 "loss.matryoshka_dims=[32, 8]"])  # fmt: skip
+    student = load_encoder(str(tiny_models["student"]), "mean", 16)
+    metrics = ev.TrainingEval(cfg, run_id="r")(student, 1)
+    assert {"ndcg@10", "dim_32/ndcg@10", "dim_8/ndcg@10", "dim_8/recall@10"} <= set(metrics)
+    assert metrics["dim_32/ndcg@10"] == pytest.approx(metrics["ndcg@10"])

@@ -46,23 +46,17 @@ def validate_loss_args(
         raise ValueError(f"loss.temperature must be > 0, got {temperature}")
     if not margin >= 0:
         raise ValueError(f"loss.margin must be >= 0, got {margin}")
-    if margin_strategy not in STRATEGIES:
-        raise ValueError(
-            f"loss.margin_strategy: unknown strategy {margin_strategy!r}; "
-            f"allowed: {', '.join(STRATEGIES)}"
-        )
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"loss.backend: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}"
-        )
+    _one_of("loss.margin_strategy", "strategy", margin_strategy, STRATEGIES)
+    _one_of("loss.backend", "backend", backend, BACKENDS)
     validate_matryoshka(matryoshka_dims, matryoshka_weights)
     if not hardness_alpha >= 0:
         raise ValueError(f"loss.hardness_alpha must be >= 0, got {hardness_alpha}")
-    if hardness_mode not in HARDNESS_MODES:
-        raise ValueError(
-            f"loss.hardness_mode: unknown mode {hardness_mode!r}; "
-            f"allowed: {', '.join(HARDNESS_MODES)}"
-        )
+    _one_of("loss.hardness_mode", "mode", hardness_mode, HARDNESS_MODES)
+
+
+def _one_of(key: str, what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def validate_matryoshka(

@@ -142,8 +142,11 @@ def test_launcher_refuses_mixed_dtypes_before_any_launch():
 # ------------------------------------------------------ Matryoshka widths and hardness weighting
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bits", [True, False], ids=["bits", "recompute"])
+@pytest.mark.parametrize(
+    "dtype, bits",
+    [(torch.float32, True), (torch.bfloat16, False)],
+    ids=["fp32-bits", "bf16-recompute"],
+)
 def test_matryoshka_sum_of_independent_losses(dtype, bits, monkeypatch):
     """Widths 40/24/8 (8: padded to the kernels' 16) against the weighted sum of independent
     reference losses: the narrower widths' forwards load the widest one's mask bits (or, when

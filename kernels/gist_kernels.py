@@ -321,10 +321,10 @@ def gist_prob_kernel(
             cols, row_ok, col_ok, d, stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
             PRECISION,
         )  # fmt: skip
-    # The hardness weighting's α·s carries no gradient: d(logit)/ds stays 1/τ (in W).
-    s = _harden(s * inv_tau, rows, n0, offset, hard_off, hard_diag, BLOCK_M, BLOCK_N)
-    prob = tl.exp(s - lse[:, None])
-    positive = _on_diagonal(rows, n0, offset, BLOCK_N) & (diag_code == 1)
-    prob = tl.where(positive, prob - 1.0, prob) * w[:, None]
+    # Hardness weighting (the logit s/τ·f on weighted entries, see _harden); its α·s carries no
+    # gradient, so d(logit)/ds stays 1/τ (in W).
+    on_diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+    prob = tl.exp(s * tl.where(on_diag, inv_tau * hard_diag, inv_tau * hard_off) - lse[:, None])
+    prob = tl.where(on_diag & (diag_code == 1), prob - 1.0, prob) * w[:, None]
     ptrs = P + rows.to(tl.int64)[:, None] * stride_p + (cols - chunk_lo)[None, :]
     tl.store(ptrs, prob.to(P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

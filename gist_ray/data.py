@@ -230,5 +230,9 @@ def load_training_data(cfg: Config) -> datasets.Dataset:
 
 def text_columns(ds: datasets.Dataset) -> dict[str, list[str]]:
     """The texts by column, in loss order: anchor, positive, negative_1..k."""
-    negatives = sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))
-    return {c: ds[c] for c in ["anchor", "positive", *negatives]}
+    return {c: ds[c] for c in ["anchor", "positive", *negative_columns(ds)]}
+
+
+def negative_columns(ds: datasets.Dataset) -> list[str]:
+    """``negative_1..k`` of the training data, in order."""
+    return sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))

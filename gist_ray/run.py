@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gist_ray.config import Config
+from gist_ray.config import Config, validate_loss_for
 from gist_ray.errors import GistRayError
 from gist_ray.paths import check_job_paths
 
@@ -41,7 +41,8 @@ def evaluate_model(model: str, cfg: Config, evalset) -> dict[str, float]:
     from gist_ray.models import load_encoder
 
     enc = load_encoder(model, cfg.model.pooling, cfg.model.max_seq_length)
-    return retrieval_metrics(lambda texts: enc.encode(texts, batch_size=64), evalset)
+    encode = lambda texts: enc.encode(texts, batch_size=64)  # noqa: E731
+    return retrieval_metrics(encode, evalset, dims=cfg.loss.matryoshka_dims)
 
 
 @dataclass
@@ -172,13 +173,15 @@ def _check_inputs(cfg: Config) -> tuple[int, Any]:
     """Load the data, both models and the eval set once on the driver, so bad input fails in
     seconds; returns the number of training steps and the eval set (or None)."""
     from gist_ray.batches import GlobalBatches
-    from gist_ray.data import load_training_data
+    from gist_ray.data import load_training_data, negative_columns
     from gist_ray.eval.sets import load_eval_for
     from gist_ray.models import load_encoder
 
-    batches = GlobalBatches.for_config(cfg, len(load_training_data(cfg)))
+    data = load_training_data(cfg)
+    batches = GlobalBatches.for_config(cfg, len(data))
     m = cfg.model
-    load_encoder(m.student, m.pooling, m.max_seq_length)
+    student = load_encoder(m.student, m.pooling, m.max_seq_length)
+    validate_loss_for(cfg, student.dim, len(negative_columns(data)))
     load_encoder(m.guide, m.guide_pooling, m.max_seq_length, key="model.guide")
     return batches.total_steps(cfg), load_eval_for(cfg)
 

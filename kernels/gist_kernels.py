@@ -286,7 +286,7 @@ def gist_prob_kernel(
     LOAD_BITS: tl.constexpr,
 ):  # fmt: skip
     """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(z_ij - lse_i) - [j is i's
-    positive])`` (``z = s/τ``, hardness-weighted by :func:`_harden`) for kept entries, 0 for
+    positive])`` (``z = s/τ``, hardness-weighted as in :func:`_harden`) for kept entries, 0 for
     dropped ones, over the segment columns
     ``chunk_lo .. chunk_hi``, stored in P's dtype. The one-hot is subtracted in float32, before
     the only rounding (the difference is small exactly on the rows that matter).

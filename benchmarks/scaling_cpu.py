@@ -45,12 +45,12 @@ def bench_guide_cache(batch: int, max_len: int, repeats: int) -> dict:
     """Live-guide step vs cached-guide step (same batch, no gradient caching), one process."""
 
     from gist_ray.loss import GistLoss
-    from gist_ray.models import load_encoder
+    from gist_ray.models import ModelSpec, load_encoder
     from gist_ray.train import live_guide_embeddings, training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
-    student = load_encoder("minilm", "mean", max_len).train()
-    guide = load_encoder("mpnet", "mean", max_len, frozen=True)
+    student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()
+    guide = load_encoder(ModelSpec("mpnet", max_seq_length=max_len), frozen=True)
     cols = _rows(batch * (repeats + 1))
     out = {"live_step_s": [], "guide_forward_s": [], "cached_step_s": []}
     for r in range(repeats + 1):  # the first round warms up
@@ -82,11 +82,11 @@ def _peak_child(batch: int, mini: int, max_len: int) -> None:
     import torch
 
     from gist_ray.loss import GistLoss
-    from gist_ray.models import load_encoder
+    from gist_ray.models import ModelSpec, load_encoder
     from gist_ray.train import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
-    student = load_encoder("minilm", "mean", max_len).train()
+    student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()
     cols = _rows(batch)
     gen = torch.Generator().manual_seed(0)
     guide_emb = [

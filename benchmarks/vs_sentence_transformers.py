@@ -61,10 +61,10 @@ def _data(a):
 def _evaluate(model_dir: str, a) -> dict[str, float]:
     from gist_ray.eval.metrics import retrieval_metrics
     from gist_ray.eval.sets import load_eval
-    from gist_ray.models import load_encoder
+    from gist_ray.models import ModelSpec, load_encoder
 
     ev = load_eval("insuranceqa", "test", a["eval_queries"], a["eval_corpus"], seed=0)
-    enc = load_encoder(model_dir, "mean", a["seq"], frozen=True)
+    enc = load_encoder(ModelSpec(model_dir, max_seq_length=a["seq"]), frozen=True)
     m = retrieval_metrics(lambda t: enc.encode(t, batch_size=64), ev)
     return {k: m[k] for k in SHOWN}
 

@@ -159,7 +159,8 @@ def _add_eval_parser(sub) -> None:
         "--pooling",
         choices=_Poolings(),
         metavar="POOLING",
-        help="mean, cls or last_token; default: the model's own",
+        help="mean, cls, last_token, max, mean_sqrt_len_tokens or weightedmean; "
+        "default: the model's own",
     )
     ev.add_argument("--max-seq-length", type=int, help="tokens; default: the model's own or 128")
     ev.add_argument("--batch-size", type=int, default=64)

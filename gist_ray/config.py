@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,21 +23,47 @@ from gist_ray.eval.metrics import REPORTED as EVAL_METRICS
 from gist_ray.loss import BACKENDS, HARDNESS_MODES, STRATEGIES, validate_matryoshka
 from gist_ray.models import POOLINGS
 
+SAMPLINGS = ("proportional", "round_robin")  # how several datasets share the steps
+
 
 @dataclass
 class ModelConfig:
+    """Student and guide are sentence-transformers models, used with their own module stack,
+    prompts and max length; the keys below override that only where set."""
+
     student: str = "all-MiniLM-L6-v2"  # hub name, local path or built-in alias
     guide: str = "all-mpnet-base-v2"
-    pooling: str = "mean"  # student pooling: mean | cls | last_token
-    guide_pooling: str = "mean"
-    max_seq_length: int = 64  # tokens; 64 keeps the default CPU run within 15 minutes
+    revision: str = ""  # hub branch, tag or commit of the student; "" = the default branch
+    guide_revision: str = ""
+    trust_remote_code: bool = False  # run the model repository's own code (only if you trust it)
+    guide_trust_remote_code: bool = False
+    # transformers from_pretrained kwargs, e.g. {dtype: bfloat16, attn_implementation: sdpa}
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    guide_model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pooling: str = ""  # "" = the model's own; else replaces its pooling mode (see POOLINGS)
+    guide_pooling: str = ""
+    # Training truncation in tokens; 0 = the student's own max length. 64 keeps the default CPU
+    # run within 15 minutes. The exported model keeps its own max length regardless.
+    max_seq_length: int = 64
+    guide_max_seq_length: int = 0  # 0 = the training truncation, capped at the guide's own
+    export_max_seq_length: int = 0  # 0 = the input model's own max length
+    # Column (anchor/positive/negative/negative_k) -> prompt, one prompt for all columns, or
+    # dataset name -> {column: prompt}. null = the model's own "query" prompt for anchors and its
+    # "document" prompt for the others (where it defines them); {} = no prompts.
+    prompts: str | dict[str, Any] | None = None
+    guide_prompts: str | dict[str, Any] | None = None  # the same, for the guide
 
 
 @dataclass
 class DataConfig:
-    train: str = "insuranceqa"  # a file, a saved dataset folder, a hub name or "insuranceqa"
+    # One source (a file, a saved dataset folder, a hub name or "insuranceqa"), a list of them,
+    # or a mapping name -> source; a source may be a mapping {source, columns, prompts,
+    # max_examples} (see gist_ray.data.training_sets).
+    train: str | list[Any] | dict[str, Any] = "insuranceqa"
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
-    max_examples: int = 1024  # 0 = all rows
+    max_examples: int = 1024  # per dataset; 0 = all rows
+    sampling: str = "proportional"  # several datasets: proportional | round_robin
+    no_duplicates: bool = True  # no text twice in one global batch (anchor, positive, negatives)
     guide_cache: bool = True  # embed every text with the guide once, before training
 
 
@@ -132,24 +159,121 @@ class Config:
         return out
 
 
+def _kind(annotation: Any) -> str:
+    origin = typing.get_origin(annotation) or annotation
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(origin, str(annotation))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One training dataset of ``data.train``, normalised."""
+
+    name: str  # its name: the mapping key, or derived from the source
+    source: str
+    columns: dict[str, str]
+    prompts: str | dict[str, str] | None  # None: model.prompts decides
+    max_examples: int  # 0 = all rows
+    key: str  # the config key that names it, for error messages
+
+
+_SPEC_KEYS = ("source", "columns", "prompts", "max_examples")
+
+
+def _default_name(source: str) -> str:
+    path = Path(source.rstrip("/\\"))
+    return path.stem if path.suffix else path.name
+
+
+def train_datasets(d: DataConfig) -> list[DatasetSpec]:
+    """``data.train`` as a list of datasets; a malformed entry is a ConfigError naming it."""
+    train = d.train
+    if isinstance(train, str):
+        items = [("data.train", None, train)]
+    elif isinstance(train, list):
+        items = [(f"data.train[{i}]", None, v) for i, v in enumerate(train)]
+    else:
+        items = [(f"data.train.{k}", str(k), v) for k, v in train.items()]
+    if not items:
+        raise ConfigError("data.train is empty; give a source, a list or a mapping name -> source")
+    specs = [_spec(key, name, value, d) for key, name, value in items]
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        keys = ", ".join(s.key for s in specs if s.name == dup)
+        raise ConfigError(
+            f"{keys}: two datasets are named {dup!r}; give data.train as a mapping name -> source"
+        )
+    return specs
+
+
+def _spec(key: str, name: str | None, value: Any, d: DataConfig) -> DatasetSpec:
+    if isinstance(value, str):
+        value = {"source": value}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{key}: expected a source (string) or a mapping with 'source', got {value!r}"
+        )
+    unknown = [k for k in value if k not in (*_SPEC_KEYS, "name")]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{key}.{unknown[0]}'; allowed: {', '.join(_SPEC_KEYS)}, name"
+        )
+    source = value.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"{key}.source: expected a file, folder, hub name or 'insuranceqa'")
+    columns = _coerce(f"{key}.columns", value.get("columns", d.columns), dict[str, str])
+    prompts = value.get("prompts")
+    if prompts is not None:
+        prompts = _coerce(f"{key}.prompts", prompts, str | dict[str, str])
+    max_examples = _coerce(f"{key}.max_examples", value.get("max_examples", d.max_examples), int)
+    if max_examples < 0:
+        raise ConfigError(f"{key}.max_examples = {max_examples} is not allowed; must be >= 0")
+    name = value.get("name", name) or _default_name(source)
+    return DatasetSpec(str(name), source, columns, prompts, max_examples, key)
+
+
+def map_sources(train: Any, fn: Callable[[str], str]) -> Any:
+    """``data.train`` with every source replaced by ``fn(source)``, same shape."""
+    if isinstance(train, str):
+        return fn(train)
+    if isinstance(train, list):
+        return [map_sources(v, fn) for v in train]
+    if isinstance(train, dict) and isinstance(train.get("source"), str):
+        return {**train, "source": fn(train["source"])}
+    return {k: map_sources(v, fn) for k, v in train.items()}
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type, converting only where it is lossless."""
     hint = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
     if hint in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
-    if hint is list:
-        if not isinstance(value, (list, tuple)):
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:  # e.g. str | list | dict: the first arm the value fits
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                if len(arms) == 1:
+                    raise
+        kinds = " or ".join(_kind(a) for a in arms)
+        raise ConfigError(f"{key}: expected {kinds}, got {value!r}")
+    if hint is list or annotation is list:
+        if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        if args:  # list[int], list[float]: each element checked, named by its index
+            return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return list(value)
     if hint is dict:
+        names_only = args == (str, str)
         if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            isinstance(k, str) and (isinstance(v, str) or not names_only) for k, v in value.items()
         ):
-            raise ConfigError(f"{key}: expected a mapping of names to names, got {value!r}")
+            what = "names to names" if names_only else "names to values"
+            raise ConfigError(f"{key}: expected a mapping of {what}, got {value!r}")
         return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
@@ -194,11 +318,51 @@ def _apply(obj: Any, key: str, value: Any, prefix: str = "") -> None:
             raise ConfigError(f"{name}: expected a section (mapping), got {value!r}")
         return
     if rest:
-        if isinstance(current, dict):  # data.columns.anchor=question
-            value = {**current, rest: value}
+        if isinstance(current, dict) or (current is None and _allows_dict(hints[head])):
+            value = _set_nested(
+                dict(current or {}), rest.split("."), value
+            )  # data.columns.anchor=q
         else:
             raise ConfigError(f"unknown config key {name}.{rest!r}; {name} is not a section")
     setattr(obj, head, _coerce(name, value, hints[head]))
+
+
+def _allows_dict(annotation: Any) -> bool:
+    return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
+
+
+def _set_nested(mapping: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """``{a: {b: value}}`` merged into ``mapping`` for the path ``[a, b]``."""
+    head, rest = path[0], path[1:]
+    if rest:
+        inner = mapping.get(head)
+        value = _set_nested(dict(inner) if isinstance(inner, dict) else {}, rest, value)
+    mapping[head] = value
+    return mapping
+
+
+def _check_prompts(key: str, value: Any) -> None:
+    """A prompt, {column: prompt} or {dataset: {column: prompt}} (columns are checked against
+    the data when it is loaded)."""
+    if value is None or isinstance(value, str):
+        return
+    for name, inner in value.items():
+        if isinstance(inner, dict):
+            for col, prompt in inner.items():
+                if not isinstance(prompt, str):
+                    raise ConfigError(
+                        f"{key}.{name}.{col}: a prompt must be a string, got {prompt!r}"
+                    )
+        elif not isinstance(inner, str):
+            raise ConfigError(
+                f"{key}.{name}: expected a prompt (string) or a mapping column -> prompt, "
+                f"got {inner!r}"
+            )
+    nested = [isinstance(v, dict) for v in value.values()]
+    if any(nested) and not all(nested):
+        raise ConfigError(
+            f"{key}: mix of column -> prompt and dataset -> {{column: prompt}}; use one form"
+        )
 
 
 def validate(cfg: Config) -> Config:
@@ -209,20 +373,24 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
 
     m, t, lo, r = cfg.model, cfg.train, cfg.loss, cfg.ray
-    check(m.pooling in POOLINGS, "model.pooling", f"one of {', '.join(POOLINGS)}", m.pooling)
-    check(
-        m.guide_pooling in POOLINGS,
-        "model.guide_pooling",
-        f"one of {', '.join(POOLINGS)}",
-        m.guide_pooling,
-    )
-    check(m.max_seq_length > 0, "model.max_seq_length", "must be > 0", m.max_seq_length)
-    check(
-        cfg.data.max_examples >= 0,
-        "data.max_examples",
-        "must be >= 0 (0 = all)",
-        cfg.data.max_examples,
-    )
+    for key in ("pooling", "guide_pooling"):
+        value = getattr(m, key)
+        allowed = f'"" (the model\'s own) or one of {", ".join(POOLINGS)}'
+        check(value == "" or value in POOLINGS, f"model.{key}", allowed, value)
+    for key in ("max_seq_length", "guide_max_seq_length", "export_max_seq_length"):
+        value = getattr(m, key)
+        check(value >= 0, f"model.{key}", "must be >= 0 (0 = the model's own)", value)
+    for key in ("prompts", "guide_prompts"):
+        _check_prompts(f"model.{key}", getattr(m, key))
+    d = cfg.data
+    check(d.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)", d.max_examples)
+    check(d.sampling in SAMPLINGS, "data.sampling", f"one of {', '.join(SAMPLINGS)}", d.sampling)
+    names = [spec.name for spec in train_datasets(d)]
+    for key in ("prompts", "guide_prompts"):
+        value = getattr(m, key)
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            unknown = [n for n in value if n not in names]
+            check(not unknown, f"model.{key}", f"datasets are: {', '.join(names)}", value)
     check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
     check(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = use epochs)", t.max_steps)
     check(t.epochs > 0, "train.epochs", "must be > 0", t.epochs)
@@ -285,9 +453,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def validate_loss_for(cfg: Config, width: int, negative_columns: int) -> None:
+def validate_loss_for(cfg: Config, width: int | None, negative_columns: int) -> None:
     """The loss settings that depend on the loaded student (its embedding ``width``) and data
-    (how many negative columns it has)."""
+    (the most negative columns of its datasets); ``width`` None: not known, not checked."""
     lo = cfg.loss
     try:
         validate_matryoshka(lo.matryoshka_dims, lo.matryoshka_weights, width)

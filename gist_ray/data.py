@@ -9,6 +9,7 @@ Every bad input raises a one-line DataError naming the source, column and row.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from gist_ray import insuranceqa
 from gist_ray.errors import DataError
 
 if TYPE_CHECKING:
-    from gist_ray.config import Config
+    from gist_ray.config import Config, DatasetSpec
 
 BUILTIN = insuranceqa.NAME
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -221,18 +222,44 @@ def _check_texts(
             raise DataError(f"{where} row {row} (0-based) is {what}; {rule}")
 
 
-def load_training_data(cfg: Config) -> datasets.Dataset:
-    """The training pairs a config names (``data.train``, ``data.columns``,
-    ``data.max_examples``; the built-in set is sampled with ``train.seed``)."""
-    d = cfg.data
-    return load_pairs(d.train, d.columns or None, d.max_examples or None, seed=cfg.train.seed)
+@dataclass
+class TrainingSet:
+    """One training dataset of ``data.train``: its spec and its texts by column."""
+
+    spec: DatasetSpec
+    texts: dict[str, list[str]]  # anchor, positive, negative_1..k (loss order)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def rows(self) -> int:
+        return len(self.texts["anchor"])
+
+
+def load_training_sets(cfg: Config) -> list[TrainingSet]:
+    """The datasets ``data.train`` names, loaded and validated (the built-in set is sampled with
+    ``train.seed``). With a list or mapping, errors name the dataset's config key."""
+    from gist_ray.config import train_datasets
+
+    specs = train_datasets(cfg.data)
+    several = not isinstance(cfg.data.train, str)
+    out = []
+    for spec in specs:
+        try:
+            ds = load_pairs(
+                spec.source, spec.columns or None, spec.max_examples or None, seed=cfg.train.seed
+            )
+        except DataError as e:
+            if several:
+                raise DataError(f"{spec.key} (dataset {spec.name!r}): {e}") from e
+            raise
+        out.append(TrainingSet(spec, text_columns(ds)))
+    return out
 
 
 def text_columns(ds: datasets.Dataset) -> dict[str, list[str]]:
     """The texts by column, in loss order: anchor, positive, negative_1..k."""
-    return {c: ds[c] for c in ["anchor", "positive", *negative_columns(ds)]}
-
-
-def negative_columns(ds: datasets.Dataset) -> list[str]:
-    """``negative_1..k`` of the training data, in order."""
-    return sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))
+    negatives = sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))
+    return {c: ds[c] for c in ["anchor", "positive", *negatives]}

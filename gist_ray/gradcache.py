@@ -31,22 +31,28 @@ def _set_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.devi
 @dataclass
 class CachedColumn:
     texts: list[str]
+    prompt: str | None
     embeddings: torch.Tensor  # [n, d], a leaf that collects the loss gradient
     rng_states: list[tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def embed_without_graph(
-    encoder: Encoder, texts: list[str], mini_batch_size: int, autocast: Callable
+    encoder: Encoder,
+    texts: list[str],
+    mini_batch_size: int,
+    autocast: Callable,
+    prompt: str | None = None,
 ) -> CachedColumn:
-    """Pass 1: embed ``texts`` in mini-batches with no graph, saving each one's RNG state."""
+    """Pass 1: embed ``texts`` (with ``prompt``) in mini-batches with no graph, saving each
+    one's RNG state. The embeddings keep the autocast dtype: the loss casts at its front end."""
     states, chunks = [], []
     with torch.no_grad():
         for i in range(0, len(texts), mini_batch_size):
             states.append(_get_rng(encoder.device))
             with autocast():
-                chunks.append(encoder.embed(texts[i : i + mini_batch_size]).float())
+                chunks.append(encoder.embed(texts[i : i + mini_batch_size], prompt))
     emb = torch.cat(chunks).requires_grad_()
-    return CachedColumn(texts, emb, states)
+    return CachedColumn(texts, prompt, emb, states)
 
 
 def backward_with_replay(
@@ -61,6 +67,6 @@ def backward_with_replay(
     for j, i in enumerate(range(0, len(column.texts), mini_batch_size)):
         _set_rng(column.rng_states[j], encoder.device)
         with autocast():
-            emb = encoder.embed(column.texts[i : i + mini_batch_size]).float()
-        emb.backward(grad[i : i + mini_batch_size])
+            emb = encoder.embed(column.texts[i : i + mini_batch_size], column.prompt)
+        emb.backward(grad[i : i + mini_batch_size].to(emb.dtype))
     _set_rng(after_pass_one, encoder.device)

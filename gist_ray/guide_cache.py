@@ -1,10 +1,12 @@
 """The guide cache: the frozen guide's embedding of every training text, computed once.
 
-The guide never changes, so its embeddings are a pure function of (guide weights, pooling, max
-length, normalisation, texts). They are computed before training — each worker embeds a shard of
-the unique texts, the shards are all-gathered — and stored as one safetensors file whose metadata
-carries that fingerprint. A file whose fingerprint does not match is rebuilt, never used; a file
-is written under a temporary name and renamed, so a half-written cache never looks complete.
+The guide never changes, so its embeddings are a pure function of (the guide's files — weights,
+module stack, tokenizer —, its load settings, pooling override, max length, prompts, texts). They
+are computed before training through the guide's own module stack — each worker embeds a shard
+of the unique (prompt, text) pairs, the shards are all-gathered — and stored per dataset as one
+safetensors file whose metadata carries that fingerprint. A file whose fingerprint does not
+match is rebuilt, never used; a file is written under a temporary name and renamed, so a
+half-written cache never looks complete.
 """
 
 from __future__ import annotations
@@ -25,19 +27,20 @@ from gist_ray.errors import GistRayError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "gist-ray-guide-cache-v1"
+FORMAT = "gist-ray-guide-cache-v2"
 
 
 @lru_cache(maxsize=8)
 def model_hash(model_dir: str) -> str:
-    """sha256 over the model's config and weight files (what fixes its outputs)."""
+    """sha256 over the model's config, tokenizer and weight files, module folders included
+    (1_Pooling, 2_Dense, ...: what fixes its outputs)."""
     root = Path(model_dir)
-    if not root.is_dir():  # a hub name: its identity is the name (and the hub's revision)
+    if not root.is_dir():  # a hub name: its identity is the name and the revision
         return hashlib.sha256(model_dir.encode()).hexdigest()
     h = hashlib.sha256()
-    for f in sorted(root.iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model") and f.is_file():
-            h.update(f.name.encode())
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model", ".py") and f.is_file():
+            h.update(f.relative_to(root).as_posix().encode())
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 24), b""):
                     h.update(block)
@@ -54,14 +57,18 @@ def texts_hash(columns: dict[str, list[str]]) -> str:
 
 
 def fingerprint(
-    model_dir: str, pooling: str, max_seq_length: int, columns: dict[str, list[str]]
+    model_dir: str,
+    settings: dict[str, object],
+    columns: dict[str, list[str]],
+    prompts: dict[str, str],
 ) -> dict[str, str]:
+    """What fixes the cached embeddings. ``settings``: the guide's load and embedding settings
+    (revision, model kwargs, pooling override, max length); ``prompts``: column -> prompt."""
     return {
         "format": FORMAT,
         "guide": model_hash(model_dir),
-        "pooling": pooling,
-        "max_seq_length": str(max_seq_length),
-        "normalized": "true",
+        **{k: json.dumps(v, sort_keys=True, default=str) for k, v in sorted(settings.items())},
+        "prompts": json.dumps(prompts, sort_keys=True),
         "texts": texts_hash(columns),
     }
 
@@ -109,11 +116,16 @@ def save(path: Path, fp: dict[str, str], tensors: dict[str, torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Embed the unique texts of all columns, this worker's shard, then all-gather the shards."""
-    # Sorted by length so each batch pads to similar lengths (short questions batch together).
-    unique = sorted({t for texts in columns.values() for t in texts}, key=lambda t: (len(t), t))
-    index = {t: i for i, t in enumerate(unique)}
+def compute(
+    guide, columns: dict[str, list[str]], prompts: dict[str, str], batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Embed the unique (prompt, text) pairs of all columns, this worker's shard, then
+    all-gather the shards. ``guide`` is a :class:`gist_ray.models.Encoder`."""
+    # Sorted by length so each batch pads to similar lengths (short questions batch together);
+    # grouped by prompt, since one call embeds with one prompt.
+    pairs = {(prompts.get(c, ""), t) for c, texts in columns.items() for t in texts}
+    unique = sorted(pairs, key=lambda pt: (pt[0], len(pt[1]), pt[1]))
+    index = {pt: i for i, pt in enumerate(unique)}
     r, w = rank(), world_size()
     per = -(-len(unique) // w)  # ceil: equal shard shapes, short shards padded
     mine = unique[r::w]  # strided, so every worker gets its share of the long texts
@@ -126,21 +138,24 @@ def compute(guide, columns: dict[str, list[str]], batch_size: int = 64) -> dict[
         emb = torch.empty(len(unique), pad.shape[1])
         for i, part in enumerate(parts):
             emb[i::w] = part[: len(unique[i::w])]
-    return {name: emb[[index[t] for t in texts]] for name, texts in columns.items()}
+    return {c: emb[[index[(prompts.get(c, ""), t)] for t in texts]] for c, texts in columns.items()}
 
 
-def _encode_with_progress(guide, texts: list[str], batch_size: int) -> torch.Tensor:
-    """Batched guide inference; rank 0 reports progress (it takes minutes): at every 10% and
-    at most every few seconds in between, for the driver's live bar."""
+def _encode_with_progress(guide, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
+    """Batched guide inference of ``(prompt, text)`` pairs; rank 0 reports progress (it takes
+    minutes): at every 10% and at most every few seconds in between, for the driver's live bar."""
     from gist_ray.progress import GUIDE_REPORT_EVERY_S, guide_cache_line
 
     chunks, t0, last, next_decile = [], time.perf_counter(), 0.0, 10
-    for i in range(0, len(texts), batch_size):
-        chunks.append(guide.encode(texts[i : i + batch_size], batch_size=batch_size))
-        done, now = min(i + batch_size, len(texts)), time.perf_counter()
-        pct = 100 * done // len(texts)
-        if pct >= next_decile or now - last >= GUIDE_REPORT_EVERY_S or done == len(texts):
-            log.info(guide_cache_line(done, len(texts), now - t0))
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i : i + batch_size]
+        for prompt in dict.fromkeys(p for p, _ in batch):  # a batch may straddle two prompts
+            texts = [t for p, t in batch if p == prompt]
+            chunks.append(guide.encode(texts, prompt or None, batch_size=batch_size))
+        done, now = min(i + batch_size, len(pairs)), time.perf_counter()
+        pct = 100 * done // len(pairs)
+        if pct >= next_decile or now - last >= GUIDE_REPORT_EVERY_S or done == len(pairs):
+            log.info(guide_cache_line(done, len(pairs), now - t0))
             last, next_decile = now, pct // 10 * 10 + 10
     return torch.cat(chunks)
 
@@ -149,17 +164,17 @@ def get_or_build(
     guide_loader,
     source: str,
     model_dir: str,
-    pooling: str,
-    max_seq_length: int,
+    settings: dict[str, object],
     columns: dict[str, list[str]],
+    prompts: dict[str, str],
     cache_root: Path,
 ) -> tuple[dict[str, torch.Tensor], Path, bool]:
-    """Load the cache, or build it on every worker and write it from rank 0.
+    """Load the cache of one dataset, or build it on every worker and write it from rank 0.
 
     Returns (embeddings per column, path, built). ``guide_loader()`` loads the guide only when
     a build is needed."""
     rows = len(next(iter(columns.values())))
-    fp = fingerprint(model_dir, pooling, max_seq_length, columns)
+    fp = fingerprint(model_dir, settings, columns, prompts)
     path = cache_path(source, fp, cache_root)
     found = load(path, fp, rows)
     ok = torch.tensor([found is not None], dtype=torch.int32)
@@ -167,7 +182,7 @@ def get_or_build(
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item():
         return found, path, False
-    tensors = compute(guide_loader(), columns)
+    tensors = compute(guide_loader(), columns, prompts)
     if rank() == 0:
         try:
             save(path, fp, tensors)

@@ -1,199 +1,445 @@
-"""Encoders: any transformers model + pooling + L2 normalisation, saved in sentence-transformers
-format so ``SentenceTransformer(path)`` and ``AutoModel.from_pretrained(path)`` both load it."""
+"""Student and guide are sentence-transformers models: loaded with ``SentenceTransformer`` and run
+through their own module stack (pooling, Dense, Normalize, prompts, whatever they have), saved
+with sentence-transformers' own ``save``, so the model that comes out is the kind that went in.
+
+:class:`Encoder` adds what training needs on top: a training truncation that is not the model's
+max length (the exported model keeps its own), and embedding with a graph.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gist_ray import fileio
-from gist_ray.errors import ModelError
+from gist_ray.errors import ConfigError, ModelError
 
-POOLINGS = ("mean", "cls", "last_token")
-# sentence-transformers' Pooling config flag for each of our poolings.
-_ST_POOLING_FLAG = {
-    "mean": "pooling_mode_mean_tokens",
-    "cls": "pooling_mode_cls_token",
-    "last_token": "pooling_mode_lasttoken",
-}
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from gist_ray.config import Config
+
+
+# Pooling overrides (model.pooling, model.guide_pooling): sentence-transformers' pooling modes;
+# last_token is its "lasttoken".
+POOLINGS = ("mean", "cls", "last_token", "max", "mean_sqrt_len_tokens", "weightedmean")
+_ST_MODE = {"last_token": "lasttoken"}
 MODEL_DIR = "model"  # <output_dir>/model: the exported model
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # as SentenceTransformer.encode_document
+_DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool token states ``[n, t, h]`` to ``[n, h]`` under the attention mask ``[n, t]``."""
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "last_token":
-        # Index of the last attended token: correct for left and right padding alike.
-        idx = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    raise ModelError(f"model.pooling: unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how: one of the config's two models (student or guide)."""
+
+    name: str  # hub name, local folder or built-in alias
+    key: str = "model.student"  # the config key, for error messages
+    revision: str = ""
+    trust_remote_code: bool = False
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pooling: str = ""  # "" = the model's own
+    max_seq_length: int = 0  # training truncation; 0 = the model's own
+    export_max_seq_length: int = 0  # the saved model's max length; 0 = its own
+    cap_at_own: bool = False  # truncate at most at the model's own max length
+
+    @classmethod
+    def student(cls, cfg: Config) -> ModelSpec:
+        return cls._of(cfg, "student", "")
+
+    @classmethod
+    def guide(cls, cfg: Config) -> ModelSpec:
+        return cls._of(cfg, "guide", "guide_")
+
+    @classmethod
+    def _of(cls, cfg: Config, which: str, prefix: str) -> ModelSpec:
+        m = cfg.model
+        is_guide = which == "guide"
+        return cls(
+            getattr(m, which),
+            f"model.{which}",
+            getattr(m, f"{prefix}revision"),
+            getattr(m, f"{prefix}trust_remote_code"),
+            dict(getattr(m, f"{prefix}model_kwargs")),
+            getattr(m, f"{prefix}pooling"),
+            (m.guide_max_seq_length or m.max_seq_length) if is_guide else m.max_seq_length,
+            0 if is_guide else m.export_max_seq_length,
+            # The guide reads the student's truncation, at most its own length, as
+            # sentence-transformers' GISTEmbedLoss does.
+            cap_at_own=is_guide and not m.guide_max_seq_length,
+        )
+
+    @property
+    def prefix(self) -> str:
+        """``model.`` or ``model.guide_``: where this model's other keys live."""
+        return "model.guide_" if self.key == "model.guide" else "model."
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """No per-model "Loading weights" / "Writing model shards" bars while loading or saving
+    (restored afterwards: the caller may be a library)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _model_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """The config's model kwargs, with dtype names (``bfloat16``) turned into torch dtypes."""
+    kwargs = dict(spec.model_kwargs)
+    for k in _DTYPE_KEYS:
+        value = kwargs.get(k)
+        if isinstance(value, str) and value != "auto":
+            dtype = getattr(torch, value.removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError(
+                    f"{spec.prefix}model_kwargs.{k} = {value!r} is not a torch dtype; "
+                    "e.g. float32, bfloat16, float16 or auto"
+                )
+            kwargs[k] = dtype
+    return kwargs
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> SentenceTransformer:
+    """A SentenceTransformer for ``spec`` (a plain transformers checkpoint gets
+    sentence-transformers' defaults: mean pooling); bad input is a one-line ModelError."""
+    from gist_ray.assets import resolve_model_path
+
+    path = resolve_model_path(spec.name)
+    try:
+        with quiet_hf():
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(
+                path,
+                device=str(device),
+                trust_remote_code=spec.trust_remote_code,
+                revision=spec.revision or None,
+                model_kwargs=_model_kwargs(spec) or None,
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - loaders raise many types; the user needs one line
+        raise _load_error(spec, path, e) from e
+    if spec.pooling:
+        set_pooling(model, spec.pooling, f"{spec.prefix}pooling")
+    return model
+
+
+def _load_error(spec: ModelSpec, path: str, e: Exception) -> ModelError:
+    text = str(e).strip()
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    where = f"{spec.key} = {spec.name!r}"
+    bad = _unimportable_module(Path(path))
+    if bad is not None:
+        return ModelError(
+            f"{Path(path) / 'modules.json'}: module {bad!r} cannot be imported; install the "
+            f"package that defines it, or fix {spec.key}"
+        )
+    if "trust_remote_code" in text:
+        return ModelError(
+            f"{where} runs code from its repository ({first.split('. ')[0]}); set "
+            f"{spec.prefix}trust_remote_code=true if you trust it"
+        )
+    what = "a local folder" if Path(path).exists() else "a local folder or a cached hub model"
+    return ModelError(
+        f"{where} cannot be loaded: not {what} that sentence-transformers can read offline "
+        f"({type(e).__name__}: {first})"
+    )
+
+
+def _unimportable_module(folder: Path) -> str | None:
+    """The first ``type`` in ``folder/modules.json`` whose class neither imports from the
+    installed packages nor ships as a file in the model folder (custom code, which loads with
+    trust_remote_code)."""
+    try:
+        entries = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for entry in entries if isinstance(entries, list) else []:
+        ref = str(entry.get("type", ""))
+        module, _, cls = ref.rpartition(".")
+        sub = folder / str(entry.get("path", ""))
+        if any((d / f"{module.split('.')[-1]}.py").is_file() for d in (folder, sub)):
+            continue
+        try:
+            if hasattr(importlib.import_module(module), cls):
+                continue
+        except Exception:  # noqa: BLE001 - any failure to import is the answer
+            pass
+        return ref
+    return None
+
+
+def set_pooling(model: SentenceTransformer, pooling: str, key: str) -> None:
+    """Replace the pooling mode of the model's Pooling module (an explicit override)."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    found = [m for m in model if isinstance(m, Pooling)]
+    if len(found) != 1:
+        raise ModelError(
+            f"{key} = {pooling!r}: the model has {len(found)} Pooling modules, so there is no "
+            f'pooling to replace; set {key}="" to use the model as it is'
+        )
+    module = found[0]
+    if not isinstance(module.pooling_mode, str):
+        raise ModelError(
+            f"{key} = {pooling!r}: the model concatenates several poolings "
+            f"({', '.join(module.pooling_mode)}); replacing them would change its dimension"
+        )
+    module.pooling_mode = _ST_MODE.get(pooling, pooling)
+
+
+def pooling_of(model: SentenceTransformer) -> str:
+    """The model's pooling mode(s) in words, e.g. ``mean`` (``-`` when it has no Pooling)."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    modes = [m.pooling_mode for m in model if isinstance(m, Pooling)]
+    return ",".join(m if isinstance(m, str) else "+".join(m) for m in modes) or "-"
+
+
+def own_prompts(prompts: dict[str, str] | None) -> dict[str, str]:
+    """The model's own prompts (its ``prompts`` dict) per column, as sentence-transformers'
+    ``encode_query`` / ``encode_document`` apply them: anchors get its ``query`` prompt,
+    positives and negatives its ``document`` (or ``passage``, ``corpus``) prompt."""
+    prompts = prompts or {}
+    document = next((prompts[n] for n in DOCUMENT_PROMPT_NAMES if n in prompts), "")
+    out = {"anchor": prompts.get("query", ""), "positive": document, "negative": document}
+    return {k: v for k, v in out.items() if v}
+
+
+def saved_prompts(path: str, revision: str = "") -> dict[str, str]:
+    """The prompts a model folder (or a hub model in the local cache) declares in
+    ``config_sentence_transformers.json``, read without loading the model."""
+    name = "config_sentence_transformers.json"
+    file = Path(path) / name
+    if not Path(path).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, name, revision=revision or None)
+        file = Path(found) if isinstance(found, str) else file
+    try:
+        prompts = json.loads(file.read_text()).get("prompts") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in prompts.items() if isinstance(v, str)}
+
+
+def column_prompts(
+    setting: str | dict[str, Any] | None, dataset: str, columns: list[str], own: dict[str, str]
+) -> dict[str, str]:
+    """The prompt of each of ``columns`` (anchor, positive, negative_1..k) for one dataset.
+
+    ``setting`` is the config's value: None = ``own`` (the model's prompts), a string for every
+    column, {column: prompt} or {dataset: {column: prompt}} as sentence-transformers' trainer
+    takes them; ``negative`` applies to every negative column."""
+    if setting is None:
+        setting = own
+    elif isinstance(setting, str):
+        setting = dict.fromkeys(columns, setting)
+    elif _per_dataset(setting):
+        setting = setting.get(dataset, {})
+    out = {}
+    for col in columns:
+        generic = setting.get("negative", "") if col.startswith("negative_") else ""
+        if prompt := setting.get(col, generic):
+            out[col] = prompt
+    return out
+
+
+def check_prompt_columns(
+    setting: str | dict[str, Any] | None, key: str, columns: dict[str, list[str]]
+) -> None:
+    """A prompt for a column no dataset has (``columns``: dataset -> its columns) is a
+    ConfigError naming ``key``. A {column: prompt} mapping shared by several datasets needs
+    each column in one of them; a per-dataset mapping, in that dataset."""
+    if not isinstance(setting, dict):
+        return
+    if _per_dataset(setting):
+        for name, inner in setting.items():
+            _check_columns(inner, f"dataset {name!r}", columns.get(name, []), f"{key}.{name}")
+        return
+    where = f"dataset {next(iter(columns))!r}" if len(columns) == 1 else "any dataset"
+    _check_columns(setting, where, [c for cols in columns.values() for c in cols], key)
+
+
+def _per_dataset(setting: dict[str, Any]) -> bool:
+    return bool(setting) and all(isinstance(v, dict) for v in setting.values())
+
+
+def _check_columns(setting: dict[str, str], where: str, columns: list[str], key: str) -> None:
+    allowed = list(dict.fromkeys(columns))
+    if any(c.startswith("negative_") for c in allowed):
+        allowed.append("negative")
+    for col in setting:
+        if col not in allowed:
+            raise ConfigError(
+                f"{key}: no column {col!r} in {where}; the columns are {', '.join(allowed)}"
+            )
 
 
 class Encoder(nn.Module):
-    """A transformers encoder that maps texts to L2-normalised embeddings."""
+    """A SentenceTransformer and the settings gist-ray trains it at.
 
-    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_seq_length: int) -> None:
+    The wrapped model keeps its own (or the export) max length at all times; the training
+    truncation applies only inside :meth:`embed` / :meth:`encode`, so saving, evaluating and
+    exporting see the model as the user will."""
+
+    def __init__(self, model: SentenceTransformer, spec: ModelSpec | None = None) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ModelError(f"unknown pooling {pooling!r}; allowed: {', '.join(POOLINGS)}")
-        self.model, self.tokenizer = model, tokenizer
-        self.pooling, self.max_seq_length = pooling, max_seq_length
+        spec = spec or ModelSpec(name="")
+        self.model, self.spec = model, spec
+        self.own_max_seq_length = model.max_seq_length
+        self.max_seq_length = spec.max_seq_length or self.own_max_seq_length
+        if spec.cap_at_own and self.own_max_seq_length:
+            self.max_seq_length = min(self.max_seq_length, self.own_max_seq_length)
+        if spec.export_max_seq_length:
+            model.max_seq_length = spec.export_max_seq_length
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.model.get_embedding_dimension())
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_seq_length,
-            return_tensors="pt",
-        )
-        return {k: v.to(self.device) for k, v in batch.items()}
+    @contextlib.contextmanager
+    def _truncation(self) -> Iterator[None]:
+        saved = self.model.max_seq_length
+        if saved is None or saved == self.max_seq_length:
+            yield
+            return
+        self.model.max_seq_length = self.max_seq_length
+        try:
+            yield
+        finally:
+            self.model.max_seq_length = saved
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(**features)
-        return F.normalize(
-            pool(out.last_hidden_state, features["attention_mask"], self.pooling), dim=-1
-        )
+    def features(self, texts: list[str], prompt: str | None = None) -> dict[str, Any]:
+        """The model's own preprocessing (tokenizer, prompt and the prompt length its pooling
+        may exclude) at the training truncation, on the model's device."""
+        from sentence_transformers.util import batch_to_device
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        return self(self.tokenize(texts))
+        with self._truncation():
+            features = self.model.preprocess(list(texts), prompt=prompt or None)
+        return batch_to_device(features, self.device)
+
+    def forward(self, features: dict[str, Any]) -> torch.Tensor:
+        return self.model(features)["sentence_embedding"]
+
+    def embed(self, texts: list[str], prompt: str | None = None) -> torch.Tensor:
+        """Embeddings ``[n, d]`` through the whole module stack, with a graph."""
+        return self(self.features(texts, prompt))
 
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Inference in batches (eval mode restored afterwards); float32 on CPU."""
+    def encode(
+        self, texts: list[str], prompt: str | None = None, batch_size: int = 64
+    ) -> torch.Tensor:
+        """Inference at the training truncation (eval mode restored afterwards); float32 CPU."""
+        with self.eval_mode():
+            chunks = [
+                self.embed(texts[i : i + batch_size], prompt).float().cpu()
+                for i in range(0, len(texts), batch_size)
+            ]
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
         was_training = self.training
         self.eval()
         try:
-            chunks = [
-                self.embed(texts[i : i + batch_size]).float().cpu()
-                for i in range(0, len(texts), batch_size)
-            ]
+            yield
         finally:
             self.train(was_training)
-        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+
+    def retrieval_encoders(self, batch_size: int = 64):
+        """(encode queries, encode documents) the way a user of the saved model would: its own
+        max length, ``encode_query`` / ``encode_document`` with its own prompts; float32 CPU."""
+
+        def run(method):
+            def encode(texts: list[str]) -> torch.Tensor:
+                with self.eval_mode(), torch.no_grad():
+                    out = method(
+                        list(texts),
+                        batch_size=batch_size,
+                        convert_to_tensor=True,
+                        show_progress_bar=False,
+                    )
+                return out.float().cpu()
+
+            return encode
+
+        return run(self.model.encode_query), run(self.model.encode_document)
 
     def load_weights(self, folder: str | Path) -> None:
-        """Load the encoder weights of a folder :meth:`save` wrote (e.g. a checkpoint's)."""
-        from transformers import AutoModel
+        """Load the weights of a folder :meth:`save` wrote (e.g. a checkpoint's)."""
+        from sentence_transformers import SentenceTransformer
 
-        self.model.load_state_dict(AutoModel.from_pretrained(folder).state_dict())
+        with quiet_hf():
+            saved = SentenceTransformer(
+                str(folder),
+                device="cpu",
+                trust_remote_code=self.spec.trust_remote_code,
+                model_kwargs=_model_kwargs(self.spec) or None,
+            )
+        self.model.load_state_dict(saved.state_dict())
 
     def save(self, path: str | Path) -> Path:
-        """Write a sentence-transformers model folder atomically (temp name, then rename)."""
-        with fileio.atomic_dir(path) as tmp:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "1_Pooling").mkdir()
-            pooling_cfg = {
-                "word_embedding_dimension": self.dim,
-                **{flag: False for flag in _ST_POOLING_FLAG.values()},
-                _ST_POOLING_FLAG[self.pooling]: True,
-            }
-            _write_json(tmp / "1_Pooling" / "config.json", pooling_cfg)
-            (tmp / "2_Normalize").mkdir()
-            modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
-            _write_json(
-                tmp / "modules.json",
-                [
-                    {
-                        "idx": i,
-                        "name": str(i),
-                        "path": sub,
-                        "type": f"sentence_transformers.models.{t}",
-                    }
-                    for i, (sub, t) in enumerate(modules)
-                ],
-            )
-            _write_json(
-                tmp / "sentence_bert_config.json",
-                {"max_seq_length": self.max_seq_length, "do_lower_case": False},
-            )
-            _write_json(
-                tmp / "config_sentence_transformers.json",
-                {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
-            )
+        """sentence-transformers' own save (modules, tokenizer, prompts, similarity function,
+        max length), atomically: a crash never leaves a folder that looks complete."""
+        with fileio.atomic_dir(path) as tmp, quiet_hf():
+            self.model.save(str(tmp), create_model_card=False)
         return Path(path)
 
 
-def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2))
-
-
 def load_encoder(
-    name_or_path: str,
-    pooling: str = "mean",
-    max_seq_length: int = 128,
-    *,
-    frozen: bool = False,
-    key: str = "model.student",
+    spec: ModelSpec | str, device: str | torch.device = "cpu", *, frozen: bool = False
 ) -> Encoder:
-    """Load a hub name, local folder or built-in alias; ``frozen`` for the guide (eval, no grad).
-
-    ``key`` names the config key in error messages."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from gist_ray.assets import resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        where = "a local folder" if Path(path).exists() else "a local folder or a cached hub model"
-        raise ModelError(
-            f"{key} = {name_or_path!r} cannot be loaded: not {where} that transformers can "
-            f"read offline ({str(e).splitlines()[0][:160]})"
-        ) from e
-    enc = Encoder(model, tokenizer, pooling, max_seq_length)
+    """Load an :class:`Encoder`; ``frozen`` for the guide (eval mode, no grad). A bare name
+    loads the model as it is (its own pooling, prompts and length)."""
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    enc = Encoder(load_model(spec, device), spec)
     if frozen:
         enc.eval()
         enc.requires_grad_(False)
     return enc
 
 
-_POOLING_OF_FLAG = {flag: name for name, flag in _ST_POOLING_FLAG.items()}
+def describe(enc: Encoder) -> dict[str, Any]:
+    """What a model is, for logs and reports: modules, pooling, lengths, prompts."""
+    return {
+        "modules": [type(m).__name__ for m in enc.model],
+        "pooling": pooling_of(enc.model),
+        "max_seq_length": enc.model.max_seq_length,
+        "train_max_seq_length": enc.max_seq_length,
+        "dim": enc.dim,
+        "prompts": {k: v for k, v in (enc.model.prompts or {}).items() if v},
+        "similarity": enc.model.similarity_fn_name,
+    }
 
 
-def st_settings(
-    folder: str | Path, default: tuple[Any, Any] = (None, None)
-) -> tuple[str | None, int | None]:
-    """(pooling, max_seq_length) a sentence-transformers folder declares; ``default`` for each
-    one it does not (a hub name, a plain transformers folder, a pooling gist-ray lacks)."""
-    folder = Path(folder)
-    pooling, max_len = default
-    try:
-        flags = json.loads((folder / "1_Pooling" / "config.json").read_text())
-        pooling = next(
-            (name for flag, name in _POOLING_OF_FLAG.items() if flags.get(flag)), pooling
-        )
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        max_len = int(
-            json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return pooling, max_len
-
-
-def export_model(checkpoint_model: str | Path, output_dir: str | Path) -> Path:
-    """Copy a checkpoint's model folder to ``<output_dir>/model`` (atomically); return it."""
-    return fileio.copy_dir(checkpoint_model, Path(output_dir) / MODEL_DIR)
+def export_model(checkpoint_model: str | Path, output_dir: str | Path, card: str = "") -> Path:
+    """Copy a checkpoint's model folder to ``<output_dir>/model`` with the model card
+    ``README.md`` (atomically); return it."""
+    target = Path(output_dir) / MODEL_DIR
+    with fileio.atomic_dir(target) as tmp:
+        shutil.copytree(checkpoint_model, tmp, dirs_exist_ok=True)
+        if card:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+    return target

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,28 +22,39 @@ EVAL_KEYS = ("ndcg@10", "recall@10", "mrr@10")
 
 def _absolutize(cfg: Config) -> Config:
     """Ray workers run elsewhere (another cwd, maybe another node): make local paths absolute."""
+    from gist_ray.config import map_sources
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path.resolve()) if value and path.exists() else value
+
     cfg = dataclasses.replace(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
-    for section, key in (
-        ("data", "train"),
-        ("eval", "source"),
-        ("model", "student"),
-        ("model", "guide"),
-    ):
-        obj = getattr(cfg, section)
-        value = getattr(obj, key)
-        if value and Path(value).expanduser().exists():
-            setattr(obj, key, str(Path(value).expanduser().resolve()))
+    cfg.data = dataclasses.replace(cfg.data, train=map_sources(cfg.data.train, absolute))
+    cfg.eval = dataclasses.replace(cfg.eval, source=absolute(cfg.eval.source))
+    cfg.model = dataclasses.replace(
+        cfg.model, student=absolute(cfg.model.student), guide=absolute(cfg.model.guide)
+    )
     return cfg
 
 
-def evaluate_model(model: str, cfg: Config, evalset) -> dict[str, float]:
-    from gist_ray.eval.metrics import retrieval_metrics
-    from gist_ray.models import load_encoder
+def user_spec(cfg: Config, model: str, revision: str = ""):
+    """How a user loads ``model``: as it is (its own pooling, length, prompts), with the
+    student's load settings (remote code, dtype, attention implementation)."""
+    from gist_ray.models import ModelSpec
 
-    enc = load_encoder(model, cfg.model.pooling, cfg.model.max_seq_length)
-    encode = lambda texts: enc.encode(texts, batch_size=64)  # noqa: E731
-    return retrieval_metrics(encode, evalset, dims=cfg.loss.matryoshka_dims)
+    m = cfg.model
+    return ModelSpec(model, "model.student", revision, m.trust_remote_code, dict(m.model_kwargs))
+
+
+def evaluate_model(model, evalset, dims: Sequence[int] = ()) -> dict[str, float]:
+    """Retrieval metrics of a model (an Encoder) at its own settings: its max length,
+    ``encode_query`` for queries and ``encode_document`` for documents (its own prompts); also
+    at each Matryoshka width of ``dims``."""
+    from gist_ray.eval.metrics import retrieval_metrics
+
+    encode_query, encode_document = model.retrieval_encoders()
+    return retrieval_metrics(encode_document, evalset, encode_query_fn=encode_query, dims=dims)
 
 
 @dataclass
@@ -114,17 +126,19 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
 def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
     from gist_ray import launcher
-    from gist_ray.models import export_model
+    from gist_ray.models import MODEL_DIR, export_model, load_encoder
     from gist_ray.tracking import results, runs
 
     t0 = time.perf_counter()
     check_job_paths(cfg, runs.resolve_tracking_uri(cfg.mlflow.tracking_uri))
     cfg = _absolutize(cfg)
-    steps, evalset = _check_inputs(cfg)  # fail on bad data or models before any cluster starts
+    inputs = _check_inputs(cfg)  # fail on bad data or models before any cluster starts
+    evalset = inputs.evalset
     tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     launcher.connect(cfg)
     launcher.check_resources(cfg)
-    run = _open_run(cfg, tracking_uri, steps)
+    run = _open_run(cfg, tracking_uri, inputs.steps)
+    _log_training_data(tracking_uri, run.run_id, inputs.sets)
     before = run.before
     if evalset is not None and not before:
         log.info(
@@ -133,7 +147,8 @@ def train(cfg: Config) -> dict[str, Any]:
             len(evalset.queries),
             len(evalset.corpus),
         )
-        before = evaluate_model(cfg.model.student, cfg, evalset)
+        base = load_encoder(user_spec(cfg, cfg.model.student, cfg.model.revision), frozen=True)
+        before = evaluate_model(base, evalset, cfg.loss.matryoshka_dims)
     # A resumed run keeps its summary metrics: they must not gain a second value.
     logger = runs.RunLogger(tracking_uri, run.run_id, skip_logged=run.resumed)
     logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
@@ -145,10 +160,13 @@ def train(cfg: Config) -> dict[str, Any]:
             if run.complete
             else launcher.run_training(cfg, run.run_id, tracking_uri)
         )
-        model_dir = export_model(final_ckpt / "model", cfg.output_dir)
-        after = evaluate_model(str(model_dir), cfg, evalset) if evalset is not None else {}
-        logger.log_metrics({f"eval/after/{k}": v for k, v in after.items()}, step=0)
-        final = results.finish(cfg, tracking_uri, run.run_id, model_dir, steps, before, after)
+        trained = load_encoder(user_spec(cfg, str(final_ckpt / MODEL_DIR)), frozen=True)
+        after = evaluate_model(trained, evalset, cfg.loss.matryoshka_dims) if evalset else {}
+        card = _model_card(cfg, inputs, trained, before, after)
+        model_dir = export_model(final_ckpt / MODEL_DIR, cfg.output_dir, card)
+        final = results.finish(
+            cfg, tracking_uri, run.run_id, model_dir, inputs.steps, before, after, evalset
+        )
         wall = time.perf_counter() - t0
         logger.log_metrics({"wall_time_s": wall}, step=0)
         runs.stop_system_metrics(monitor)
@@ -169,21 +187,61 @@ def train(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _check_inputs(cfg: Config) -> tuple[int, Any]:
-    """Load the data, both models and the eval set once on the driver, so bad input fails in
-    seconds; returns the number of training steps and the eval set (or None)."""
-    from gist_ray.batches import GlobalBatches
-    from gist_ray.data import load_training_data, negative_columns
-    from gist_ray.eval.sets import load_eval_for
-    from gist_ray.models import load_encoder
+@dataclass
+class _Inputs:
+    steps: int
+    evalset: Any  # EvalSet or None
+    sets: list  # gist_ray.data.TrainingSet
 
-    data = load_training_data(cfg)
-    batches = GlobalBatches.for_config(cfg, len(data))
-    m = cfg.model
-    student = load_encoder(m.student, m.pooling, m.max_seq_length)
-    validate_loss_for(cfg, student.dim, len(negative_columns(data)))
-    load_encoder(m.guide, m.guide_pooling, m.max_seq_length, key="model.guide")
-    return batches.total_steps(cfg), load_eval_for(cfg)
+
+def _check_inputs(cfg: Config) -> _Inputs:
+    """Load the data, both models and the eval set once on the driver, so bad input (data,
+    models, prompts naming columns the data lacks, a batch the data cannot fill) fails in
+    seconds, before any cluster starts."""
+    from gist_ray.batches import GlobalBatches
+    from gist_ray.data import load_training_sets
+    from gist_ray.eval.sets import load_eval_for
+    from gist_ray.models import ModelSpec, load_model
+    from gist_ray.train import guide_prompts, student_prompts
+
+    sets = load_training_sets(cfg)
+    guide_prompts(cfg, sets)
+    batches = GlobalBatches.for_config(cfg, sets)
+    student = load_model(ModelSpec.student(cfg))
+    student_prompts(cfg, sets, student.prompts)
+    validate_loss_for(cfg, student.get_embedding_dimension(), max(len(s.texts) - 2 for s in sets))
+    load_model(ModelSpec.guide(cfg))
+    return _Inputs(batches.total_steps(cfg), load_eval_for(cfg), sets)
+
+
+def _log_training_data(tracking_uri: str, run_id: str, sets: list) -> None:
+    """Every training dataset as an MLflow dataset input of the run."""
+    import mlflow
+
+    from gist_ray.tracking.datasets import log_inputs, training_dataset
+
+    client = mlflow.MlflowClient(tracking_uri)
+    log_inputs(client, run_id, [(training_dataset(s), "training") for s in sets])
+
+
+def _model_card(cfg: Config, inputs: _Inputs, trained, before, after) -> str:
+    from gist_ray.model_card import CardInfo, render
+    from gist_ray.models import describe
+
+    model = describe(trained)
+    model["train_max_seq_length"] = cfg.model.max_seq_length or trained.own_max_seq_length
+    ev = inputs.evalset
+    info = CardInfo(
+        model=model,
+        rows={s.name: s.rows for s in inputs.sets},
+        steps=inputs.steps,
+        world_size=cfg.ray.num_workers,
+        eval_name=ev.name if ev is not None else "",
+        eval_size=f"{len(ev.queries)} queries, {len(ev.corpus):,} documents" if ev else "",
+        before=before,
+        after=after,
+    )
+    return render(cfg, info)
 
 
 def _print_summary(cfg, evalset, before, after, model_dir, run_id, tracking_uri, final, wall):
@@ -209,11 +267,11 @@ def _print_summary(cfg, evalset, before, after, model_dir, run_id, tracking_uri,
 def cache_guide(cfg: Config) -> None:
     """``gist-ray cache-guide``: validate the data, then build the guide cache on Ray."""
     from gist_ray import launcher
-    from gist_ray.data import load_training_data
+    from gist_ray.data import load_training_sets
 
     check_job_paths(cfg, "")
     cfg = _absolutize(cfg)
-    load_training_data(cfg)
+    load_training_sets(cfg)
     launcher.connect(cfg)
     launcher.check_resources(cfg)
     launcher.run_cache_guide(cfg)

@@ -58,8 +58,10 @@ class TrainingEval:
         self.best = read_best(self.output_dir, run_id)
 
     def __call__(self, student: Encoder, step: int) -> dict[str, float]:
+        # At the model's own settings (its max length and prompts), as before and after training.
+        encode_query, encode_document = student.retrieval_encoders()
         metrics = retrieval_metrics(
-            lambda t: student.encode(t, batch_size=64), self.evalset, dims=self.dims
+            encode_document, self.evalset, encode_query_fn=encode_query, dims=self.dims
         )
         value = metrics[self.metric]
         improved = math.isfinite(value) and (self.best is None or value > self.best["value"])

@@ -14,9 +14,10 @@ reports registers, spills and shared memory; this module does that for every var
   student/guide dtypes, the front end casts);
 * every tile plan of :data:`gist_function.PLANS` on the architecture that picks it
   (:func:`gist_function.plan_for`): the sm90 plans on sm_90a, the sm80 plans on sm_80;
-* the one specialisation the launchers let the JIT make: operands 16-byte aligned, widths and
-  row strides multiples of 16 (``gist_function.aligned`` pads anything else); every other
-  pointer and integer argument is marked not to specialise.
+* GEMM operands as the plan passes them: TMA tensor descriptors (sm90 plans) or pointers
+  (sm80 plans), with the one specialisation the launchers let the JIT make: operands 16-byte
+  aligned, widths and row strides multiples of 16 (``gist_function.aligned`` pads anything
+  else); every other pointer and integer argument is marked not to specialise.
 
 Must run without ``TRITON_INTERPRET`` (the tests start it in a subprocess). Exit status 1 if
 any variant fails to compile.
@@ -41,17 +42,30 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Kernel variant -> (kernel name, constexpr flags, which of the plan's tile configs it uses).
 KERNELS = {
-    "fwd": ("gist_fwd_kernel", {"STORE_BITS": True, "LOAD_BITS": False}, "fwd"),
-    "fwd_recompute": ("gist_fwd_kernel", {"STORE_BITS": False, "LOAD_BITS": False}, "fwd"),
+    "fwd": ("gist_fwd_kernel", {"STORE_BITS": True, "LOAD_BITS": False, "HARD": False}, "fwd"),
+    "fwd_recompute": (
+        "gist_fwd_kernel",
+        {"STORE_BITS": False, "LOAD_BITS": False, "HARD": False},
+        "fwd",
+    ),
     # a narrower Matryoshka width: the mask from the widest width's bits, no guide tile
-    "fwd_load": ("gist_fwd_kernel", {"STORE_BITS": False, "LOAD_BITS": True}, "fwd"),
+    "fwd_load": ("gist_fwd_kernel", {"STORE_BITS": False, "LOAD_BITS": True, "HARD": False}, "fwd"),
+    # hardness weighting (loss.hardness_alpha > 0): the widest width and a narrower one
+    "fwd_hard": ("gist_fwd_kernel", {"STORE_BITS": True, "LOAD_BITS": False, "HARD": True}, "fwd"),
+    "fwd_load_hard": (
+        "gist_fwd_kernel",
+        {"STORE_BITS": False, "LOAD_BITS": True, "HARD": True},
+        "fwd",
+    ),
     "bwd": ("gist_prob_kernel", {"LOAD_BITS": True}, "bwd"),
     "bwd_recompute": ("gist_prob_kernel", {"LOAD_BITS": False}, "fwd"),
     "diag": ("gist_diag_kernel", {}, "fwd"),
 }
 PICKABLE = {"sm90": ("sm_90a",), "sm80": ("sm_80",)}  # plan family -> archs (plan_for)
-OPERANDS = ("L", "GL", "C", "GC", "P")  # pointers in the compute dtype
+# GEMM operands: under TMA, tensor descriptors with the blocks TileConfig.descriptors gives them.
+OPERANDS = {"L": "block_m", "GL": "block_m", "C": "block_n", "GC": "block_n"}
 FP32_PTRS = ("RL", "RC", "LIMIT", "POS", "LSE_PART", "T_OUT", "POS_OUT", "LSE", "W")
+# 16-byte aligned / multiples of 16 (gist_function.aligned)
 ALIGNED = ("L", "GL", "C", "GC", "d", "d_g", "stride_l", "stride_gl", "stride_c", "stride_gc")
 
 
@@ -66,6 +80,7 @@ class Variant:
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -85,7 +100,7 @@ def variants(archs: list[str]) -> list[Variant]:
                     c = getattr(plan, which)
                     out.append(Variant(
                         plan.name, kernel, arch, dtype, c.block_m, c.block_n, c.block_k,
-                        c.num_warps, c.num_stages,
+                        c.num_warps, c.num_stages, plan.tma,
                     ))  # fmt: skip
     return out
 
@@ -95,20 +110,23 @@ def _signature(fn, dtype: str, v: Variant) -> tuple[dict, dict, dict]:
 
     constexprs = {"BLOCK_M": v.block_m, "BLOCK_N": v.block_n, "BLOCK_K": v.block_k,
                   "BLOCK_KG": v.block_k, "UPCAST": False,
-                  "PRECISION": FP32_PRECISION if dtype == "fp32" else "tf32"}  # fmt: skip
+                  "PRECISION": FP32_PRECISION if dtype == "fp32" else "tf32",
+                  "TMA": v.tma}  # fmt: skip
     constexprs.update(KERNELS[v.kernel][1])
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in OPERANDS:
+        elif name in OPERANDS and v.tma:
+            rows = getattr(v, OPERANDS[name])
+            sig[name] = f"tensordesc<{DTYPES[dtype]}[{rows}, {v.block_k}]>"
+            continue  # a descriptor takes no alignment attribute
+        elif name in OPERANDS or name == "P":
             sig[name] = f"*{DTYPES[dtype]}"
         elif name in FP32_PTRS:
             sig[name] = "*fp32"
-        elif name in ("MASKED_PART", "ABOVE_PART"):
+        elif name in ("MASKED_PART", "ABOVE_PART", "BITS"):
             sig[name] = "*i32"
-        elif name == "BITS":
-            sig[name] = "*u8"
         elif name in ("inv_tau", "hard_off", "hard_diag"):
             sig[name] = "fp32"
         else:
@@ -132,6 +150,7 @@ def _ptxas(arch: str, ptx: str) -> str:
 def compile_variant(v: Variant) -> Variant:
     import triton
     from gist_ray.kernels import gist_kernels
+    from gist_ray.kernels.gist_function import TileConfig
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -143,7 +162,7 @@ def compile_variant(v: Variant) -> Variant:
         compiled = triton.compile(
             ASTSource(fn, sig, constexprs, attrs),
             target=GPUTarget("cuda", ARCHS[v.arch], 32),
-            options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+            options=TileConfig(v.block_m, v.block_n, v.block_k, v.num_warps, v.num_stages).options,
         )
         log = _ptxas(v.arch, compiled.asm["ptx"])
         v.registers = int(re.search(r"Used (\d+) registers", log).group(1))

@@ -17,10 +17,11 @@ candidates' dtype). A fused dL/dC kernel would need a ``[BLOCK_M, d]`` float32 a
 program: at d = 768 that does not fit in registers, and its second recompute of every tile would
 cost more than the GEMMs. Memory stays O(b·chunk + (b + N)(d + d_g) + the mask bits).
 
-Tile shapes: one fixed plan per dtype (:data:`CONFIGS`), the largest whose shared memory fits
-the device; every variant the launchers can pick is compiled for sm_90a and sm_80 without a GPU
-by :mod:`.compile_check`. The forward and backward use the same plan, so a recomputed guide tile
-is bit-identical to the forward's. Nothing here reads a device value on the host: no sync.
+Tile shapes: one fixed plan per dtype and GPU family (:data:`PLANS`); every variant the
+launchers can pick is compiled for sm_90a and sm_80 without a GPU by :mod:`.compile_check`. A
+backward that recomputes the guide tiles uses the forward's tiles, so its mask is bit-identical
+to the forward's. On sm_90 the GEMM operands go to the kernels as TMA tensor descriptors.
+Nothing here reads a device value on the host: no sync.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gist_ray.loss.plan import Problem, hardness_factors, inv_norm, mask_bits_shape, mask_limit
 
@@ -55,8 +57,17 @@ class TileConfig:
                 "BLOCK_KG": b.block_k}  # fmt: skip
 
     @property
-    def options(self) -> dict[str, int]:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+    def options(self) -> dict:
+        # No FMA contraction: fused `acc * inv_tau - shift` kept both the accumulator and the
+        # logits live in the epilogue (spills at 128×256); it also pins the rounding, which
+        # Triton's default would change in 3.10.
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages,
+                "enable_fp_fusion": False}  # fmt: skip
+
+    def descriptors(self, left: torch.Tensor, cands: torch.Tensor) -> tuple:
+        """TMA descriptors of a GEMM's left rows and candidate rows for these tiles."""
+        return (TensorDescriptor.from_tensor(left, [self.block_m, self.block_k]),
+                TensorDescriptor.from_tensor(cands, [self.block_n, self.block_k]))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,34 +76,38 @@ class TilePlan:
     the diagonal kernel and a backward that recomputes the guide tile (so a recomputed mask is
     bit-identical to the forward's); ``bwd`` the backward that reads the mask bits (one GEMM
     per tile, so it affords wider tiles). ``smem``: the most shared memory any of its kernels
-    needs on the architecture that picks it (the compile gate checks it)."""
+    needs on the architecture that picks it (the compile gate checks it). ``tma``: GEMM operands
+    as tensor descriptors (TMA copies, sm_90+) rather than pointers."""
 
     name: str
     fwd: TileConfig
     bwd: TileConfig
     smem: int
+    tma: bool
 
 
 # Chosen with the compile gate (kernels/compile_check.py): the widest tiles whose 16-bit kernels
-# spill no register on their architecture. A forward tile runs two GEMMs (guide, then student)
-# and an online-softmax epilogue: at 128×256 with 8 warps it spills 132-196 B on sm_90a (one
-# accumulator of 128 registers plus the epilogue and both GEMMs' operand pointers), where the
-# backward's single GEMM does not; sm_80 keeps MMA operands in registers, so its forward tiles
-# are smaller still. fp32 (tf32x3, three MMAs per product) is not held to zero spills on sm_80.
+# spill no register on their architecture, with Triton 3.6 and 3.9 (benchmarks/RESULTS.md). A
+# forward tile runs two GEMMs (guide, then student) and an online-softmax epilogue: at 128×256 on
+# sm_90a it fits only because its operands are TMA descriptors (no address registers) and with 2
+# stages (the diagonal kernel spills 8 B at 3 on Triton 3.6; stages only pipeline the loads, the
+# K order and so the rounding stay those of the forward). sm_80 keeps MMA operands in registers,
+# so its forward tiles are smaller. fp32 (tf32x3, three MMAs per product) is not held to zero
+# spills on sm_80.
 PLANS: dict[tuple[int, str], TilePlan] = {
-    (2, "sm90"): TilePlan("sm90-16bit", TileConfig(128, 128, 64, 8, 3),
-                          TileConfig(128, 256, 64, 8, 3), 144 * 1024),
+    (2, "sm90"): TilePlan("sm90-16bit", TileConfig(128, 256, 64, 8, 2),
+                          TileConfig(128, 256, 64, 8, 3), 145 * 1024, tma=True),
     (2, "sm80"): TilePlan("sm80-16bit", TileConfig(64, 64, 64, 4, 3),
-                          TileConfig(128, 128, 64, 8, 3), 64 * 1024),
+                          TileConfig(128, 128, 64, 8, 3), 64 * 1024, tma=False),
     (4, "sm90"): TilePlan("sm90-fp32", TileConfig(128, 64, 32, 8, 3),
-                          TileConfig(128, 128, 32, 8, 3), 96 * 1024),
+                          TileConfig(128, 128, 32, 8, 3), 96 * 1024, tma=True),
     (4, "sm80"): TilePlan("sm80-fp32", TileConfig(128, 64, 32, 8, 3),
-                          TileConfig(128, 64, 32, 8, 3), 48 * 1024),
+                          TileConfig(128, 64, 32, 8, 3), 48 * 1024, tma=False),
 }  # fmt: skip
 # Under the interpreter (~40 ms per program) 32-wide tiles give tests with b, N < 100 a few
 # programs per launch, yet still cross row, column, split, chunk and K seams.
 _SMALL = TileConfig(32, 32, 32, 1, 1)
-INTERPRET_PLAN = TilePlan("interpreter", _SMALL, _SMALL, 0)
+INTERPRET_PLAN = TilePlan("interpreter", _SMALL, _SMALL, 0, tma=True)
 FP32_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; 16-bit tiles use the native dot
 
 # Backward P buffer: at most this many elements per segment (256 MiB in bf16).
@@ -123,10 +138,11 @@ def pick_plan(dtype: torch.dtype, device: torch.device) -> TilePlan:
     return plan_for(dtype.itemsize, props.major, smem)
 
 
-def _flags(dtype: torch.dtype) -> dict:
+def _flags(dtype: torch.dtype, plan: TilePlan) -> dict:
     if INTERPRETED:
-        return {"UPCAST": True, "PRECISION": "ieee"}
-    return {"UPCAST": False, "PRECISION": FP32_PRECISION if dtype == torch.float32 else "tf32"}
+        return {"UPCAST": True, "PRECISION": "ieee", "TMA": plan.tma}
+    precision = FP32_PRECISION if dtype == torch.float32 else "tf32"
+    return {"UPCAST": False, "PRECISION": precision, "TMA": plan.tma}
 
 
 def _launch(kernel, grid: tuple[int, ...], cfg: TileConfig, *args, **constexprs) -> None:
@@ -179,9 +195,27 @@ def check(p: Problem) -> torch.dtype:
     return dtype
 
 
-def _operands(p: Problem, seg) -> tuple[torch.Tensor, ...]:
-    """Student left rows, guide left rows, candidates and guide candidates of ``seg``."""
-    return p.left[seg.left], p.guide_left[seg.left], p.cands[seg.cand], p.guide_cands[seg.cand]
+def _operands(p: Problem, seg, cfg: TileConfig, flags: dict) -> tuple:
+    """The kernels' first arguments: the student left rows, guide left rows, candidates and
+    guide candidates of ``seg`` (tensor descriptors under ``TMA``, else the tensors), then
+    their row strides."""
+    L, GL, C, GC = (
+        p.left[seg.left],
+        p.guide_left[seg.left],
+        p.cands[seg.cand],
+        p.guide_cands[seg.cand],
+    )
+    strides = (L.stride(0), GL.stride(0), C.stride(0), GC.stride(0))
+    if flags["TMA"]:
+        (L, C), (GL, GC) = cfg.descriptors(L, C), cfg.descriptors(GL, GC)
+    return L, GL, C, GC, *strides
+
+
+def _words(bits: torch.Tensor, j: int) -> tuple[torch.Tensor, int]:
+    """Segment ``j``'s plane of the mask bits as int32 words (the kernels' unit) and its row
+    stride in words; the empty tensor and 0 when no bits are stored."""
+    words = bits.view(torch.int32)
+    return (words[j], words.stride(1)) if bits.numel() else (words, 0)
 
 
 def aligned(x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +243,7 @@ def _setup(p: Problem):
         guide_left=tuple(map(aligned, p.guide_left)),
         guide_cands=tuple(map(aligned, p.guide_cands)),
     )  # fmt: skip
-    return dtype, dev, plan, _flags(dtype), rl, rc, kp
+    return dtype, dev, plan, _flags(dtype, plan), rl, rc, kp
 
 
 def forward(problems: Sequence[Problem]):
@@ -237,15 +271,14 @@ def forward(problems: Sequence[Problem]):
         above_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
         d, d_g = kq.left[0].shape[1], kq.guide_left[0].shape[1]
         for j, seg in enumerate(p.segments):
-            L, GL, C, GC = _operands(kq, seg)
-            plane = bits[j] if store else bits
+            plane, stride = _words(bits, j)
             hard_off, hard_diag = hardness_factors(p, seg)
             _launch(
-                gist_fwd_kernel, grid, cfg, L, GL, C, GC, rl[seg.left], rc[seg.cand], limit,
-                pos, lse_part, masked_part, above_part, plane, b, n, d, d_g, per, p.offset,
-                j * splits, seg.diag, inv_tau, hard_off, hard_diag, L.stride(0), GL.stride(0),
-                C.stride(0), GC.stride(0), plane.stride(0) if store else 0,
-                STORE_BITS=store and w == 0, LOAD_BITS=store and w > 0, **flags,
+                gist_fwd_kernel, grid, cfg, *_operands(kq, seg, cfg, flags), rl[seg.left],
+                rc[seg.cand], limit, pos, lse_part, masked_part, above_part, plane, b, n, d, d_g,
+                per, p.offset, j * splits, seg.diag, inv_tau, hard_off, hard_diag, stride,
+                STORE_BITS=store and w == 0, LOAD_BITS=store and w > 0,
+                HARD=(hard_off, hard_diag) != (1.0, 1.0), **flags,
             )  # fmt: skip
         if w == 0:
             masked = masked_part.view(len(p.segments), splits, b).sum(1, dtype=torch.int64).T
@@ -266,13 +299,12 @@ def _student_view(q: Problem, kp: Problem) -> Problem:
 def _diagonal(p: Problem, cfg: TileConfig, flags: dict, rl, rc):
     """``(t, pos)``: the threshold and the positive's logit, from :func:`gist_diag_kernel`."""
     ap, b, dev = p.ap, p.rows, p.left[0].device
-    L, GL, C, GC = _operands(p, ap)
     t = torch.empty(b, dtype=torch.float32, device=dev)
     pos = torch.empty_like(t)
     _launch(
-        gist_diag_kernel, (triton.cdiv(b, cfg.block_m),), cfg, L, GL, C, GC, rl[ap.left],
-        rc[ap.cand], t, pos, b, p.pool, L.shape[1], GL.shape[1], p.offset, 1.0 / p.temperature,
-        L.stride(0), GL.stride(0), C.stride(0), GC.stride(0), **flags,
+        gist_diag_kernel, (triton.cdiv(b, cfg.block_m),), cfg, *_operands(p, ap, cfg, flags),
+        rl[ap.left], rc[ap.cand], t, pos, b, p.pool, p.left[0].shape[1], p.guide_left[0].shape[1],
+        p.offset, 1.0 / p.temperature, **flags,
     )  # fmt: skip
     return t, pos
 
@@ -324,7 +356,7 @@ def _backward(
     dleft = [torch.zeros(x.shape, dtype=torch.float32, device=dev) for x in p.left]
     dcands = [torch.empty_like(c) for c in p.cands]
     for ci, members in groups.items():
-        C, GC, C_k = p.cands[ci], kp.guide_cands[ci], kp.cands[ci]
+        C = p.cands[ci]
         lefts = [p.left[p.segments[j].left] for j in members]
         stacked = lefts[0] if len(lefts) == 1 else torch.cat(lefts)
         for lo in range(0, n, chunk):
@@ -332,16 +364,15 @@ def _backward(
             pbuf = prob[: len(members) * b * width].view(len(members) * b, width)
             for r, j in enumerate(members):
                 seg = p.segments[j]
-                L, GL, _, _ = _operands(kp, seg)
                 pr = pbuf[r * b : (r + 1) * b]
-                plane = bits[j] if load else bits
+                plane, stride = _words(bits, j)
                 grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(width, cfg.block_n))
                 hard_off, hard_diag = hardness_factors(p, seg)
                 _launch(
-                    gist_prob_kernel, grid, cfg, L, GL, C_k, GC, rl[seg.left], rc[ci], limit,
-                    lse, w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset, seg.diag, inv_tau,
-                    hard_off, hard_diag, L.stride(0), GL.stride(0), C_k.stride(0), GC.stride(0),
-                    plane.stride(0) if load else 0, pr.stride(0), LOAD_BITS=load, **flags,
+                    gist_prob_kernel, grid, cfg, *_operands(kp, seg, cfg, flags), rl[seg.left],
+                    rc[ci], limit, lse, w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset,
+                    seg.diag, inv_tau, hard_off, hard_diag, stride, pr.stride(0), LOAD_BITS=load,
+                    **flags,
                 )  # fmt: skip
                 dleft[seg.left] += torch.mm(pr, C[lo : lo + width])
             out = dcands[ci][lo : lo + width]

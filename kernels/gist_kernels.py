@@ -25,7 +25,8 @@ matmul, rounds the edge columns of its register blocks differently; there tiles 
 float32 and multiplied by broadcast-and-sum, the same summation for every entry.
 
 All row offsets are widened to int64 before multiplying by a stride: ``N × d`` exceeds 2**31 at
-the sizes this kernel exists for.
+the sizes this kernel exists for. P's stay int32 (one fewer register per entry of the stored
+tile): a P buffer holds at most ``gist_function.P_ELEMS`` = 2**27 elements per segment.
 """
 
 from __future__ import annotations
@@ -51,21 +52,35 @@ def _jit(ints: list[str], pointers: list[str]):
 
 @triton.jit
 def _dot_tile(
-    acc, A, B, a_rows, b_rows, a_ok, b_ok, K, stride_a, stride_b,
+    acc, A, B, row0, col0, a_len, b_len, K, stride_a, stride_b,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """``acc + A[a_rows] · B[b_rows]ᵀ``, a ``[BLOCK_M, BLOCK_N]`` float32 tile, looping over K.
+    """``acc + A[row0:row0+BM] · B[col0:col0+BN]ᵀ`` (``A``: ``a_len × K``, ``B``: ``b_len × K``,
+    rows past them and K past ``K`` read as zeros), a ``[BLOCK_M, BLOCK_N]`` float32 tile.
 
+    With ``TMA`` (sm_90) ``A`` and ``B`` are tensor descriptors with blocks ``[BM, BLOCK_K]``,
+    ``[BN, BLOCK_K]``: the loads are TMA copies, which hold no address or mask registers while
+    the accumulator is live (that is what lets a 128×256 forward tile fit). Without it they are
+    pointers with row strides (sm_80, where Triton 3.9 lowers descriptor loads with spills).
     Starting ``acc`` at -inf on dropped entries carries the mask through the student GEMM in
     the accumulator itself (-inf + x = -inf), so no mask tile stays live across it."""
-    a_base = A + a_rows.to(tl.int64)[:, None] * stride_a
-    b_base = B + b_rows.to(tl.int64)[None, :] * stride_b
+    if not TMA:
+        a_rows = row0 + tl.arange(0, BLOCK_M)
+        b_rows = col0 + tl.arange(0, BLOCK_N)
+        a_base = A + a_rows.to(tl.int64)[:, None] * stride_a
+        b_base = B + b_rows.to(tl.int64)[None, :] * stride_b
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_base + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        bt = tl.load(b_base + ks[:, None], mask=b_ok[None, :] & k_ok[:, None], other=0.0)
+        if TMA:
+            a = A.load([row0, k0])
+            bt = tl.trans(B.load([col0, k0]))
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(a_base + ks[None, :], mask=(a_rows < a_len)[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
+            bt = tl.load(b_base + ks[:, None], mask=(b_rows < b_len)[None, :] & k_ok[:, None],
+                         other=0.0)  # fmt: skip
         if UPCAST:  # the interpreter: exact products, the same summation for every entry
             prod = a.to(tl.float32)[:, :, None] * bt.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, axis=1)
@@ -76,17 +91,16 @@ def _dot_tile(
 
 @triton.jit
 def _guide_tile(
-    GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
+    GL, GC, rl, RC, row0, n0, cols, col_ok, b, n, d_g, stride_gl, stride_gc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KG: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Guide cosines of a tile: the one expression every mask decision and ``t_i`` come from.
     Columns past the segment come out NaN (so that no column-index tile has to stay live in
-    registers across the GEMM: NaN marks them in :func:`_drop_tile`)."""
+    registers across the GEMM: NaN marks them in :func:`_start_tile`)."""
     g = _dot_tile(
-        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-        GL, GC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
-        BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), GL, GC, row0, n0, b, n, d_g, stride_gl,
+        stride_gc, BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION, TMA,
     )  # fmt: skip
     rc = tl.load(RC + cols, mask=col_ok, other=float("nan"))
     return g * rl[:, None] * rc[None, :]
@@ -105,14 +119,15 @@ def _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):  # fmt: skip
     """The student GEMM's starting accumulator: 0 where the entry is kept, -inf where it is
     dropped (masked ``g > limit``, padding columns whose ``g`` is NaN, the self-pair); the
-    labelled positive is always kept. One compare and one select per entry, no mask tile."""
-    keep = g <= limit[:, None]  # False for NaN: padding is dropped
+    labelled positive is always kept. Float selects only: a boolean tile carried through the
+    diagonal branch would cost one register per entry next to the float one."""
+    start = tl.where(g <= limit[:, None], 0.0, float("-inf"))  # NaN compares False: dropped
     row0 = tl.program_id(0) * BLOCK_M
     if (diag_code != 0) & (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0):
         # Only the one or two tiles of a row block that hold its diagonal get here.
-        diag = _on_diagonal(rows, n0, offset, BLOCK_N)
-        keep = (keep | (diag & (diag_code == 1))) & ~(diag & (diag_code == 2))
-    return tl.where(keep, 0.0, float("-inf"))
+        fill = tl.where(diag_code == 1, 0.0, float("-inf"))
+        start = tl.where(_on_diagonal(rows, n0, offset, BLOCK_N), fill, start)
+    return start
 
 
 @triton.jit
@@ -141,24 +156,27 @@ def _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _pack_bits(drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` bool -> ``[BLOCK_M, BLOCK_N // 8]`` bytes (bit j%8 of byte j//8)."""
-    bits = tl.reshape(drop.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
-    shifts = tl.arange(0, 8)
-    return tl.sum(bits << shifts[None, None, :], axis=2).to(tl.uint8)
+def _pack_words(drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` bool -> ``[BLOCK_M, BLOCK_N // 32]`` int32, bit ``j % 32`` of word
+    ``j // 32`` (little-endian: the bytes of plan.pack_bits). Words, not bytes: each thread
+    reduces its own entries of a word before two shuffles, where bytes kept 4× as many partial
+    sums live next to the accumulator (72 B of spills at 128×256)."""
+    bits = tl.reshape(drop.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32))
+    return tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
 
 
 @triton.jit
-def _unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    shifts = tl.arange(0, 8)
-    bits = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & 1
+def _unpack_words(words, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
     return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
 
 
 @triton.jit
-def _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N: tl.constexpr):
-    byte = n0 // 8 + tl.arange(0, BLOCK_N // 8)
-    return BITS + rows.to(tl.int64)[:, None] * stride_bits + byte[None, :], byte
+def _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N: tl.constexpr):
+    """Pointers to a tile's mask words (``BITS``: int32 words, ``ceil(n / 32)`` per row) and
+    which of them exist."""
+    word = n0 // 32 + tl.arange(0, BLOCK_N // 32)
+    return BITS + rows.to(tl.int64)[:, None] * stride_bits + word[None, :], word < (n + 31) // 32
 
 
 @_jit(
@@ -166,25 +184,27 @@ def _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N: tl.constexpr):
     ["RL", "RC", "LIMIT", "POS", "LSE_PART", "MASKED_PART", "ABOVE_PART", "BITS"],
 )
 def gist_fwd_kernel(
-    L, GL, C, GC, RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
+    L, GL, C, GC, stride_l, stride_gl, stride_c, stride_gc,
+    RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
     b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau, hard_off, hard_diag,
-    stride_l, stride_gl, stride_c, stride_gc, stride_bits,
+    stride_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    STORE_BITS: tl.constexpr, LOAD_BITS: tl.constexpr,
+    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    STORE_BITS: tl.constexpr, LOAD_BITS: tl.constexpr, HARD: tl.constexpr,
 ):  # fmt: skip
     """One segment, one (row block, column split): online max/sum over the split's tiles.
 
     Writes row ``part_row0 + split`` of the partial buffers: the split's lse (``-inf`` if every
     entry was dropped), its masked count and its count of kept logits above ``POS``; with
-    ``STORE_BITS`` also the dropped entries' bits (``BITS`` points at this segment's plane).
+    ``STORE_BITS`` also the dropped entries' bits (``BITS`` points at this segment's words).
     With ``LOAD_BITS`` (a narrower Matryoshka width) the mask comes from those bits and no
-    guide tile is computed. The logits are hardness-weighted (:func:`_harden`) after ``POS`` is
-    compared: the positive's rank is by similarity.
+    guide tile is computed. With ``HARD`` the logits are hardness-weighted (:func:`_harden`)
+    after ``POS`` is compared: the positive's rank is by similarity.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < b
     limit = tl.load(LIMIT + rows, mask=row_ok, other=0.0)
     pos = tl.load(POS + rows, mask=row_ok, other=0.0)
@@ -197,32 +217,50 @@ def gist_fwd_kernel(
     hi = tl.minimum(lo + cols_per_split, n)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        if LOAD_BITS:
-            ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
-            ok = row_ok[:, None] & (byte < (n + 7) // 8)[None, :]
-            packed = tl.load(ptrs, mask=ok, other=255)
-            start = tl.where(_unpack_bits(packed, BLOCK_M, BLOCK_N), float("-inf"), 0.0)
+        if LOAD_BITS:  # the widest width's mask: no guide tile (padding words read as set)
+            ptrs, ok = _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N)
+            words = tl.load(ptrs, mask=row_ok[:, None] & ok, other=-1)
+            start = tl.where(_unpack_words(words, BLOCK_M, BLOCK_N), float("-inf"), 0.0)
         else:
             g = _guide_tile(
-                GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
-                BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+                GL, GC, rl, RC, row0, n0, cols, cols < hi, b, n, d_g, stride_gl, stride_gc,
+                BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION, TMA,
             )  # fmt: skip
             start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
-            if STORE_BITS:
-                ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
-                ok = row_ok[:, None] & (byte < (n + 7) // 8)[None, :]
-                tl.store(ptrs, _pack_bits(start != 0.0, BLOCK_M, BLOCK_N), mask=ok)
-        s = _dot_tile(
-            start, L, C, rows, cols, row_ok, col_ok, d, stride_l, stride_c,
-            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-        ) * inv_tau  # fmt: skip
-        dropped = tl.sum((s == float("-inf")).to(tl.int32), axis=1)
-        n_masked += dropped - _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N)
+        # Everything the mask decides is read off the start tile, before the student GEMM: the
+        # student epilogue below then holds only its logits and three running reductions.
+        dropped = start == float("-inf")
+        n_masked += tl.sum(dropped.to(tl.int32), axis=1)
+        n_masked -= _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N)
+        if STORE_BITS:
+            ptrs, ok = _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N)
+            tl.store(ptrs, _pack_words(dropped, BLOCK_M, BLOCK_N), mask=row_ok[:, None] & ok)
+        s = (
+            _dot_tile(
+                start,
+                L,
+                C,
+                row0,
+                n0,
+                b,
+                n,
+                d,
+                stride_l,
+                stride_c,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                UPCAST,
+                PRECISION,
+                TMA,
+            )
+            * inv_tau
+        )
         # The positive's own logit equals POS bit for bit (same tile code in the diag kernel),
         # so it is not above itself.
         n_above += tl.sum((s > pos[:, None]).to(tl.int32), axis=1)
-        s = _harden(s, rows, n0, offset, hard_off, hard_diag, BLOCK_M, BLOCK_N)
+        if HARD:  # a variant of its own: the plain forward keeps its register budget
+            s = _harden(s, rows, n0, offset, hard_off, hard_diag, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Rows with everything dropped so far keep m = -inf: shift them by 0, so that
         # exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
@@ -239,35 +277,52 @@ def gist_fwd_kernel(
 
 @_jit(["b", "n", "offset"], ["RL", "RC", "T_OUT", "POS_OUT"])
 def gist_diag_kernel(
-    L, GL, C, GC, RL, RC, T_OUT, POS_OUT,
-    b, n, d, d_g, offset, inv_tau, stride_l, stride_gl, stride_c, stride_gc,
+    L, GL, C, GC, stride_l, stride_gl, stride_c, stride_gc,
+    RL, RC, T_OUT, POS_OUT, b, n, d, d_g, offset, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """``t_i`` (guide) and ``s_pos,i / τ`` (student) of the AP segment, read off the diagonal of
     the tiles ``rows × (offset + rows)`` computed by the same code as every other tile."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < b
     rl = tl.load(RL + rows, mask=row_ok, other=0.0)
     t = tl.zeros((BLOCK_M,), tl.float32)
     pos = tl.zeros((BLOCK_M,), tl.float32)
     # The column tiles holding this row block's diagonal, aligned to multiples of BLOCK_N as in
     # the forward: every entry is computed at the same place of the same tile as there.
-    first = (offset + pid * BLOCK_M) // BLOCK_N * BLOCK_N
-    for n0 in range(first, offset + pid * BLOCK_M + BLOCK_M, BLOCK_N):
+    first = (offset + row0) // BLOCK_N * BLOCK_N
+    for n0 in range(first, offset + row0 + BLOCK_M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n
         g = _guide_tile(
-            GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
-            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+            GL, GC, rl, RC, row0, n0, cols, cols < n, b, n, d_g, stride_gl, stride_gc,
+            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION, TMA,
         )  # fmt: skip
         diag = _on_diagonal(rows, n0, offset, BLOCK_N)
         t += tl.sum(tl.where(diag, g, 0.0), axis=1)
-        s = _dot_tile(
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), L, C, rows, cols, row_ok, col_ok, d,
-            stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-        ) * inv_tau  # fmt: skip
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = (
+            _dot_tile(
+                zero,
+                L,
+                C,
+                row0,
+                n0,
+                b,
+                n,
+                d,
+                stride_l,
+                stride_c,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                UPCAST,
+                PRECISION,
+                TMA,
+            )
+            * inv_tau
+        )
         pos += tl.sum(tl.where(diag, s, 0.0), axis=1)
     tl.store(T_OUT + rows, t, mask=row_ok)
     tl.store(POS_OUT + rows, pos, mask=row_ok)
@@ -278,11 +333,12 @@ def gist_diag_kernel(
     ["RL", "RC", "LIMIT", "LSE", "W", "BITS", "P"],
 )
 def gist_prob_kernel(
-    L, GL, C, GC, RL, RC, LIMIT, LSE, W, BITS, P,
+    L, GL, C, GC, stride_l, stride_gl, stride_c, stride_gc,
+    RL, RC, LIMIT, LSE, W, BITS, P,
     b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau, hard_off, hard_diag,
-    stride_l, stride_gl, stride_c, stride_gc, stride_bits, stride_p,
+    stride_bits, stride_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
     LOAD_BITS: tl.constexpr,
 ):  # fmt: skip
     """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(z_ij - lse_i) - [j is i's
@@ -292,39 +348,73 @@ def gist_prob_kernel(
     the only rounding (the difference is small exactly on the rows that matter).
 
     ``LSE`` must be finite (the launcher replaces -inf by 0; such rows have no kept entry)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n0 = chunk_lo + pid_n * BLOCK_N
+    row0 = tl.program_id(0) * BLOCK_M
+    n0 = chunk_lo + tl.program_id(1) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < b
     col_ok = cols < chunk_hi
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     w = tl.load(W + rows, mask=row_ok, other=0.0)
     if LOAD_BITS:
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         s = _dot_tile(
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), L, C, rows, cols, row_ok, col_ok, d,
-            stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
-        )  # fmt: skip
-        ptrs, byte = _bits_ptrs(BITS, rows, n0, stride_bits, BLOCK_N)
-        packed = tl.load(ptrs, mask=row_ok[:, None] & (byte < (n + 7) // 8)[None, :], other=255)
-        s = tl.where(_unpack_bits(packed, BLOCK_M, BLOCK_N), float("-inf"), s)
+            zero,
+            L,
+            C,
+            row0,
+            n0,
+            b,
+            n,
+            d,
+            stride_l,
+            stride_c,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
+            PRECISION,
+            TMA,
+        )
+        ptrs, ok = _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N)
+        words = tl.load(ptrs, mask=row_ok[:, None] & ok, other=-1)  # all bits set: dropped
+        s = tl.where(_unpack_words(words, BLOCK_M, BLOCK_N), float("-inf"), s)
     else:
         limit = tl.load(LIMIT + rows, mask=row_ok, other=0.0)
         rl = tl.load(RL + rows, mask=row_ok, other=0.0)
         g = _guide_tile(
-            GL, GC, rl, RC, rows, cols, row_ok, col_ok, d_g, stride_gl, stride_gc,
-            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION,
+            GL, GC, rl, RC, row0, n0, cols, col_ok, b, n, d_g, stride_gl, stride_gc,
+            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION, TMA,
         )  # fmt: skip
+        start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
         s = _dot_tile(
-            _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N), L, C, rows,
-            cols, row_ok, col_ok, d, stride_l, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST,
+            start,
+            L,
+            C,
+            row0,
+            n0,
+            b,
+            n,
+            d,
+            stride_l,
+            stride_c,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UPCAST,
             PRECISION,
-        )  # fmt: skip
-    # Hardness weighting (the logit s/τ·f on weighted entries, see _harden); its α·s carries no
-    # gradient, so d(logit)/ds stays 1/τ (in W).
-    on_diag = _on_diagonal(rows, n0, offset, BLOCK_N)
-    prob = tl.exp(s * tl.where(on_diag, inv_tau * hard_diag, inv_tau * hard_off) - lse[:, None])
-    prob = tl.where(on_diag & (diag_code == 1), prob - 1.0, prob) * w[:, None]
-    ptrs = P + rows.to(tl.int64)[:, None] * stride_p + (cols - chunk_lo)[None, :]
+            TMA,
+        )
+    # Hardness weighting: the logit s/τ·f on weighted entries (as _harden does it in the
+    # forward); its α·s carries no gradient, so d(logit)/ds stays 1/τ (in W).
+    diag_tile = (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0)
+    if diag_tile & ((diag_code == 1) | (hard_diag != hard_off)):
+        on_diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+        z = s * tl.where(on_diag, inv_tau * hard_diag, inv_tau * hard_off)
+        prob = tl.exp(z - lse[:, None])
+        prob = tl.where(on_diag & (diag_code == 1), prob - 1.0, prob)
+    else:
+        prob = tl.exp(s * (inv_tau * hard_off) - lse[:, None])
+    prob = prob * w[:, None]
+    ptrs = P + (rows * stride_p)[:, None] + (cols - chunk_lo)[None, :]
     tl.store(ptrs, prob.to(P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

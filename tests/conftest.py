@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import functools  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,37 +39,12 @@ def build_tiny_bert(
 ) -> Path:
     """A random BERT with a WordPiece tokenizer trained on a few sentences, saved to ``path``."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        make_sentences(200) + [" ".join(WORDS)],
-        trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials),
-    )
-    from tokenizers.processors import TemplateProcessing
-
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
-    )
+    fast = _word_piece(add_specials=True)
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=len(fast),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=2,
@@ -79,6 +55,83 @@ def build_tiny_bert(
     )
     BertModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
+    return path
+
+
+def write_triplets(path: Path, rows: int, seed: int) -> Path:
+    """A jsonl file of (anchor, positive, negative) sentences."""
+    import json
+
+    a, p, n = (make_sentences(rows, seed + i) for i in range(3))
+    path.write_text(
+        "".join(
+            json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
+            for x, y, z in zip(a, p, n)
+        )
+    )
+    return path
+
+
+@functools.cache
+def _word_piece(add_specials: bool):
+    """The tiny models' tokenizer: WordPiece trained on WORDS, once per session (training it
+    twice may give another vocabulary), so a student and a guide share token ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        make_sentences(200) + [" ".join(WORDS)],
+        trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials),
+    )
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if add_specials:
+        tok.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+    else:  # a decoder: the text, then an end-of-sequence token (last-token pooling reads it)
+        tok.post_processor = TemplateProcessing(
+            single="$A [SEP]", pair="$A [SEP] $B [SEP]", special_tokens=[("[SEP]", sep_id)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+def build_tiny_decoder(path: Path, hidden: int = 32, seed: int = 0, dropout: float = 0.0) -> Path:
+    """A random 2-layer Llama-style decoder (causal attention) with the tiny WordPiece
+    tokenizer, saved to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    tok = _word_piece(add_specials=False)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        attention_dropout=dropout,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
     return path
 
 
@@ -112,17 +165,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_pairs_file(tmp_path_factory) -> Path:
     """A jsonl training file with anchor/positive/negative columns."""
-    import json
-
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    a, p, n = make_sentences(64, 1), make_sentences(64, 2), make_sentences(64, 3)
-    path.write_text(
-        "".join(
-            json.dumps({"anchor": x, "positive": y, "negative": z}) + "\n"
-            for x, y, z in zip(a, p, n)
-        )
-    )
-    return path
+    return write_triplets(tmp_path_factory.mktemp("data") / "pairs.jsonl", 64, seed=1)
 
 
 @pytest.fixture(scope="session")

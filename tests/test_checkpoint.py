@@ -15,10 +15,10 @@ from gist_ray.errors import GistRayError
 
 @pytest.fixture()
 def saved(tiny_models, tmp_path):
-    from gist_ray.models import load_encoder
+    from gist_ray.models import ModelSpec, load_encoder
 
     cfg = load_config(overrides=[f"model.student={tiny_models['student']}"])
-    student = load_encoder(str(tiny_models["student"]), "mean", 32)
+    student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=32))
     state = {
         "step": 4,
         "optimizer": {"x": torch.arange(1000.0)},

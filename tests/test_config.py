@@ -74,7 +74,17 @@ def test_flat_params_cover_every_key():
         ("loss.margin=-0.1", "loss.margin"),
         ("loss.margin_strategy=fancy", "one of absolute, relative"),
         ("loss.backend=cuda", "loss.backend"),
-        ("model.pooling=max", "model.pooling"),
+        ("model.pooling=maxi", "model.pooling = 'maxi' is not allowed"),
+        ("model.max_seq_length=-1", "model.max_seq_length = -1 is not allowed"),
+        ("model.export_max_seq_length=-2", "model.export_max_seq_length"),
+        ("data.sampling=random", "data.sampling = 'random' is not allowed; one of proportional"),
+        ("model.prompts={anchor: 3}", "model.prompts.anchor: expected a prompt"),
+        ("model.prompts={nope: {anchor: q}}", "model.prompts = {'nope'"),
+        ("data.train=[]", "data.train is empty"),
+        ("data.train={a: {path: x.csv}}", "unknown config key 'data.train.a.path'"),
+        ("data.train=[a/x.csv, b/x.csv]", "data.train[0], data.train[1]: two datasets are named"),
+        ("data.train=[{source: x.csv, max_examples: -1}]", "data.train[0].max_examples = -1"),
+        ("model.model_kwargs=[1]", "model.model_kwargs: expected a mapping"),
         ("train.batch_size=33", "divisible by ray.num_workers = 2"),
         ("train", "expected section.key=value"),
         ("loss.matryoshka_dims=256", "loss.matryoshka_dims: expected a list, got 256"),
@@ -104,3 +114,36 @@ def test_bad_files(tmp_path):
     unknown.write_text("trian:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'trian'"):
         load_config(unknown)
+
+
+def test_model_keys_default_to_the_models_own_settings():
+    m = Config().model
+    assert (m.pooling, m.guide_pooling, m.export_max_seq_length) == ("", "", 0)
+    assert m.prompts is None and m.guide_prompts is None  # the models' own prompts
+    assert m.max_seq_length == 64  # the CPU demo's training truncation; 0 = the model's own
+    d = Config().data
+    assert d.no_duplicates and d.sampling == "proportional"
+
+
+def test_several_datasets_prompts_and_model_kwargs_roundtrip():
+    from gist_ray.config import train_datasets
+
+    cfg = load_config(
+        overrides=[
+            "data.train={faq: {source: faq.jsonl, columns: {anchor: q, positive: a}, "
+            "max_examples: 10, prompts: {anchor: 'query: '}}, qa: insuranceqa}",
+            "model.prompts.qa.anchor=q2",
+            "model.model_kwargs.dtype=bfloat16",
+            "model.guide_model_kwargs={attn_implementation: eager}",
+            "data.sampling=round_robin",
+        ]
+    )
+    assert load_config_dict(cfg.to_dict()) == cfg
+    faq, qa = train_datasets(cfg.data)
+    assert (faq.name, faq.source, faq.max_examples) == ("faq", "faq.jsonl", 10)
+    assert faq.columns == {"anchor": "q", "positive": "a"} and faq.prompts == {"anchor": "query: "}
+    assert (qa.name, qa.source, qa.max_examples, qa.prompts) == ("qa", "insuranceqa", 1024, None)
+    assert cfg.model.prompts == {"qa": {"anchor": "q2"}}
+    assert cfg.model.model_kwargs == {"dtype": "bfloat16"}
+    listed = load_config(overrides=["data.train=[insuranceqa, dir/pairs.jsonl]"])
+    assert [s.name for s in train_datasets(listed.data)] == ["insuranceqa", "pairs"]

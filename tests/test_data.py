@@ -204,3 +204,34 @@ def test_builtin_insuranceqa_pairs():
         assert row["positive"] != row["negative_1"]
         assert all("  " not in t and t == t.strip() for t in row.values())
     expect("training split must be 'train'", "insuranceqa", split="test")
+
+
+def test_several_training_sets_each_with_its_columns(tmp_path):
+    from gist_ray.config import load_config
+    from gist_ray.data import load_training_sets
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.csv"
+    write(first, ROWS)
+    write(second, [{"q": r["question"], "a": r["answer"]} for r in ROWS])
+    cfg = load_config(
+        overrides=[
+            f"data.train={{one: {{source: {first}, columns: {json.dumps(MAPPING)}}}, "
+            f"two: {{source: {second}, columns: {{anchor: q, positive: a}}, max_examples: 2}}}}",
+        ]
+    )
+    one, two = load_training_sets(cfg)
+    assert (one.name, one.rows, list(one.texts)) == ("one", 3, ["anchor", "positive", "negative_1"])
+    assert (two.name, two.rows, list(two.texts)) == ("two", 2, ["anchor", "positive"])
+    assert two.texts["anchor"] == [r["question"] for r in ROWS[:2]]
+
+
+def test_an_empty_dataset_in_a_list_names_its_key(tmp_path):
+    from gist_ray.config import load_config
+    from gist_ray.data import load_training_sets
+
+    good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
+    write(good, [{"anchor": r["question"], "positive": r["answer"]} for r in ROWS])
+    empty.write_text("")
+    cfg = load_config(overrides=[f"data.train=[{good}, {empty}]"])
+    with pytest.raises(DataError, match=r"^data.train\[1\] \(dataset 'empty'\): .* is empty"):
+        load_training_sets(cfg)

@@ -25,7 +25,10 @@ THIRD_PARTY = {
     "Ray": re.compile(r"\((TrainController|RayTrainWorker|PlacementGroupCleaner) pid=|worker\.py"),
     "Ray Train": re.compile(r"Reporting training result|Checkpoint successfully created"),
     "MLflow": re.compile(r"INFO mlflow\.|Downloading artifacts"),
-    "transformers": re.compile(r"Loading weights|Writing model shards"),
+    # transformers' tqdm bars, sentence-transformers' INFO lines (models load through it)
+    "transformers": re.compile(
+        r"Loading weights|Writing model shards|Loading SentenceTransformer model|Saving model to"
+    ),
 }
 PROBLEM = re.compile(r"\b(WARNING|ERROR|Traceback|warning|error)\b")
 

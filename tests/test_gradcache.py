@@ -7,7 +7,7 @@ import torch
 
 from gist_ray.config import load_config
 from gist_ray.loss import GistLoss
-from gist_ray.models import load_encoder
+from gist_ray.models import ModelSpec, load_encoder
 from gist_ray.train import training_step
 from tests.conftest import make_sentences
 
@@ -24,7 +24,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -
 
 
 def _setup(tiny_models, dropout: bool):
-    student = load_encoder(str(tiny_models["student"]), "mean", 32)
+    student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=32))
     student.train(dropout)
     columns = [make_sentences(16, s) for s in (11, 12, 13)]
     gen = torch.Generator().manual_seed(0)

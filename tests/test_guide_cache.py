@@ -65,54 +65,87 @@ class _CountingGuide:
     def __init__(self):
         self.calls = 0
 
-    def encode(self, texts, batch_size=64):
+    def encode(self, texts, prompt=None, batch_size=64):
         self.calls += 1
         return torch.stack(
-            [torch.tensor([len(t), t.count("a"), 1.0, float(hash(t) % 7)]) for t in texts]
+            [
+                torch.tensor([len(t), t.count("a"), len(prompt or ""), float(hash(t) % 7)])
+                for t in texts
+            ]
         )
+
+
+SETTINGS = {"revision": "", "model_kwargs": {}, "pooling": "own", "max_seq_length": 32}
 
 
 def test_cache_is_reused_then_rebuilt_on_mismatch_or_truncation(tiny_models, tmp_path, capsys):
     guide = _CountingGuide()
     model_dir = str(tiny_models["guide"])
-    args = ("insuranceqa-test", model_dir, "mean", 32)
+    args = ("insuranceqa-test", model_dir, SETTINGS)
 
-    first, path, built = guide_cache.get_or_build(lambda: guide, *args, _columns(), tmp_path)
+    first, path, built = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
     assert built and guide.calls == 1 and path.is_file()
     torch.testing.assert_close(first["anchor"][0], first["anchor"][2])  # same text, same row
 
-    again, path2, built2 = guide_cache.get_or_build(lambda: guide, *args, _columns(), tmp_path)
+    again, path2, built2 = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
     assert not built2 and path2 == path and guide.calls == 1
     torch.testing.assert_close(again["positive"], first["positive"])
 
     # Another max length is another fingerprint: another file, built fresh.
+    longer = {**SETTINGS, "max_seq_length": 64}
     _, path3, built3 = guide_cache.get_or_build(
-        lambda: guide, "insuranceqa-test", model_dir, "mean", 64, _columns(), tmp_path
+        lambda: guide, "insuranceqa-test", model_dir, longer, _columns(), {}, tmp_path
     )
     assert built3 and path3 != path
 
+    # Other prompts too; and the same text under two prompts gets two embeddings.
+    prompts = {"anchor": "query: "}
+    with_prompts, path4, built4 = guide_cache.get_or_build(
+        lambda: guide, *args, _columns(), prompts, tmp_path
+    )
+    assert built4 and path4 not in (path, path3)
+    assert with_prompts["anchor"][0, 2] == len("query: ") and with_prompts["positive"][0, 2] == 0
+
     # A file whose metadata belongs to other texts is never used.
     other = {"anchor": ["x"] * 3, "positive": ["y"] * 3}
-    fp_other = guide_cache.fingerprint(model_dir, "mean", 32, other)
-    guide_cache.save(path, fp_other, guide_cache.compute(guide, other))
+    fp_other = guide_cache.fingerprint(model_dir, SETTINGS, other, {})
+    guide_cache.save(path, fp_other, guide_cache.compute(guide, other, {}))
     calls = guide.calls
-    _, _, rebuilt = guide_cache.get_or_build(lambda: guide, *args, _columns(), tmp_path)
+    _, _, rebuilt = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
     assert rebuilt and guide.calls == calls + 1
     assert "another guide or dataset" in capsys.readouterr().out
 
     # A truncated file is detected and rebuilt.
     path.write_bytes(path.read_bytes()[:40])
-    _, _, rebuilt = guide_cache.get_or_build(lambda: guide, *args, _columns(), tmp_path)
+    _, _, rebuilt = guide_cache.get_or_build(lambda: guide, *args, _columns(), {}, tmp_path)
     assert rebuilt
     assert "truncated or corrupt" in capsys.readouterr().out
 
 
-def test_fingerprint_tracks_the_guide_weights(tiny_models):
+def test_compute_embeds_each_prompt_and_text_pair_once():
+    guide = _CountingGuide()
+    columns = {"anchor": ["a b", "a b", "c"], "positive": ["a b", "d", "c"]}
+    out = guide_cache.compute(guide, columns, {"anchor": "q: "})
+    # "a b" as an anchor (with the prompt) differs from "a b" as a positive (without).
+    assert out["anchor"][0, 2] == 3 and out["positive"][0, 2] == 0
+    torch.testing.assert_close(out["anchor"][0], out["anchor"][1])
+
+
+def test_fingerprint_tracks_the_guide_files_settings_and_prompts(tiny_models, tmp_path):
+    import shutil
+
     cols = _columns()
-    a = guide_cache.fingerprint(str(tiny_models["guide"]), "mean", 32, cols)
-    b = guide_cache.fingerprint(str(tiny_models["student"]), "mean", 32, cols)
-    c = guide_cache.fingerprint(str(tiny_models["guide"]), "cls", 32, cols)
-    assert a["guide"] != b["guide"] and a != c
+    a = guide_cache.fingerprint(str(tiny_models["guide"]), SETTINGS, cols, {})
+    b = guide_cache.fingerprint(str(tiny_models["student"]), SETTINGS, cols, {})
+    c = guide_cache.fingerprint(str(tiny_models["guide"]), {**SETTINGS, "pooling": "cls"}, cols, {})
+    d = guide_cache.fingerprint(str(tiny_models["guide"]), SETTINGS, cols, {"anchor": "q: "})
+    assert a["guide"] != b["guide"] and len({str(x) for x in (a, c, d)}) == 3
+    # The module stack counts: a changed module folder (e.g. 2_Dense) is another guide.
+    copy = shutil.copytree(tiny_models["guide"], tmp_path / "guide")
+    (copy / "2_Dense").mkdir()
+    (copy / "2_Dense" / "config.json").write_text('{"out_features": 8}')
+    e = guide_cache.fingerprint(str(copy), SETTINGS, cols, {})
+    assert e["guide"] != a["guide"]
 
 
 def test_cache_guide_command_on_ray(ray_cluster, tiny_models, tmp_path):
@@ -141,10 +174,11 @@ def test_cache_guide_command_on_ray(ray_cluster, tiny_models, tmp_path):
     tensors = load_file(str(path))
     assert set(tensors) == {"anchor", "positive"}
     assert tensors["anchor"].shape == (20, 48)
-    torch.testing.assert_close(tensors["anchor"].norm(dim=1), torch.ones(20))
     # The shards gathered from the two workers land on the right rows.
-    from gist_ray.models import load_encoder
+    from gist_ray.models import ModelSpec, load_encoder
 
-    guide = load_encoder(str(tiny_models["guide"]), "mean", 32, frozen=True)
+    guide = load_encoder(ModelSpec(str(tiny_models["guide"]), max_seq_length=32), frozen=True)
     direct = guide.encode(make_sentences(20, 6))
     torch.testing.assert_close(tensors["positive"], direct, rtol=1e-4, atol=1e-5)
+    direct = guide.encode(make_sentences(20, 5))
+    torch.testing.assert_close(tensors["anchor"], direct, rtol=1e-4, atol=1e-5)

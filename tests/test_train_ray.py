@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,20 +112,30 @@ def test_saved_model_loads_in_sentence_transformers(trained, tiny_models):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from gist_ray.models import load_encoder
-
     cfg, result = trained
     st = SentenceTransformer(result["model_dir"], device="cpu")
+    base = SentenceTransformer(str(tiny_models["student"]), device="cpu")
+    # The same kind of model: sentence-transformers' defaults for a plain checkpoint (no
+    # Normalize added), and its own max length (64), not the training truncation (32).
+    assert [type(m).__name__ for m in st] == [type(m).__name__ for m in base]
+    assert st.max_seq_length == base.max_seq_length == 64
     texts = ["what does my car insurance cover", "cancel a life policy"]
     emb = st.encode(texts, convert_to_tensor=True)
     assert emb.shape == (2, 32)
-    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
-    ours = load_encoder(result["model_dir"], "mean", 32).encode(texts)
-    torch.testing.assert_close(emb, ours, rtol=1e-4, atol=1e-5)
     # Training changed the weights.
-    base = load_encoder(str(tiny_models["student"]), "mean", 32).encode(texts)
-    assert not torch.allclose(base, ours, atol=1e-4)
+    assert not torch.allclose(base.encode(texts, convert_to_tensor=True), emb, atol=1e-4)
     AutoModel.from_pretrained(result["model_dir"])
+    card = (Path(result["model_dir"]) / "README.md").read_text()
+    for needle in (
+        "library_name: sentence-transformers",
+        f"`{tiny_models['guide']}`",
+        "| pairs |",
+        "temperature 0.01",
+        "global batch 8 (2 worker(s) × 4)",
+        "5 steps",
+        "| ndcg@10 |",
+    ):
+        assert needle in card, needle
 
 
 def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tmp_path):
@@ -328,25 +339,50 @@ def test_config_yaml_artifact_and_system_metrics(trained):
     assert any(k.startswith("system/system_memory_usage") for k in metrics)
 
 
-def test_pyfunc_model_returns_embeddings_and_is_registered(trained):
+def test_mlflow_model_loads_both_ways_and_carries_its_metrics(trained):
     import mlflow
+    import pandas as pd
     from sentence_transformers import SentenceTransformer
 
-    from gist_ray.models import load_encoder
-
     cfg, result = trained
+    final = result["final"]
     mlflow.set_tracking_uri(result["tracking_uri"])
     texts = ["what does my car insurance cover", "cancel a life policy", "renters deductible"]
+    ours = SentenceTransformer(result["model_dir"], device="cpu").encode(texts)
+    # MLflow's sentence-transformers flavor gives the model itself.
+    st = mlflow.sentence_transformers.load_model(final.model_uri)
+    torch.testing.assert_close(torch.from_numpy(st.encode(texts)), torch.from_numpy(ours))
+    # The pyfunc gives embeddings, from one string, a list or a one-column DataFrame.
     model = mlflow.pyfunc.load_model(f"runs:/{result['run_id']}/model")
     emb = model.predict(texts)
     assert emb.shape == (3, 32) and str(emb.dtype) == "float32"
-    ours = load_encoder(result["model_dir"], "mean", 32).encode(texts)
-    torch.testing.assert_close(torch.from_numpy(emb), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(emb), torch.from_numpy(ours), rtol=1e-4, atol=1e-5)
+    one = model.predict(texts[0])
+    assert one.shape == (1, 32)
+    torch.testing.assert_close(torch.from_numpy(one[0]), torch.from_numpy(ours[0]))
+    frame = model.predict(pd.DataFrame({"text": texts}))
+    torch.testing.assert_close(torch.from_numpy(frame), torch.from_numpy(emb))
+    unit = model.predict(texts, params={"normalize_embeddings": True})
+    torch.testing.assert_close(torch.from_numpy(unit).norm(dim=1), torch.ones(3))
     # Registered under mlflow.register_as; the same model by its registry name.
-    assert result["final"].registered == "tiny-gist version 1"
+    assert final.registered == "tiny-gist version 1"
     emb2 = mlflow.pyfunc.load_model("models:/tiny-gist/1").predict(texts)
-    torch.testing.assert_close(torch.from_numpy(emb2), ours, rtol=1e-4, atol=1e-5)
-    # The artifact is the sentence-transformers folder itself.
-    local = mlflow.artifacts.download_artifacts(result["final"].model_uri)
-    st = SentenceTransformer(f"{local}/artifacts/sentence_transformer", device="cpu")
-    torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(emb2), torch.from_numpy(emb))
+    # The final eval metrics are linked to the logged model and name the eval set.
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    logged = client.get_logged_model(final.model_id)
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["eval/after/ndcg_at_10"].value == pytest.approx(result["after"]["ndcg@10"])
+    assert linked["eval/after/ndcg_at_10"].dataset_name.endswith("/test")
+
+
+def test_training_data_is_the_runs_dataset_input(trained, tiny_pairs_file):
+    import mlflow
+
+    cfg, result = trained
+    run = mlflow.MlflowClient(result["tracking_uri"]).get_run(result["run_id"])
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    training = inputs["pairs"]
+    assert {t.key: t.value for t in training.tags}["mlflow.data.context"] == "training"
+    assert tiny_pairs_file.name in training.dataset.source
+    assert json.loads(training.dataset.profile)["num_rows"] == 64

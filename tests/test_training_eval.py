@@ -7,7 +7,7 @@ import pytest
 
 import gist_ray.training_eval as ev
 from gist_ray.config import load_config
-from gist_ray.models import load_encoder
+from gist_ray.models import ModelSpec, load_encoder
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def setup(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setattr(
         ev, "retrieval_metrics", lambda *a, **k: {"ndcg@10": next(scripted), "recall@10": 1.0}
     )
-    student = load_encoder(str(tiny_models["student"]), "mean", 16)
+    student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=16))
     return cfg, student
 
 
@@ -77,7 +77,7 @@ def test_matryoshka_widths_are_evaluated(tmp_path, tiny_models):
     cfg = load_config(overrides=[f"eval.source={beir}", "eval.every=1",
                                  f"output_dir={tmp_path / 'out'}",
                                  "loss.matryoshka_dims=[32, 8]"])  # fmt: skip
-    student = load_encoder(str(tiny_models["student"]), "mean", 16)
+    student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=16))
     metrics = ev.TrainingEval(cfg, run_id="r")(student, 1)
     assert {"ndcg@10", "dim_32/ndcg@10", "dim_8/ndcg@10", "dim_8/recall@10"} <= set(metrics)
     assert metrics["dim_32/ndcg@10"] == pytest.approx(metrics["ndcg@10"])

@@ -7,7 +7,6 @@ Results print as a table and, with ``output``, are written as JSON (atomically).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 from gist_ray import fileio
 from gist_ray.errors import GistRayError
 from gist_ray.eval.metrics import REPORTED
+from gist_ray.models import quiet_hf
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +37,29 @@ def _device(name: str):
 
 
 def _load(name: str, key: str, pooling: str | None, max_len: int | None, device):
-    """Load an encoder; pooling and max length default to what its folder declares."""
+    """Load a model as a user would (its own pooling, max length and prompts); ``pooling`` and
+    ``max_len`` override them when given."""
     from gist_ray.assets import resolve_model_path
-    from gist_ray.models import load_encoder, st_settings
+    from gist_ray.models import ModelSpec, load_encoder, pooling_of
 
-    path = resolve_model_path(name)
-    own_pooling, own_len = st_settings(path) if Path(path).is_dir() else (None, None)
-    pooling, max_len = pooling or own_pooling or "mean", max_len or own_len or 128
-    enc = load_encoder(name, pooling, max_len, frozen=True, key=key).to(device)
-    return enc, {"model": name, "path": path, "pooling": pooling, "max_seq_length": max_len}
-
-
-@contextlib.contextmanager
-def _no_weight_loading_bars():
-    """No per-model "Loading weights" bars while the command runs (restored afterwards: the
-    caller may be a library)."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    spec = ModelSpec(
+        name,
+        key,
+        pooling=pooling or "",
+        max_seq_length=max_len or 0,
+        export_max_seq_length=max_len or 0,
+    )
+    enc = load_encoder(spec, device, frozen=True)
+    info = {
+        "model": name,
+        "path": resolve_model_path(name),
+        "pooling": pooling_of(enc.model),
+        "max_seq_length": enc.model.max_seq_length,
+    }
+    return enc, info
 
 
-@_no_weight_loading_bars()
+@quiet_hf()
 def evaluate(
     model: str,
     *,
@@ -112,6 +108,8 @@ def evaluate(
         def encode(texts, enc=enc):
             return enc.encode(texts, batch_size=batch_size)
 
+        encode_query, encode_document = enc.retrieval_encoders(batch_size)
+
         if evalset is not None:
             log.info(
                 "%s: encoding %d documents and %d queries on %s",
@@ -121,7 +119,12 @@ def evaluate(
                 dev,
             )
             m = retrieval_metrics(
-                encode, evalset, batch_size=batch_size, show_progress=progress, dims=dims
+                encode_document,
+                evalset,
+                batch_size=batch_size,
+                show_progress=progress,
+                encode_query_fn=encode_query,
+                dims=dims,
             )
             info["retrieval"] = {k: m[k] for k in (*SHOWN, "num_queries", "skipped_queries")}
             for w in dims:

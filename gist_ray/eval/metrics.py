@@ -159,11 +159,13 @@ def retrieval_metrics(
     k_values: Sequence[int] = K_VALUES,
     batch_size: int = 64,
     show_progress: bool = False,
+    encode_query_fn: Callable[[list[str]], torch.Tensor] | None = None,
     dims: Sequence[int] = (),
 ) -> dict[str, float]:
     """Encode corpus and queries, rank by cosine, and return metrics at every k.
 
-    `encode_fn` runs under `torch.inference_mode()`; put the model in eval mode first.
+    `encode_fn` embeds the documents, and the queries unless `encode_query_fn` is given (models
+    with a query prompt). Both run under `torch.inference_mode()`; put the model in eval mode.
 
     Keys: `ndcg@k`, `recall@k`, `mrr@k`, `map@k` for each k in `k_values` (with the defaults this
     includes ndcg@10, recall@1/10/100, mrr@10, map@100), `num_queries` (evaluated) and
@@ -181,7 +183,11 @@ def retrieval_metrics(
         encode_fn, [evalset.corpus[d] for d in doc_ids], batch_size, "corpus", show_progress
     )
     queries = encode_all(
-        encode_fn, [evalset.queries[q] for q in qids], batch_size, "queries", show_progress
+        encode_query_fn or encode_fn,
+        [evalset.queries[q] for q in qids],
+        batch_size,
+        "queries",
+        show_progress,
     )
     result = _score(queries, docs, doc_ids, qids, evalset, k_values, warn=True)
     for w in dims:  # Matryoshka: the same embeddings, truncated and re-normalised

@@ -139,7 +139,8 @@ def forward(problems: Sequence[Problem], chunk: int | None = None):
         for x in widths
     ]) / p.temperature  # fmt: skip
     shape = mask_bits_shape(len(p.segments), b, p.pool, dev)
-    bits = torch.empty(shape, dtype=torch.uint8, device=dev)
+    # All set: the padding bytes past ceil(N/8) read as dropped, as the kernels write them.
+    bits = torch.full(shape, 255, dtype=torch.uint8, device=dev)
     m = torch.full((nw, b), float("-inf"), device=dev)  # running row max
     acc = torch.zeros(nw, b, device=dev)  # running sum of exp(s - m)
     masked = torch.zeros(b, len(p.segments), dtype=torch.long, device=dev)

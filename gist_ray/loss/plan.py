@@ -176,8 +176,10 @@ def exact_over(
 
 # ---------------------------------------------------------------------------- the mask as bits
 # Forward passes store which entries they dropped, one bit per (row, candidate), so the backward
-# needs no guide GEMM and sees exactly the forward's mask. Layout: uint8 ``[S, b, ceil(N/8)]``,
+# needs no guide GEMM and sees exactly the forward's mask. Layout: uint8 ``[S, b, 4·ceil(N/32)]``,
 # bit ``j % 8`` of byte ``j // 8`` is candidate j; set = dropped (masked, self-pair or padding).
+# Rows are whole little-endian int32 words (bit ``j % 32`` of word ``j // 32``), the unit the
+# Triton kernels store; the bytes past ``ceil(N/8)`` are padding, all bits set.
 # When that exceeds MASK_BITS_FRACTION of the device's memory, nothing is stored and the
 # backward recomputes the guide tiles (shape ``[0]``).
 
@@ -185,7 +187,7 @@ MASK_BITS_FRACTION = 1 / 8
 
 
 def mask_bits_shape(segments: int, rows: int, pool: int, device: torch.device) -> tuple[int, ...]:
-    shape = (segments, rows, -(-pool // 8))
+    shape = (segments, rows, 4 * -(-pool // 32))
     if segments * rows * shape[2] > MASK_BITS_FRACTION * device_memory(device):
         return (0,)
     return shape

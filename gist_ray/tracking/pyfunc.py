@@ -1,28 +1,28 @@
-"""The trained model as an MLflow pyfunc: ``mlflow.pyfunc.load_model(uri).predict(texts)`` returns
-L2-normalised embeddings ``[n, d]`` (float32 numpy).
+"""The trained model in MLflow: one logged model, saved with MLflow's sentence-transformers
+flavor, loadable two ways:
 
-The pyfunc's only artifact is the sentence-transformers folder gist-ray saves, unchanged, under
-``<model>/artifacts/sentence_transformer``, so the same files also load with
-``SentenceTransformer(...)`` and ``AutoModel``. The gist_ray package travels with the model
-(``code_paths``), so loading needs torch and transformers but not a gist-ray install.
+- ``mlflow.sentence_transformers.load_model(uri)`` gives the ``SentenceTransformer`` itself;
+- ``mlflow.pyfunc.load_model(uri).predict(texts)`` gives embeddings ``[n, d]`` (float32 numpy)
+  through the model's own module stack. ``texts`` may be one string, a list, a Series or a
+  one-column DataFrame; ``params={"prompt_name": "query"}`` applies one of the model's prompts
+  (``"document"`` for passages), ``params={"normalize_embeddings": True}`` L2-normalises.
+
+The pyfunc flavor's loader is this module (the gist_ray package travels with the model as code)
+instead of MLflow's default sentence-transformers wrapper, so that a parameter left unset means
+the model's own default rather than a fixed value.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
-
-ARTIFACT = "sentence_transformer"
+LOADER = __name__  # the python_function flavor's loader_module
+PARAMS = (("prompt_name", "string", ""), ("batch_size", "long", 32))
 
 
 def _texts(model_input: Any) -> list[str]:
-    """Accept a list of strings, one string, a numpy array, a Series or a one-column frame."""
+    """Accept one string, a list, a numpy array, a Series or a one-column DataFrame."""
     if isinstance(model_input, str):
         return [model_input]
     if hasattr(model_input, "iloc") and getattr(model_input, "ndim", 1) == 2:
@@ -30,28 +30,70 @@ def _texts(model_input: Any) -> list[str]:
     return [str(t) for t in list(model_input)]
 
 
-class EmbeddingModel(mlflow.pyfunc.PythonModel):
-    """Wraps :func:`gist_ray.models.load_encoder` on the saved sentence-transformers folder."""
+class EmbeddingPredictor:
+    """The pyfunc: ``predict(texts, params)`` -> embeddings through the model's own stack."""
 
-    def load_context(self, context) -> None:
-        from gist_ray.models import load_encoder, st_settings
+    def __init__(self, model) -> None:
+        self.model = model
 
-        folder = context.artifacts[ARTIFACT]
-        pooling, max_len = st_settings(folder, default=("mean", 128))
-        cfg = context.model_config or {}
-        self.batch_size = int(cfg.get("batch_size", 64))
-        self.encoder = load_encoder(folder, pooling, max_len, frozen=True, key="pyfunc model")
+    def get_raw_model(self):
+        return self.model
 
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None):
-        texts = _texts(model_input)
-        return self.encoder.encode(texts, batch_size=self.batch_size).numpy()
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+        params = params or {}
+        return self.model.encode(
+            _texts(model_input),
+            prompt_name=params.get("prompt_name") or None,
+            batch_size=int(params.get("batch_size") or 32),
+            normalize_embeddings=bool(params.get("normalize_embeddings", False)),
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype("float32")
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> EmbeddingPredictor:
+    """Called by ``mlflow.pyfunc.load_model`` with the flavor's data folder."""
+    from sentence_transformers import SentenceTransformer
+
+    # The repository's code (if any) is inside the logged artifacts, as in MLflow's own loader.
+    return EmbeddingPredictor(SentenceTransformer(path, device="cpu", trust_remote_code=True))
+
+
+def signature():
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    params = [ParamSpec(n, t, d) for n, t, d in PARAMS]
+    params.append(ParamSpec("normalize_embeddings", "boolean", False))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1))]),
+        params=ParamSchema(params),
+    )
+
+
+class _Flavor:
+    """MLflow's sentence-transformers flavor, with this module as the pyfunc loader."""
+
+    __name__ = "sentence_transformers"
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, **kwargs) -> None:
+        import mlflow.sentence_transformers
+        from mlflow.models.model import MLMODEL_FILE_NAME
+
+        mlflow.sentence_transformers.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.flavors["python_function"]["loader_module"] = LOADER
+        mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
 
 
 def _requirements() -> list[str]:
     import importlib.metadata as md
 
     out = []
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas"):
+    names = ("sentence-transformers", "torch", "transformers", "tokenizers", "safetensors")
+    for name in (*names, "numpy", "pandas"):
         try:
             out.append(f"{name}=={md.version(name).split('+')[0]}")
         except md.PackageNotFoundError:
@@ -65,33 +107,31 @@ def log_embedding_model(
     model_dir: str | Path,
     name: str = "model",
     step: int = 0,
-) -> str:
-    """Log ``model_dir`` (a sentence-transformers folder) to the run as a pyfunc; return its
-    ``models:/`` URI (``runs:/<run_id>/<name>`` loads it too)."""
+    trust_remote_code: bool = False,
+):
+    """Log ``model_dir`` (a sentence-transformers folder) to the run; return MLflow's
+    ``ModelInfo`` (``model_uri`` = ``models:/<model_id>``, ``model_id``)."""
     import mlflow
+    from mlflow.models import Model
 
     import gist_ray
+    from gist_ray.models import quiet_hf
 
     mlflow.set_tracking_uri(tracking_uri)
-    # MLflow names the copied folder after its source and refuses symlinks: hard-link the
-    # files under the fixed name ARTIFACT (a plain copy where links are not possible).
-    with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as tmp:
-        src = Path(tmp) / ARTIFACT
-        try:
-            shutil.copytree(model_dir, src, copy_function=os.link)
-        except OSError:
-            shutil.rmtree(src, ignore_errors=True)
-            shutil.copytree(model_dir, src)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
-            # The type hint of predict gives the signature: no input example is needed.
-            warnings.filterwarnings("ignore", message=".*input example")
-            info = mlflow.pyfunc.log_model(
+    with quiet_hf():
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(
+            str(model_dir), device="cpu", trust_remote_code=trust_remote_code
+        )
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            return Model.log(
+                artifact_path=None,
                 name=name,
-                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-                artifacts={ARTIFACT: str(src)},
+                flavor=_Flavor,
+                model=model,
+                signature=signature(),
                 code_paths=[str(Path(gist_ray.__file__).parent)],
                 pip_requirements=_requirements(),
-                model_config={"batch_size": 64},
                 step=step,
             )
-    return info.model_uri

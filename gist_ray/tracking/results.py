@@ -1,5 +1,7 @@
 """The driver's last part of ``gist-ray train``: eval metrics on the step axis, the best step
-(and ``best-model/``), plots, the final model as an MLflow pyfunc and its registration."""
+(and ``best-model/``), plots, the final model in MLflow (sentence-transformers flavor with an
+embeddings pyfunc), the final eval metrics linked to that model and the eval set, and its
+registration."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from gist_ray.fileio import copy_dir
 from gist_ray.tracking.runs import metric_name
 from gist_ray.training_eval import BEST_DIR, read_best, write_best
 
-MODEL_URI_TAG = "gist_ray.model_uri"  # set once the pyfunc is logged: a rerun does not log twice
+MODEL_URI_TAG = "gist_ray.model_uri"  # set once the model is logged: a rerun does not log twice
+MODEL_ID_TAG = "gist_ray.model_id"
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Final:
     best_model_dir: str | None = None  # <output_dir>/best-model, when eval.every > 0
     plots: list[str] = field(default_factory=list)
     model_uri: str | None = None
+    model_id: str | None = None  # MLflow 3 logged model: the final eval metrics are linked to it
     registered: str | None = None  # "name version N"
     warnings: list[str] = field(default_factory=list)
 
@@ -40,7 +44,10 @@ class Final:
         if self.plots:
             out.append(f"plots:       {Path(self.plots[0]).parent} ({len(self.plots)} PNG)")
         if self.model_uri:
-            out.append(f"pyfunc:      {self.model_uri} (mlflow.pyfunc.load_model -> embeddings)")
+            out.append(
+                f"MLflow model: {self.model_uri} (mlflow.sentence_transformers.load_model, or "
+                "mlflow.pyfunc.load_model -> embeddings)"
+            )
         if self.registered:
             out.append(f"registered:  {self.registered}")
         out += [f"warning:     {w}" for w in self.warnings]
@@ -86,6 +93,7 @@ def finish(
     final_step: int,
     before: dict[str, float],
     after: dict[str, float],
+    evalset=None,
 ) -> Final:
     """Everything after the final eval; the run itself is closed by the caller."""
     import mlflow
@@ -127,15 +135,64 @@ def finish(
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training
         final.warnings.append(f"plots failed: {type(e).__name__}: {e}")
 
-    existing = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
-    if existing:  # a rerun of a complete run: the model is already there
-        final.model_uri = existing
+    tags = client.get_run(run_id).data.tags
+    if tags.get(MODEL_URI_TAG):  # a rerun of a complete run: the model is already there
+        final.model_uri, final.model_id = tags[MODEL_URI_TAG], tags.get(MODEL_ID_TAG)
     else:
-        final.model_uri = log_embedding_model(tracking_uri, run_id, model_dir, step=final_step)
+        info = log_embedding_model(
+            tracking_uri,
+            run_id,
+            model_dir,
+            step=final_step,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        final.model_uri, final.model_id = info.model_uri, info.model_id
         client.set_tag(run_id, MODEL_URI_TAG, final.model_uri)
+        client.set_tag(run_id, MODEL_ID_TAG, final.model_id)
         if cfg.mlflow.register_as:
             final.registered = _register(tracking_uri, final, cfg.mlflow.register_as, run_id)
+    if after:
+        log_final_metrics(client, run_id, final.model_id, after, evalset, cfg.eval.source)
     return final
+
+
+def log_final_metrics(
+    client,
+    run_id: str,
+    model_id: str | None,
+    after: dict[str, float],
+    evalset=None,
+    source: str = "",
+) -> None:
+    """``eval/after/<metric>`` (step 0), linked to the logged model and the eval set, unless
+    the run already holds them (a rerun)."""
+    import time
+
+    import mlflow
+
+    from gist_ray.tracking.datasets import eval_dataset, log_inputs
+
+    held = client.get_run(run_id).data.metrics
+    ds = None
+    if evalset is not None:
+        ds = eval_dataset(evalset, source)
+        log_inputs(client, run_id, [(ds, "evaluation")])
+    ts = int(time.time() * 1000)
+    batch = [
+        mlflow.entities.Metric(
+            f"eval/after/{metric_name(k)}",
+            float(v),
+            ts,
+            0,
+            model_id=model_id,
+            dataset_name=ds.name if ds else None,
+            dataset_digest=ds.digest if ds else None,
+        )
+        for k, v in after.items()
+        if f"eval/after/{metric_name(k)}" not in held
+    ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
 
 
 def _register(tracking_uri: str, final: Final, name: str, run_id: str) -> str | None:

@@ -173,3 +173,53 @@ def test_hardness_against_oracle(mode):
 def test_hardness_16_bit():
     H.check_hardness("triton", _case(b=40, k=1, margin=0.05, dtype=torch.float16), alpha=2.0,
                      mode="all_negatives")  # fmt: skip
+
+
+def _run_kernels(p: plan.Problem, grad: torch.Tensor) -> list[torch.Tensor]:
+    """Every output of the launchers' forward and backward on ``p``."""
+    from gist_ray.kernels import gist_function
+
+    out = gist_function.forward([p])
+    dleft, dcands = gist_function.backward([p], grad[None], out[4], out[5])
+    return [*out, *dleft, *dcands]
+
+
+def test_misaligned_operands_give_what_aligned_copies_give():
+    """TMA descriptors need a 16-byte aligned base and row stride: operands that are views at
+    odd offsets into wider buffers (and of odd widths) are copied by the launcher
+    (``gist_function.aligned``) and give bit for bit what contiguous copies give."""
+    from gist_ray.kernels.gist_function import aligned
+
+    case = _case(b=37, world=2, rank=1, k=1, d=27, d_g=19, margin=0.05)
+    p = H.make_problem(case, H.make_inputs(case, H.fresh_seed()))
+    fields = ("left", "cands", "guide_left", "guide_cands")
+
+    def shifted(x: torch.Tensor) -> torch.Tensor:  # same values, one element into a wider row
+        buf = x.new_zeros(x.shape[0], x.shape[1] + 3)
+        buf[:, 1 : 1 + x.shape[1]] = x
+        return buf[:, 1 : 1 + x.shape[1]]
+
+    odd = replace(p, **{f: tuple(map(shifted, getattr(p, f))) for f in fields})
+    dense = replace(p, **{f: tuple(x.contiguous() for x in getattr(p, f)) for f in fields})
+    for x in (x for f in fields for x in getattr(odd, f)):
+        assert x.data_ptr() % 16 and x.stride(0) == x.shape[1] + 3
+        y = aligned(x)
+        assert y.data_ptr() % 16 == 0 and y.stride(0) % 16 == 0
+        assert torch.equal(y[:, : x.shape[1]], x)
+    grad = torch.randn(case.b)
+    for got, want in zip(_run_kernels(odd, grad), _run_kernels(dense, grad), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [True, False], ids=["bits", "recompute"])
+def test_pointer_operands_match_reference(monkeypatch, bits):
+    """sm_80 plans hand the GEMM operands to the kernels as pointers, sm_90 plans (and the
+    interpreter's, everywhere else in this file) as TMA tensor descriptors: the pointer path of
+    ``_dot_tile`` matches ``reference`` too, with the mask from the bits or recomputed."""
+    from gist_ray.kernels import gist_function
+
+    if not bits:
+        monkeypatch.setattr(plan, "MASK_BITS_FRACTION", 0.0)
+    pointers = replace(gist_function.INTERPRET_PLAN, tma=False)
+    monkeypatch.setattr(gist_function, "INTERPRET_PLAN", pointers)
+    H.check_problem(triton_backend, _case(b=37, world=2, rank=1, k=1, d=40, d_g=24, margin=0.05))

@@ -219,8 +219,14 @@ def machine(args: argparse.Namespace) -> dict:
 def _measure(args: argparse.Namespace, backend: str, b: int) -> dict:
     """One worker process: one backend at one size."""
     cmd = [sys.executable, __file__, "--worker", backend, "--size", str(b)]
-    for flag in WORKER_FLAGS:
-        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return worker_json(cmd, args, WORKER_FLAGS)
+
+
+def worker_json(cmd: list[str], args: argparse.Namespace, flags: tuple[str, ...]) -> dict:
+    """Run a worker process (``cmd`` plus ``args``' ``flags`` as options); its last stdout line
+    is its JSON result, or ``{"skipped": why}`` when it failed."""
+    for flag in flags:
+        cmd = cmd + [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         return {"skipped": f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"}

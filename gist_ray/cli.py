@@ -181,6 +181,14 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     ev.add_argument("--seed", type=int, default=0, help="query and corpus sampling seed")
+    ev.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="W",
+        help="Matryoshka widths: retrieval also on the embeddings truncated to each",
+    )
     ev.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     _add_common_args(ev, verbose=False)
 
@@ -192,8 +200,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < (1 if name in ("batch_size", "max_seq_length") else 0):
             raise ConfigError(f"--{name.replace('_', '-')} = {value} is not allowed")
+    if any(w < 1 for w in args.dims):
+        raise ConfigError(f"--dims {' '.join(map(str, args.dims))}: widths must be >= 1")
     options = ("compare", "data", "split", "sts", "max_queries", "max_corpus", "pooling")
-    options += ("max_seq_length", "batch_size", "device", "seed", "output")
+    options += ("max_seq_length", "batch_size", "device", "seed", "output", "dims")
     evaluate(args.model, **{k: getattr(args, k) for k in options})
     return 0
 

@@ -21,7 +21,7 @@ from gist_ray.errors import ConfigError
 
 # Each list of allowed values lives with the code that implements it.
 from gist_ray.eval.metrics import REPORTED as EVAL_METRICS
-from gist_ray.loss import BACKENDS, STRATEGIES
+from gist_ray.loss import BACKENDS, HARDNESS_MODES, STRATEGIES, validate_matryoshka
 from gist_ray.mining.search import BACKENDS as MINE_BACKENDS
 from gist_ray.mining.select import SHORTFALL, THRESHOLDS
 from gist_ray.models import POOLINGS
@@ -139,6 +139,12 @@ class LossConfig:
     contrast_anchors: bool = True
     contrast_positives: bool = True
     backend: str = "auto"
+    # Matryoshka: the loss at each of these widths (strictly decreasing; empty = off), one guide
+    # mask for all; weights: one per width (None = all 1)
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] | None = None
+    hardness_alpha: float = 0.0  # hardness weighting after the guide mask; 0 = off
+    hardness_mode: str = "hard_negatives"  # which negatives: see loss.HARDNESS_MODES
 
 
 @dataclass
@@ -321,6 +327,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if hint is list or annotation is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if args:  # list[int], list[float]: each element checked, named by its index
+            return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
         return list(value)
     if hint is dict:
         names_only = args == (str, str)
@@ -488,6 +496,17 @@ def validate(cfg: Config) -> Config:
     )
     check(lo.backend in BACKENDS, "loss.backend", f"one of {', '.join(BACKENDS)}", lo.backend)
     _validate_mine(cfg.mine, check)
+    try:  # the loss's own checks; their messages name the key
+        validate_matryoshka(lo.matryoshka_dims, lo.matryoshka_weights)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check(lo.hardness_alpha >= 0, "loss.hardness_alpha", "must be >= 0", lo.hardness_alpha)
+    check(
+        lo.hardness_mode in HARDNESS_MODES,
+        "loss.hardness_mode",
+        f"one of {', '.join(HARDNESS_MODES)}",
+        lo.hardness_mode,
+    )
     check(r.num_workers > 0, "ray.num_workers", "must be > 0", r.num_workers)
     check(r.resource_wait_s >= 0, "ray.resource_wait_s", "must be >= 0", r.resource_wait_s)
     name = cfg.mlflow.run_name
@@ -505,6 +524,21 @@ def validate(cfg: Config) -> Config:
         t.batch_size,
     )
     return cfg
+
+
+def validate_loss_for(cfg: Config, width: int | None, negative_columns: int) -> None:
+    """The loss settings that depend on the loaded student (its embedding ``width``) and data
+    (the most negative columns of its datasets); ``width`` None: not known, not checked."""
+    lo = cfg.loss
+    try:
+        validate_matryoshka(lo.matryoshka_dims, lo.matryoshka_weights, width)
+    except ValueError as e:
+        raise ConfigError(f"{e}; model.student = {cfg.model.student!r}") from None
+    if lo.hardness_alpha > 0 and lo.hardness_mode == "hard_negatives" and not negative_columns:
+        raise ConfigError(
+            "loss.hardness_mode = 'hard_negatives' weights the data's negative columns, but it has "
+            "none; use in_batch_negatives or all_negatives, or loss.hardness_alpha = 0"
+        )
 
 
 def _changed(section: Any, keys: tuple[str, ...] | None = None) -> list[str]:

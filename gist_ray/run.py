@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gist_ray.config import SELF, Config
+from gist_ray.config import SELF, Config, validate_loss_for
 from gist_ray.errors import ConfigError, GistRayError
 from gist_ray.paths import check_job_paths
 
@@ -50,13 +51,14 @@ def user_spec(cfg: Config, model: str, revision: str = ""):
     return ModelSpec(model, "model.student", revision, m.trust_remote_code, dict(m.model_kwargs))
 
 
-def evaluate_model(model, evalset) -> dict[str, float]:
+def evaluate_model(model, evalset, dims: Sequence[int] = ()) -> dict[str, float]:
     """Retrieval metrics of a model (an Encoder) at its own settings: its max length,
-    ``encode_query`` for queries and ``encode_document`` for documents (its own prompts)."""
+    ``encode_query`` for queries and ``encode_document`` for documents (its own prompts); also
+    at each Matryoshka width of ``dims``."""
     from gist_ray.eval.metrics import retrieval_metrics
 
     encode_query, encode_document = model.retrieval_encoders()
-    return retrieval_metrics(encode_document, evalset, encode_query_fn=encode_query)
+    return retrieval_metrics(encode_document, evalset, encode_query_fn=encode_query, dims=dims)
 
 
 @dataclass
@@ -152,7 +154,7 @@ def train(cfg: Config) -> dict[str, Any]:
             len(evalset.corpus),
         )
         base = load_encoder(user_spec(cfg, cfg.model.student, cfg.model.revision), frozen=True)
-        before = evaluate_model(base, evalset)
+        before = evaluate_model(base, evalset, cfg.loss.matryoshka_dims)
     # A resumed run keeps its summary metrics: they must not gain a second value.
     logger = runs.RunLogger(tracking_uri, run.run_id, skip_logged=run.resumed)
     logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
@@ -168,7 +170,7 @@ def train(cfg: Config) -> dict[str, Any]:
         merged = cfg.model.lora.rank > 0 and cfg.model.lora_export == "merged"
         if merged:  # evaluate and export the model the user gets: the adapter merged in
             merge_adapter(trained.model)
-        after = evaluate_model(trained, evalset) if evalset is not None else {}
+        after = evaluate_model(trained, evalset, cfg.loss.matryoshka_dims) if evalset else {}
         card = _model_card(cfg, inputs, trained, before, after)
         model_dir = export_model(
             final_ckpt / MODEL_DIR, cfg.output_dir, card, trained.model if merged else None
@@ -220,6 +222,7 @@ def _check_inputs(cfg: Config) -> _Inputs:
     student = load_encoder(ModelSpec.student(cfg))
     prepare_student(student, cfg)  # LoRA target modules that match nothing, no peft
     student_prompts(cfg, sets, student.model.prompts)
+    validate_loss_for(cfg, student.dim, max(len(s.columns) - 2 for s in sets))
     if cfg.model.guide != SELF:
         load_model(ModelSpec.guide(cfg))
     return _Inputs(batches.total_steps(cfg), load_eval_for(cfg), sets)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from gist_ray import faults
 from gist_ray.batches import GlobalBatches
 from gist_ray.checkpoint import Checkpointer, Reporter, TrainState
-from gist_ray.config import SELF, Config
+from gist_ray.config import SELF, Config, validate_loss_for
 from gist_ray.data import TrainingSet, load_training_sets
 from gist_ray.distributed import is_distributed, rank, world_size
 from gist_ray.gradcache import backward_with_replay, embed_without_graph
@@ -67,6 +67,7 @@ def train_worker(
     student = load_encoder(ModelSpec.student(cfg), device)
     prepare_student(student, cfg)  # LoRA adapters, gradient checkpointing
     student.train()
+    validate_loss_for(cfg, student.dim, max(len(s.columns) - 2 for s in sets))
     d = describe(student)
     log.info(
         "student %s: %s (pooling %s), dim %d, max length %s (training truncation %s), prompts %s",
@@ -194,9 +195,13 @@ def optimizer_step(
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
-    if is_distributed():
+    widths = {k: v for k, v in stats.items() if k.startswith("loss/dim_")}
+    if is_distributed():  # the loss, and each Matryoshka width's, over every worker's rows
         dist.all_reduce(loss)
         loss /= world_size()
+        for v in widths.values():
+            dist.all_reduce(v)
+            v /= world_size()
     return {
         "loss": loss.item(),
         "lr": lr,

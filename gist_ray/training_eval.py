@@ -53,13 +53,16 @@ class TrainingEval:
 
         self.evalset = load_eval_for(cfg)
         self.metric, self.run_id = cfg.eval.metric, run_id
+        self.dims = list(cfg.loss.matryoshka_dims)  # retrieval at each width too
         self.output_dir = Path(cfg.output_dir)
         self.best = read_best(self.output_dir, run_id)
 
     def __call__(self, student: Encoder, step: int) -> dict[str, float]:
         # At the model's own settings (its max length and prompts), as before and after training.
         encode_query, encode_document = student.retrieval_encoders()
-        metrics = retrieval_metrics(encode_document, self.evalset, encode_query_fn=encode_query)
+        metrics = retrieval_metrics(
+            encode_document, self.evalset, encode_query_fn=encode_query, dims=self.dims
+        )
         value = metrics[self.metric]
         improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
         if improved:
@@ -98,7 +101,9 @@ def validate_checkpoint(
     with checkpoint.as_directory() as folder:
         step = int(json.loads((Path(folder) / META_FILE).read_text())["step"])
         model = load_encoder(user_spec(cfg, str(Path(folder) / MODEL_DIR)), frozen=True)
-        metrics = {f"eval/{k}": v for k, v in evaluate_model(model, load_eval_for(cfg)).items()}
+        evalset = load_eval_for(cfg)
+        found = evaluate_model(model, evalset, cfg.loss.matryoshka_dims)
+        metrics = {f"eval/{k}": v for k, v in found.items()}
     if run_id and tracking_uri:
         log_once(tracking_uri, run_id, metrics, step)
     log.info("eval step %d: %s %.4f", step, cfg.eval.metric, metrics[score_key(cfg)])

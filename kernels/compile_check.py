@@ -7,8 +7,9 @@ spills and shared-memory overflow. Triton compiles for NVIDIA targets on any mac
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``) and its ``ptxas -v``
 reports registers, spills and shared memory; this module does that for every variant:
 
-* kernels: forward (storing the mask bits or not), backward (reading them or recomputing the
-  guide tile) and the diagonal kernel;
+* kernels: forward (storing the mask bits, recomputing them, or loading them: the narrower
+  Matryoshka widths), backward (reading them or recomputing the guide tile) and the diagonal
+  kernel;
 * dtypes: float32, float16, bfloat16 (one dtype for every operand: the launchers refuse mixed
   student/guide dtypes, the front end casts);
 * every tile plan of :data:`gist_function.PLANS` on the architecture that picks it
@@ -41,8 +42,21 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Kernel variant -> (kernel name, constexpr flags, which of the plan's tile configs it uses).
 KERNELS = {
-    "fwd": ("gist_fwd_kernel", {"STORE_BITS": True}, "fwd"),
-    "fwd_recompute": ("gist_fwd_kernel", {"STORE_BITS": False}, "fwd"),
+    "fwd": ("gist_fwd_kernel", {"STORE_BITS": True, "LOAD_BITS": False, "HARD": False}, "fwd"),
+    "fwd_recompute": (
+        "gist_fwd_kernel",
+        {"STORE_BITS": False, "LOAD_BITS": False, "HARD": False},
+        "fwd",
+    ),
+    # a narrower Matryoshka width: the mask from the widest width's bits, no guide tile
+    "fwd_load": ("gist_fwd_kernel", {"STORE_BITS": False, "LOAD_BITS": True, "HARD": False}, "fwd"),
+    # hardness weighting (loss.hardness_alpha > 0): the widest width and a narrower one
+    "fwd_hard": ("gist_fwd_kernel", {"STORE_BITS": True, "LOAD_BITS": False, "HARD": True}, "fwd"),
+    "fwd_load_hard": (
+        "gist_fwd_kernel",
+        {"STORE_BITS": False, "LOAD_BITS": True, "HARD": True},
+        "fwd",
+    ),
     "bwd": ("gist_prob_kernel", {"LOAD_BITS": True}, "bwd"),
     "bwd_recompute": ("gist_prob_kernel", {"LOAD_BITS": False}, "fwd"),
     "diag": ("gist_diag_kernel", {}, "fwd"),
@@ -113,7 +127,7 @@ def _signature(fn, dtype: str, v: Variant) -> tuple[dict, dict, dict]:
             sig[name] = "*fp32"
         elif name in ("MASKED_PART", "ABOVE_PART", "BITS"):
             sig[name] = "*i32"
-        elif name == "inv_tau":
+        elif name in ("inv_tau", "hard_off", "hard_diag"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"

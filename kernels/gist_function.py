@@ -26,13 +26,14 @@ Nothing here reads a device value on the host: no sync.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from gist_ray.loss.plan import Problem, inv_norm, mask_bits_shape, mask_limit
+from gist_ray.loss.plan import Problem, hardness_factors, inv_norm, mask_bits_shape, mask_limit
 
 from .gist_kernels import gist_diag_kernel, gist_fwd_kernel, gist_prob_kernel
 
@@ -245,32 +246,54 @@ def _setup(p: Problem):
     return dtype, dev, plan, _flags(dtype, plan), rl, rc, kp
 
 
-def forward(p: Problem):
-    """``(loss, masked, above, threshold, lse, bits)`` per local row (plan.BackendOutput)."""
+def forward(problems: Sequence[Problem]):
+    """``(loss, masked, above, threshold, lse, bits)`` of the problems, one per Matryoshka width
+    (chunked.forward has the contract): the first width's launches compute the guide tiles and
+    store the mask bits; the other widths' launches load the bits instead of recomputing the
+    guide (they recompute it only when the bits do not fit)."""
+    p = problems[0]
     dtype, dev, plan, flags, rl, rc, kp = _setup(p)
     b, n, inv_tau, cfg = p.rows, p.pool, 1.0 / p.temperature, plan.fwd
-    d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
     threshold, pos = _diagonal(kp, cfg, flags, rl, rc)
     limit = mask_limit(threshold, p.margin, p.strategy).contiguous()
     splits, per = column_splits(b, n, cfg, dev)
     parts = splits * len(p.segments)
-    lse_part = torch.empty(parts, b, dtype=torch.float32, device=dev)
     masked_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
-    above_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
     bits = torch.empty(mask_bits_shape(len(p.segments), b, n, dev), dtype=torch.uint8, device=dev)
     store = bits.numel() > 0
     grid = (triton.cdiv(b, cfg.block_m), splits)
-    for j, seg in enumerate(p.segments):
-        plane, stride = _words(bits, j)
-        _launch(
-            gist_fwd_kernel, grid, cfg, *_operands(kp, seg, cfg, flags), rl[seg.left], rc[seg.cand],
-            limit, pos, lse_part, masked_part, above_part, plane, b, n, d, d_g, per, p.offset,
-            j * splits, seg.diag, inv_tau, stride, STORE_BITS=store, **flags,
-        )  # fmt: skip
-    lse = torch.logsumexp(lse_part, dim=0)  # all -inf stays -inf (no NaN)
-    masked = masked_part.view(len(p.segments), splits, b).sum(1, dtype=torch.int64).T
-    above = above_part.sum(0, dtype=torch.int64)
-    return lse - pos, masked.contiguous(), above, threshold, lse, bits
+    losses, aboves, lses = [], [], []
+    for w, q in enumerate(problems):
+        kq = kp if w == 0 else _student_view(q, kp)
+        if w:
+            pos = _diagonal(kq, cfg, flags, rl, rc)[1]
+        lse_part = torch.empty(parts, b, dtype=torch.float32, device=dev)
+        above_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
+        d, d_g = kq.left[0].shape[1], kq.guide_left[0].shape[1]
+        for j, seg in enumerate(p.segments):
+            plane, stride = _words(bits, j)
+            hard_off, hard_diag = hardness_factors(p, seg)
+            _launch(
+                gist_fwd_kernel, grid, cfg, *_operands(kq, seg, cfg, flags), rl[seg.left],
+                rc[seg.cand], limit, pos, lse_part, masked_part, above_part, plane, b, n, d, d_g,
+                per, p.offset, j * splits, seg.diag, inv_tau, hard_off, hard_diag, stride,
+                STORE_BITS=store and w == 0, LOAD_BITS=store and w > 0,
+                HARD=(hard_off, hard_diag) != (1.0, 1.0), **flags,
+            )  # fmt: skip
+        if w == 0:
+            masked = masked_part.view(len(p.segments), splits, b).sum(1, dtype=torch.int64).T
+        lses.append(torch.logsumexp(lse_part, dim=0))  # all -inf stays -inf (no NaN)
+        losses.append(lses[-1] - pos)
+        aboves.append(above_part.sum(0, dtype=torch.int64))
+    lse = torch.stack(lses)
+    return torch.stack(losses), masked.contiguous(), torch.stack(aboves), threshold, lse, bits
+
+
+def _student_view(q: Problem, kp: Problem) -> Problem:
+    """The kernels' view of another width ``q`` of ``kp``'s problem: its aligned student
+    operands, ``kp``'s (already aligned) guide."""
+    check(q)
+    return replace(kp, left=tuple(map(aligned, q.left)), cands=tuple(map(aligned, q.cands)))
 
 
 def _diagonal(p: Problem, cfg: TileConfig, flags: dict, rl, rc):
@@ -287,10 +310,27 @@ def _diagonal(p: Problem, cfg: TileConfig, flags: dict, rl, rc):
 
 
 def backward(
+    problems: Sequence[Problem],
+    grad: torch.Tensor,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    chunk: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of ``Σ_w Σ_i grad[w, i] · loss[w, i]`` w.r.t. every width's ``left`` and
+    ``cands`` (width after width); ``lse`` ``[widths, b]`` and ``bits`` come from
+    :func:`forward` on the same problems (every width reads the same bits)."""
+    dleft, dcands = [], []
+    for w, q in enumerate(problems):
+        dl, dc = _backward(q, grad[w], lse[w], bits, chunk)
+        dleft += dl
+        dcands += dc
+    return dleft, dcands
+
+
+def _backward(
     p: Problem, grad: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor, chunk: int | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Gradients of ``Σ_i grad_i · loss_i`` w.r.t. ``p.left`` and ``p.cands`` (their dtype);
-    ``lse`` and ``bits`` come from :func:`forward` on the same problem."""
+    """One width of :func:`backward`."""
     dtype, dev, plan, flags, rl, rc, kp = _setup(p)
     b, n, inv_tau = p.rows, p.pool, 1.0 / p.temperature
     d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
@@ -327,10 +367,12 @@ def backward(
                 pr = pbuf[r * b : (r + 1) * b]
                 plane, stride = _words(bits, j)
                 grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(width, cfg.block_n))
+                hard_off, hard_diag = hardness_factors(p, seg)
                 _launch(
                     gist_prob_kernel, grid, cfg, *_operands(kp, seg, cfg, flags), rl[seg.left],
                     rc[ci], limit, lse, w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset,
-                    seg.diag, inv_tau, stride, pr.stride(0), LOAD_BITS=load, **flags,
+                    seg.diag, inv_tau, hard_off, hard_diag, stride, pr.stride(0), LOAD_BITS=load,
+                    **flags,
                 )  # fmt: skip
                 dleft[seg.left] += torch.mm(pr, C[lo : lo + width])
             out = dcands[ci][lo : lo + width]

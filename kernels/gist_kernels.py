@@ -131,6 +131,22 @@ def _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _harden(s, rows, n0, offset, hard_off, hard_diag, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):  # fmt: skip
+    """Hardness weighting of the logits ``s = dot/τ`` after the mask: ``s·(1 + α·τ)`` (that is
+    ``s/τ + α·s``) where it applies, ``hard_off`` off the diagonal and ``hard_diag`` on it (1
+    where it does not apply; ``gist_ray.loss.plan.hardness_factors``). Dropped entries stay
+    -inf."""
+    row0 = tl.program_id(0) * BLOCK_M
+    if (hard_diag != hard_off) & (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0):
+        diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+        s = s * tl.where(diag, hard_diag, hard_off)
+    else:
+        s = s * hard_off
+    return s
+
+
+@triton.jit
 def _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N: tl.constexpr):
     """Per row, the dropped entries of tile ``n0`` that are not masked candidates: the padding
     columns past ``hi`` and the self-pair."""
@@ -170,16 +186,20 @@ def _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N: tl.constexpr):
 def gist_fwd_kernel(
     L, GL, C, GC, stride_l, stride_gl, stride_c, stride_gc,
     RL, RC, LIMIT, POS, LSE_PART, MASKED_PART, ABOVE_PART, BITS,
-    b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau, stride_bits,
+    b, n, d, d_g, cols_per_split, offset, part_row0, diag_code, inv_tau, hard_off, hard_diag,
+    stride_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-    STORE_BITS: tl.constexpr,
+    STORE_BITS: tl.constexpr, LOAD_BITS: tl.constexpr, HARD: tl.constexpr,
 ):  # fmt: skip
     """One segment, one (row block, column split): online max/sum over the split's tiles.
 
     Writes row ``part_row0 + split`` of the partial buffers: the split's lse (``-inf`` if every
     entry was dropped), its masked count and its count of kept logits above ``POS``; with
     ``STORE_BITS`` also the dropped entries' bits (``BITS`` points at this segment's words).
+    With ``LOAD_BITS`` (a narrower Matryoshka width) the mask comes from those bits and no
+    guide tile is computed. With ``HARD`` the logits are hardness-weighted (:func:`_harden`)
+    after ``POS`` is compared: the positive's rank is by similarity.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -197,11 +217,16 @@ def gist_fwd_kernel(
     hi = tl.minimum(lo + cols_per_split, n)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        g = _guide_tile(
-            GL, GC, rl, RC, row0, n0, cols, cols < hi, b, n, d_g, stride_gl, stride_gc,
-            BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION, TMA,
-        )  # fmt: skip
-        start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
+        if LOAD_BITS:  # the widest width's mask: no guide tile (padding words read as set)
+            ptrs, ok = _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N)
+            words = tl.load(ptrs, mask=row_ok[:, None] & ok, other=-1)
+            start = tl.where(_unpack_words(words, BLOCK_M, BLOCK_N), float("-inf"), 0.0)
+        else:
+            g = _guide_tile(
+                GL, GC, rl, RC, row0, n0, cols, cols < hi, b, n, d_g, stride_gl, stride_gc,
+                BLOCK_M, BLOCK_N, BLOCK_KG, UPCAST, PRECISION, TMA,
+            )  # fmt: skip
+            start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
         # Everything the mask decides is read off the start tile, before the student GEMM: the
         # student epilogue below then holds only its logits and three running reductions.
         dropped = start == float("-inf")
@@ -234,6 +259,8 @@ def gist_fwd_kernel(
         # The positive's own logit equals POS bit for bit (same tile code in the diag kernel),
         # so it is not above itself.
         n_above += tl.sum((s > pos[:, None]).to(tl.int32), axis=1)
+        if HARD:  # a variant of its own: the plain forward keeps its register budget
+            s = _harden(s, rows, n0, offset, hard_off, hard_diag, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # Rows with everything dropped so far keep m = -inf: shift them by 0, so that
         # exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
@@ -308,13 +335,15 @@ def gist_diag_kernel(
 def gist_prob_kernel(
     L, GL, C, GC, stride_l, stride_gl, stride_c, stride_gc,
     RL, RC, LIMIT, LSE, W, BITS, P,
-    b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau, stride_bits, stride_p,
+    b, n, d, d_g, chunk_lo, chunk_hi, offset, diag_code, inv_tau, hard_off, hard_diag,
+    stride_bits, stride_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
     LOAD_BITS: tl.constexpr,
 ):  # fmt: skip
-    """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(s_ij/τ - lse_i) - [j is i's
-    positive])`` for kept entries, 0 for dropped ones, over the segment columns
+    """Backward recompute: ``P[i, j - chunk_lo] = w_i · (exp(z_ij - lse_i) - [j is i's
+    positive])`` (``z = s/τ``, hardness-weighted as in :func:`_harden`) for kept entries, 0 for
+    dropped ones, over the segment columns
     ``chunk_lo .. chunk_hi``, stored in P's dtype. The one-hot is subtracted in float32, before
     the only rounding (the difference is small exactly on the rows that matter).
 
@@ -376,9 +405,16 @@ def gist_prob_kernel(
             PRECISION,
             TMA,
         )
-    prob = tl.exp(s * inv_tau - lse[:, None])
-    if (diag_code == 1) & (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0):
-        prob = tl.where(_on_diagonal(rows, n0, offset, BLOCK_N), prob - 1.0, prob)
+    # Hardness weighting: the logit s/τ·f on weighted entries (as _harden does it in the
+    # forward); its α·s carries no gradient, so d(logit)/ds stays 1/τ (in W).
+    diag_tile = (n0 < offset + row0 + BLOCK_M) & (n0 + BLOCK_N > offset + row0)
+    if diag_tile & ((diag_code == 1) | (hard_diag != hard_off)):
+        on_diag = _on_diagonal(rows, n0, offset, BLOCK_N)
+        z = s * tl.where(on_diag, inv_tau * hard_diag, inv_tau * hard_off)
+        prob = tl.exp(z - lse[:, None])
+        prob = tl.where(on_diag & (diag_code == 1), prob - 1.0, prob)
+    else:
+        prob = tl.exp(s * (inv_tau * hard_off) - lse[:, None])
     prob = prob * w[:, None]
     ptrs = P + (rows * stride_p)[:, None] + (cols - chunk_lo)[None, :]
     tl.store(ptrs, prob.to(P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -35,6 +35,19 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.ray.address == "auto"
 
 
+def test_matryoshka_and_hardness_settings():
+    overrides = ["loss.matryoshka_dims=[384, 128, 32]", "loss.matryoshka_weights=[1, 0.5, 0.25]",
+                 "loss.hardness_alpha=5", "loss.hardness_mode=all_negatives"]  # fmt: skip
+    cfg = load_config(overrides=overrides)
+    assert cfg.loss.matryoshka_dims == [384, 128, 32]
+    assert cfg.loss.matryoshka_weights == [1.0, 0.5, 0.25]
+    assert cfg.loss.hardness_alpha == 5.0 and cfg.loss.hardness_mode == "all_negatives"
+    assert load_config_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"loss.matryoshka_weights has 2 values for 3 "):
+        load_config(overrides=["loss.matryoshka_dims=[384, 128, 32]",
+                               "loss.matryoshka_weights=[1, 2]"])  # fmt: skip
+
+
 def test_flat_params_cover_every_key():
     flat = Config().flat()
     for key in (
@@ -74,6 +87,13 @@ def test_flat_params_cover_every_key():
         ("model.model_kwargs=[1]", "model.model_kwargs: expected a mapping"),
         ("train.batch_size=33", "divisible by ray.num_workers = 2"),
         ("train", "expected section.key=value"),
+        ("loss.matryoshka_dims=256", "loss.matryoshka_dims: expected a list, got 256"),
+        ("loss.matryoshka_dims=[256, x]", "loss.matryoshka_dims[1]: expected an integer"),
+        ("loss.matryoshka_dims=[128, 256]", "loss.matryoshka_dims must be strictly decreasing"),
+        ("loss.matryoshka_dims=[64, 0]", "loss.matryoshka_dims must be positive integers"),
+        ("loss.matryoshka_weights=[1, 2]", "loss.matryoshka_weights is set but"),
+        ("loss.hardness_alpha=-1", "loss.hardness_alpha = -1.0 is not allowed; must be >= 0"),
+        ("loss.hardness_mode=hard", "loss.hardness_mode = 'hard' is not allowed; one of"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -38,15 +38,28 @@ def _batch(num_neg: int, seed: int):
     return x, gx
 
 
-def _loss_and_grads(model, x, gx, backend, gather):
-    loss_fn = GistLoss(temperature=0.05, backend=backend, gather=gather)
+# Loss settings beyond the defaults: Matryoshka widths (one guide mask for every width) and
+# hardness weighting, each on its own and together.
+SETTINGS = {
+    "plain": {},
+    "mrl": {"matryoshka_dims": [D, 4, 2], "matryoshka_weights": [1.0, 0.5, 2.0]},
+    "hard": {"hardness_alpha": 3.0, "hardness_mode": "all_negatives"},
+    "mrl+hard": {"matryoshka_dims": [D, 3], "hardness_alpha": 2.0,
+                 "hardness_mode": "in_batch_negatives"},
+}  # fmt: skip
+
+
+def _loss_and_grads(model, x, gx, backend, gather, settings="plain"):
+    loss_fn = GistLoss(temperature=0.05, backend=backend, gather=gather, **SETTINGS[settings])
     loss, stats = loss_fn([model(xi) for xi in x], gx)
     model.zero_grad()
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()], stats
 
 
-CASES = [(backend, k) for backend in ("reference", "chunked", "triton") for k in (0, 1, 2)]
+CASES = [(backend, k, "plain") for backend in ("reference", "chunked", "triton") for k in (0, 1, 2)]
+CASES += [(backend, 1, extra) for backend in ("reference", "chunked", "triton")
+          for extra in ("mrl", "hard", "mrl+hard")]  # fmt: skip
 
 
 def _gather_grad_check(rank: int, world: int) -> float:
@@ -71,19 +84,19 @@ def _worker(rank: int, world: int, init_file: str, out: str, seed: int) -> None:
         for mode in MODES:
             gdist.GATHER_BACKWARD = mode
             results[("gather_grad_err", mode)] = _gather_grad_check(rank, world)
-            for backend, num_neg in CASES:
+            for backend, num_neg, settings in CASES:
                 model = _encoder()
                 x, gx = _batch(num_neg, seed)
                 b = B // world
                 rows = slice(rank * b, (rank + 1) * b)
                 loss, grads, stats = _loss_and_grads(
-                    model, [t[rows] for t in x], [t[rows] for t in gx], backend, gather=True
+                    model, [t[rows] for t in x], [t[rows] for t in gx], backend, True, settings
                 )
                 # What training does: average the loss for logging and the gradients (DDP).
                 dist.all_reduce(loss)
                 for g in grads:
                     dist.all_reduce(g)
-                results[(mode, backend, num_neg)] = {
+                results[(mode, backend, num_neg, settings)] = {
                     "loss": loss / world,
                     "grads": [g / world for g in grads],
                 }
@@ -111,12 +124,12 @@ def two_worker_results(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("backend", "num_neg"), CASES)
-def test_two_workers_equal_one_process(mode, backend, num_neg, two_worker_results):
+@pytest.mark.parametrize(("backend", "num_neg", "settings"), CASES)
+def test_two_workers_equal_one_process(mode, backend, num_neg, settings, two_worker_results):
     seed, results = two_worker_results
-    two = results[(mode, backend, num_neg)]
+    two = results[(mode, backend, num_neg, settings)]
     x, gx = _batch(num_neg, seed)
-    one_loss, one_grads, _ = _loss_and_grads(_encoder(), x, gx, backend, gather=False)
+    one_loss, one_grads, _ = _loss_and_grads(_encoder(), x, gx, backend, False, settings)
     torch.testing.assert_close(two["loss"], one_loss, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
     for g2, g1 in zip(two["grads"], one_grads):
         err = ((g2 - g1).norm() / g1.norm()).item()  # relative error of each parameter's grad

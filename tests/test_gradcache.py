@@ -59,15 +59,23 @@ def test_gradcache_equals_one_backward_with_dropout(tiny_models, backend):
     assert_rel_close(cached, direct, 1e-5)
 
 
-def test_gradcache_equals_full_batch_without_dropout(tiny_models):
-    """Dropout off: mini-batches of 4 give the gradients of one batch of 16 (padding differs)."""
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"matryoshka_dims": [32, 16, 8], "hardness_alpha": 3.0, "hardness_mode": "all_negatives"}],
+    ids=["plain", "matryoshka+hardness"],
+)
+def test_gradcache_equals_full_batch_without_dropout(tiny_models, settings):
+    """Dropout off: mini-batches of 4 give the gradients of one batch of 16 (padding differs),
+    also with the loss summed over Matryoshka widths and hardness-weighted."""
     student, columns, guide_emb = _setup(tiny_models, dropout=False)
-    loss_fn = GistLoss()
-    loss_full, _ = training_step(student, loss_fn, columns, guide_emb)
+    loss_fn = GistLoss(**settings)
+    loss_full, stats_full = training_step(student, loss_fn, columns, guide_emb)
     full = _grads(student)
     student.zero_grad(set_to_none=True)
-    loss_cached, _ = training_step(student, loss_fn, columns, guide_emb, mini_batch_size=4)
+    loss_cached, stats = training_step(student, loss_fn, columns, guide_emb, mini_batch_size=4)
     torch.testing.assert_close(loss_cached, loss_full, rtol=1e-5, atol=1e-6)
+    for key in (k for k in stats_full if k.startswith("loss/dim_")):
+        torch.testing.assert_close(stats[key], stats_full[key], rtol=1e-5, atol=1e-6)
     assert_rel_close(_grads(student), full, 1e-5)
     assert full.abs().sum() > 0
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gist_ray.config import load_config
+from gist_ray.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +198,52 @@ def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tm
     # relative to how far training moved the weights (the per-step losses match to 1e-5).
     gap = (flat["ray"] - flat["local"]).norm() / (flat["local"] - flat["init"]).norm()
     assert gap < 2e-2, f"runs diverged: weight gap {gap:.2e} of the training update"
+
+
+def test_matryoshka_and_hardness_run(
+    ray_cluster, tiny_models, tiny_pairs_file, beir_eval, tmp_path
+):
+    """A 2-worker run with Matryoshka widths and hardness weighting: MLflow gets every width's
+    loss each step (averaged over the workers, so the logged loss is their weighted sum) and
+    retrieval at every width before, during and after training; a width above the student's
+    fails on the driver, before Ray, naming the key."""
+    import mlflow
+
+    from gist_ray.run import train
+
+    common = [
+        f"model.student={tiny_models['student']}",
+        f"model.guide={tiny_models['guide']}",
+        "model.max_seq_length=32",
+        f"data.train={tiny_pairs_file}",
+        "data.max_examples=0",
+        "train.batch_size=8",
+        "train.max_steps=3",
+        "train.checkpoint_every=100",
+        "loss.hardness_alpha=4",
+        "loss.hardness_mode=in_batch_negatives",
+        f"output_dir={tmp_path / 'out'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    with pytest.raises(ConfigError, match=r"loss.matryoshka_dims: 64 is wider than the "
+                       r"student's embeddings \(32\)"):  # fmt: skip
+        train(load_config(overrides=[*common, "loss.matryoshka_dims=[64, 8]"]))
+    cfg = load_config(overrides=[*common, f"eval.source={beir_eval}", "eval.every=2",
+                                 "loss.matryoshka_dims=[32, 8]",
+                                 "loss.matryoshka_weights=[1, 0.5]"])  # fmt: skip
+    result = train(cfg)
+    client = mlflow.MlflowClient(result["tracking_uri"])
+
+    def series(key):
+        return {m.step: m.value for m in client.get_metric_history(result["run_id"], key)}
+
+    loss, wide, narrow = series("loss"), series("loss/dim_32"), series("loss/dim_8")
+    assert sorted(loss) == sorted(wide) == sorted(narrow) == [1, 2, 3]
+    for step in loss:
+        assert loss[step] == pytest.approx(wide[step] + 0.5 * narrow[step], rel=1e-5)
+    assert sorted(series("eval/dim_8/ndcg_at_10")) == [0, 2, 3]  # before, step 2, after
+    assert "dim_8/ndcg@10" in result["before"] and "dim_8/ndcg@10" in result["after"]
+    assert series("eval/before/dim_32/ndcg_at_10")[0] == pytest.approx(result["before"]["ndcg@10"])
 
 
 # ----------------------------------------------------------------------------- issue 5: evidence

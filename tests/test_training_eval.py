@@ -94,3 +94,23 @@ def test_validation_of_a_checkpoint_logs_its_step_once(setup, tmp_path):
         [(4, first["eval/ndcg@10"]), (4, 0.123)]
     ), "the second validation logged nothing"
     assert len(client.get_metric_history(run_id, "eval/recall_at_10")) == 1
+
+
+def test_matryoshka_widths_are_evaluated(tmp_path, tiny_models):
+    """With loss.matryoshka_dims the periodic eval also reports retrieval at each width (real
+    metrics on the real encoder; the tiny student is 32 wide)."""
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    texts = ["car insurance cover", "cancel a policy", "home flood damage", "life insurance"]
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "car cover"}) + "\n")
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    (beir / "qrels.tsv").write_text("q1\td0\t1\n")
+    cfg = load_config(overrides=[f"eval.source={beir}", "eval.every=1",
+                                 f"output_dir={tmp_path / 'out'}",
+                                 "loss.matryoshka_dims=[32, 8]"])  # fmt: skip
+    student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=16))
+    metrics = ev.TrainingEval(cfg, run_id="r")(student, 1)
+    assert {"ndcg@10", "dim_32/ndcg@10", "dim_8/ndcg@10", "dim_8/recall@10"} <= set(metrics)
+    assert metrics["dim_32/ndcg@10"] == pytest.approx(metrics["ndcg@10"])

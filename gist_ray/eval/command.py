@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,13 @@ def evaluate(
     seed: int = 0,
     output: str | None = None,
     progress: bool | None = None,
+    dims: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Evaluate ``model`` (and ``compare``); print the table; return (and write) the results.
 
     Without ``data`` and ``sts``, retrieval runs on the built-in insuranceqa. 0 in
-    ``max_queries`` / ``max_corpus`` means all."""
+    ``max_queries`` / ``max_corpus`` means all. ``dims``: Matryoshka widths, retrieval also on
+    the embeddings truncated to each (re-normalised)."""
     from gist_ray.eval.metrics import retrieval_metrics
     from gist_ray.eval.sets import load_eval
     from gist_ray.eval.sts import load_sts, sts_metrics
@@ -121,8 +124,11 @@ def evaluate(
                 batch_size=batch_size,
                 show_progress=progress,
                 encode_query_fn=encode_query,
+                dims=dims,
             )
             info["retrieval"] = {k: m[k] for k in (*SHOWN, "num_queries", "skipped_queries")}
+            for w in dims:
+                info[f"retrieval_dim_{w}"] = {k: m[f"dim_{w}/{k}"] for k in SHOWN}
         if sts_set is not None:
             log.info("%s: encoding %d STS pairs on %s", name, len(sts_set.scores), dev)
             info["sts"] = sts_metrics(encode, sts_set, batch_size, show_progress=progress)
@@ -143,14 +149,15 @@ def evaluate(
             "documents": len(evalset.corpus),
             "notes": list(evalset.notes),
         }
+        for w in dims:
+            result["eval"][f"retrieval_dim_{w}"] = {"dims": w}
     if sts_set is not None:
         result["eval"]["sts"] = {"file": str(sts), "pairs": len(sts_set.scores)}
     if compare:
         a, b = rows
         result["diff"] = {
             section: {k: a[section][k] - b[section][k] for k in keys}
-            for section, keys in (("retrieval", SHOWN), ("sts", STS_SHOWN))
-            if section in a
+            for section, keys, _ in _sections(result["eval"])
         }
     print(format_table(result))
     if output:
@@ -168,12 +175,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'metric':<12}" + "".join(f"{n:>10}" for n in names)
     head += f"{'diff':>10}" if len(rows) == 2 else ""
     lines = []
-    for section, keys, title in (
-        ("retrieval", SHOWN, "Retrieval on {name}: {queries} queries, {documents} documents"),
-        ("sts", STS_SHOWN, "STS on {file}: {pairs} pairs"),
-    ):
-        if section not in ev:
-            continue
+    for section, keys, title in _sections(ev):
         lines += ["" if lines else None, title.format(**ev[section]), head]
         for k in keys:
             vals = [r[section][k] for r in rows]
@@ -187,6 +189,18 @@ def format_table(result: dict[str, Any]) -> str:
     if len(rows) == 2:
         lines.append("diff = A - B")
     return "\n".join(x for x in lines if x is not None)
+
+
+def _sections(ev: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
+    """(result key, metrics, title) of every section evaluated, in table order."""
+    out = [("retrieval", SHOWN, "Retrieval on {name}: {queries} queries, {documents} documents")]
+    out += [
+        (key, SHOWN, "Retrieval at {dims} dims (truncated, re-normalised)")
+        for key in ev
+        if key.startswith("retrieval_dim_")
+    ]
+    out.append(("sts", STS_SHOWN, "STS on {file}: {pairs} pairs"))
+    return [x for x in out if x[0] in ev]
 
 
 def write_json(path: str | Path, obj: Any) -> None:

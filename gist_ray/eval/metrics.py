@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from gist_ray.errors import DataError
+from gist_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from gist_ray.eval.sets import EvalSet
@@ -160,6 +160,7 @@ def retrieval_metrics(
     batch_size: int = 64,
     show_progress: bool = False,
     encode_query_fn: Callable[[list[str]], torch.Tensor] | None = None,
+    dims: Sequence[int] = (),
 ) -> dict[str, float]:
     """Encode corpus and queries, rank by cosine, and return metrics at every k.
 
@@ -168,7 +169,9 @@ def retrieval_metrics(
 
     Keys: `ndcg@k`, `recall@k`, `mrr@k`, `map@k` for each k in `k_values` (with the defaults this
     includes ndcg@10, recall@1/10/100, mrr@10, map@100), `num_queries` (evaluated) and
-    `skipped_queries` (no relevant document; not averaged in).
+    `skipped_queries` (no relevant document; not averaged in). For each Matryoshka width `w`
+    in `dims` also `dim_<w>/<metric>@k`: the same embeddings truncated to their first `w`
+    dimensions and re-normalised.
     """
     if not evalset.queries or not evalset.corpus:
         raise DataError(
@@ -186,9 +189,28 @@ def retrieval_metrics(
         "queries",
         show_progress,
     )
+    result = _score(queries, docs, doc_ids, qids, evalset, k_values, warn=True)
+    for w in dims:  # Matryoshka: the same embeddings, truncated and re-normalised
+        if not 0 < w <= docs.shape[1]:
+            raise ConfigError(f"Matryoshka width {w} is not in 1..{docs.shape[1]} (the model's)")
+        part = _score(F.normalize(queries[:, :w], dim=-1), F.normalize(docs[:, :w], dim=-1),
+                      doc_ids, qids, evalset, k_values, warn=False)  # fmt: skip
+        result.update({f"dim_{w}/{k}": v for k, v in part.items() if "@" in k})
+    return result
+
+
+def _score(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    doc_ids: list[str],
+    qids: list[str],
+    evalset: EvalSet,
+    k_values: Sequence[int],
+    warn: bool,
+) -> dict[str, float]:
     ranked = dict(zip(qids, rank(queries, docs, doc_ids, max(k_values))))
     kept, skipped = judged_queries(ranked, evalset.qrels)
-    if skipped:
+    if skipped and warn:
         log.warning(
             "eval %s: skipped %d of %d queries with no relevant document",
             evalset.name,

@@ -11,8 +11,21 @@ backends behind them. The definition is in docs/loss.md.
 Importing this package imports neither triton nor Ray.
 """
 
-from gist_ray.loss.functional import BACKENDS, gist_loss, validate_loss_args
+from gist_ray.loss.functional import (
+    BACKENDS,
+    gist_loss,
+    validate_loss_args,
+    validate_matryoshka,
+)
 from gist_ray.loss.module import GistLoss
-from gist_ray.loss.plan import STRATEGIES
+from gist_ray.loss.plan import HARDNESS_MODES, STRATEGIES
 
-__all__ = ["BACKENDS", "STRATEGIES", "GistLoss", "gist_loss", "validate_loss_args"]
+__all__ = [
+    "BACKENDS",
+    "HARDNESS_MODES",
+    "STRATEGIES",
+    "GistLoss",
+    "gist_loss",
+    "validate_loss_args",
+    "validate_matryoshka",
+]

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from gist_ray.distributed import all_gather_with_grad, rank
-from gist_ray.loss.op import tiled_backend
+from gist_ray.loss.op import tiled
 from gist_ray.loss.plan import (
     DIAG_NONE,
+    HARDNESS_MODES,
     STRATEGIES,
     BackendOutput,
     Problem,
@@ -31,22 +32,59 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def validate_loss_args(
-    temperature: float, margin: float, margin_strategy: str, backend: str = "auto"
+    temperature: float,
+    margin: float,
+    margin_strategy: str,
+    backend: str = "auto",
+    matryoshka_dims: Sequence[int] = (),
+    matryoshka_weights: Sequence[float] | None = None,
+    hardness_alpha: float = 0.0,
+    hardness_mode: str = "hard_negatives",
 ) -> None:
     """One-line ValueErrors naming the config key."""
     if not temperature > 0:
         raise ValueError(f"loss.temperature must be > 0, got {temperature}")
     if not margin >= 0:
         raise ValueError(f"loss.margin must be >= 0, got {margin}")
-    if margin_strategy not in STRATEGIES:
+    _one_of("loss.margin_strategy", "strategy", margin_strategy, STRATEGIES)
+    _one_of("loss.backend", "backend", backend, BACKENDS)
+    validate_matryoshka(matryoshka_dims, matryoshka_weights)
+    if not hardness_alpha >= 0:
+        raise ValueError(f"loss.hardness_alpha must be >= 0, got {hardness_alpha}")
+    _one_of("loss.hardness_mode", "mode", hardness_mode, HARDNESS_MODES)
+
+
+def _one_of(key: str, what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def validate_matryoshka(
+    dims: Sequence[int], weights: Sequence[float] | None, width: int | None = None
+) -> None:
+    """``loss.matryoshka_dims``: positive, strictly decreasing, at most the student's
+    ``width`` (when known); ``loss.matryoshka_weights``: one ``>= 0`` per width."""
+    dims = list(dims)
+    if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in dims):
+        raise ValueError(f"loss.matryoshka_dims must be positive integers, got {dims}")
+    if any(a <= b for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"loss.matryoshka_dims must be strictly decreasing, got {dims}")
+    if width is not None and dims and dims[0] > width:
         raise ValueError(
-            f"loss.margin_strategy: unknown strategy {margin_strategy!r}; "
-            f"allowed: {', '.join(STRATEGIES)}"
+            f"loss.matryoshka_dims: {dims[0]} is wider than the student's embeddings ({width})"
         )
-    if backend not in BACKENDS:
+    if weights is None:
+        return
+    weights = list(weights)
+    if not dims:
+        raise ValueError("loss.matryoshka_weights is set but loss.matryoshka_dims is empty")
+    if len(weights) != len(dims):
         raise ValueError(
-            f"loss.backend: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}"
+            f"loss.matryoshka_weights has {len(weights)} values for {len(dims)} "
+            f"loss.matryoshka_dims"
         )
+    if not all(w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(f"loss.matryoshka_weights must be >= 0 and not all 0, got {weights}")
 
 
 def compute(
@@ -60,32 +98,68 @@ def compute(
     contrast_positives: bool,
     backend: str,
     gather: bool,
+    matryoshka_dims: Sequence[int] = (),
+    matryoshka_weights: Sequence[float] | None = None,
+    hardness_alpha: float = 0.0,
+    hardness_mode: str = "hard_negatives",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss (mean over local rows) and its statistics as 0-dim tensors (no host sync).
 
     ``embeddings`` is ``[anchor, positive, negative_1..k]`` (student, ``[b, d]`` each) and
     ``guide_embeddings`` their guide twins (``[b, d_g]``, never differentiated). Settings are
-    assumed valid (see :func:`validate_loss_args`)."""
+    assumed valid (see :func:`validate_loss_args`). With ``matryoshka_dims`` the loss is
+    ``Σ_w weight_w · loss_w`` over the student truncated to each width and re-normalised; the
+    guide mask does not depend on the width and is computed once (``reference`` computes every
+    width independently: the oracle); ``loss/dim_<w>`` reports each width's loss."""
     dtype = check_inputs(embeddings, guide_embeddings)
-    # Normalise in float32, round once to the compute dtype (autograd: the backward in float32).
-    student = [F.normalize(x.float(), dim=-1).to(dtype) for x in embeddings]
+    validate_matryoshka(matryoshka_dims, None, embeddings[0].shape[1])
     guide = [g.detach().to(dtype) for g in guide_embeddings]  # backends normalise per tile
     k = len(embeddings) - 2
-    segments, sources = build_segments(k, contrast_anchors, contrast_positives)
+    segments, sources = build_segments(k, contrast_anchors, contrast_positives, hardness_mode)
     column = {name: j for j, name in enumerate(column_names(len(embeddings)))}
-    cands = [student[column[s]] for s in sources]
+    cands = [embeddings[column[s]] for s in sources]
     guide_cands = [guide[column[s]] for s in sources]
     offset = 0
     if gather:
-        offset = rank() * student[0].shape[0]
+        # The raw rows, once: every width is normalised from them after the gather (a row-wise
+        # operation, so each rank gets the very rows one process would).
+        offset = rank() * embeddings[0].shape[0]
         cands = [all_gather_with_grad(x) for x in cands]
         guide_cands = [all_gather_with_grad(x) for x in guide_cands]
-    problem = Problem(
-        (student[0], student[1]), tuple(cands), (guide[0], guide[1]), tuple(guide_cands),
-        segments, offset, temperature, margin, margin_strategy,
-    )  # fmt: skip
-    out = reference_backend(problem) if backend == "reference" else tiled_backend(problem, backend)
-    return out.loss.mean(), statistics(problem, out)
+    dims = list(matryoshka_dims) or [embeddings[0].shape[1]]
+    problems = [
+        Problem(
+            (_unit(embeddings[0], w, dtype), _unit(embeddings[1], w, dtype)),
+            tuple(_unit(x, w, dtype) for x in cands),
+            (guide[0], guide[1]),
+            tuple(guide_cands),
+            segments,
+            offset,
+            temperature,
+            margin,
+            margin_strategy,
+            hardness_alpha,
+        )
+        for w in dims
+    ]
+    if backend == "reference":
+        outs = [reference_backend(p) for p in problems]
+    else:
+        outs = tiled(problems, backend)
+    stats = statistics(problems[0], outs[0])
+    if not matryoshka_dims:
+        return outs[0].loss.mean(), stats
+    weights = list(matryoshka_weights) if matryoshka_weights is not None else [1.0] * len(dims)
+    losses = [out.loss.mean() for out in outs]
+    for w, value in zip(dims, losses):
+        stats[f"loss/dim_{w}"] = value.detach()
+    return sum(c * value for c, value in zip(weights, losses)), stats
+
+
+def _unit(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``width`` dims of the student rows ``x``, L2-normalised in float32 and rounded
+    once to the compute dtype (autograd: the backward in float32)."""
+    return F.normalize(x[:, :width].float(), dim=-1).to(dtype)
 
 
 def column_names(n: int) -> list[str]:
@@ -164,6 +238,10 @@ def gist_loss(
     contrast_positives: bool = True,
     backend: str = "auto",
     gather: bool = False,
+    matryoshka_dims: Sequence[int] = (),
+    matryoshka_weights: Sequence[float] | None = None,
+    hardness_alpha: float = 0.0,
+    hardness_mode: str = "hard_negatives",
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """GISTEmbed loss, mean over the local query rows (functional form of ``GistLoss``).
@@ -173,9 +251,19 @@ def gist_loss(
     process group, every candidate set is all-gathered with gradient so each local query sees the
     global pool. With ``return_stats=True`` also returns a dict of float statistics:
     ``mask_frac/<segment>``, ``threshold_mean``, ``positive_rank_mean`` and ``no_negative_frac``
-    (``float()`` of each costs a host sync; :class:`GistLoss` returns them as tensors).
+    (``float()`` of each costs a host sync; :class:`GistLoss` returns them as tensors), and
+    ``loss/dim_<w>`` per Matryoshka width.
+
+    ``matryoshka_dims`` (strictly decreasing widths, each at most ``d``; empty = off) and
+    ``matryoshka_weights`` (default all 1): the loss is ``Σ_w weight_w · GIST(student
+    truncated to its first w dims and re-normalised)``, the guide mask computed once for every
+    width. ``hardness_alpha`` (α >= 0; 0 = off) weights the guide's unmasked negatives selected
+    by ``hardness_mode`` with the logit ``s/τ + α·sg(s)`` (docs/loss.md).
     """
-    validate_loss_args(temperature, margin, margin_strategy, backend)
+    validate_loss_args(
+        temperature, margin, margin_strategy, backend, matryoshka_dims, matryoshka_weights,
+        hardness_alpha, hardness_mode,
+    )  # fmt: skip
     negatives, guide_negatives = list(negatives), list(guide_negatives)
     if len(negatives) != len(guide_negatives):
         raise ValueError(
@@ -185,7 +273,9 @@ def gist_loss(
         [anchor, positive, *negatives], [guide_anchor, guide_positive, *guide_negatives],
         temperature=temperature, margin=margin, margin_strategy=margin_strategy,
         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
-        backend=backend, gather=gather,
+        backend=backend, gather=gather, matryoshka_dims=matryoshka_dims,
+        matryoshka_weights=matryoshka_weights, hardness_alpha=hardness_alpha,
+        hardness_mode=hardness_mode,
     )  # fmt: skip
     if not return_stats:
         return loss

@@ -26,6 +26,10 @@ class GistLoss(nn.Module):
     them with ``float()`` is the caller's choice of when to sync. With ``gather=True`` (inside an
     initialised process group) every candidate set is all-gathered, so each local query sees the
     global pool.
+
+    ``matryoshka_dims``/``matryoshka_weights``: the loss summed over truncated, re-normalised
+    widths with one guide mask (the stats then also hold ``loss/dim_<w>``);
+    ``hardness_alpha``/``hardness_mode``: hardness weighting after the guide mask (docs/loss.md).
     """
 
     def __init__(
@@ -37,20 +41,35 @@ class GistLoss(nn.Module):
         contrast_positives: bool = True,
         backend: str = "auto",
         gather: bool = False,
+        matryoshka_dims: Sequence[int] = (),
+        matryoshka_weights: Sequence[float] | None = None,
+        hardness_alpha: float = 0.0,
+        hardness_mode: str = "hard_negatives",
     ) -> None:
         super().__init__()
-        validate_loss_args(temperature, margin, margin_strategy, backend)
+        validate_loss_args(
+            temperature, margin, margin_strategy, backend, matryoshka_dims, matryoshka_weights,
+            hardness_alpha, hardness_mode,
+        )  # fmt: skip
         self.temperature, self.margin, self.margin_strategy = temperature, margin, margin_strategy
         self.contrast_anchors, self.contrast_positives = contrast_anchors, contrast_positives
         self.backend, self.gather = backend, gather
+        self.matryoshka_dims = tuple(matryoshka_dims)
+        self.matryoshka_weights = None if matryoshka_weights is None else tuple(matryoshka_weights)
+        self.hardness_alpha, self.hardness_mode = hardness_alpha, hardness_mode
 
     @classmethod
     def from_config(cls, cfg: Any, gather: bool = False) -> GistLoss:
-        """From any object with the loss settings as attributes (e.g. ``Config.loss``)."""
+        """From any object with the loss settings as attributes (e.g. ``Config.loss``); the
+        Matryoshka and hardness settings are optional there (default: off)."""
         return cls(
             temperature=cfg.temperature, margin=cfg.margin, margin_strategy=cfg.margin_strategy,
             contrast_anchors=cfg.contrast_anchors, contrast_positives=cfg.contrast_positives,
             backend=cfg.backend, gather=gather,
+            matryoshka_dims=getattr(cfg, "matryoshka_dims", ()) or (),
+            matryoshka_weights=getattr(cfg, "matryoshka_weights", None),
+            hardness_alpha=getattr(cfg, "hardness_alpha", 0.0),
+            hardness_mode=getattr(cfg, "hardness_mode", "hard_negatives"),
         )  # fmt: skip
 
     def forward(
@@ -61,6 +80,8 @@ class GistLoss(nn.Module):
             temperature=self.temperature, margin=self.margin,
             margin_strategy=self.margin_strategy, contrast_anchors=self.contrast_anchors,
             contrast_positives=self.contrast_positives, backend=self.backend, gather=self.gather,
+            matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
+            hardness_alpha=self.hardness_alpha, hardness_mode=self.hardness_mode,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -69,4 +90,9 @@ class GistLoss(nn.Module):
             f"margin_strategy={self.margin_strategy!r}, contrast_anchors={self.contrast_anchors}, "
             f"contrast_positives={self.contrast_positives}, backend={self.backend!r}, "
             f"gather={self.gather}"
-        )
+            + (f", matryoshka_dims={list(self.matryoshka_dims)}" if self.matryoshka_dims else "")
+            + (f", matryoshka_weights={list(self.matryoshka_weights)}"
+               if self.matryoshka_weights is not None else "")
+            + (f", hardness_alpha={self.hardness_alpha}, hardness_mode={self.hardness_mode!r}"
+               if self.hardness_alpha else "")
+        )  # fmt: skip

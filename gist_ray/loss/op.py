@@ -14,6 +14,8 @@ time a CUDA (or, under ``TRITON_INTERPRET=1``, an explicit ``backend="triton"``)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from gist_ray.loss import chunked
@@ -21,8 +23,8 @@ from gist_ray.loss.plan import BackendOutput, Problem, Segment, mask_bits_shape
 
 PROBLEM = (
     "Tensor[] left, Tensor[] cands, Tensor[] guide_left, Tensor[] guide_cands, int[] seg_left, "
-    "int[] seg_cand, int[] seg_diag, int offset, float temperature, float margin, str strategy, "
-    "str backend"
+    "int[] seg_cand, int[] seg_diag, int[] seg_hard, int offset, float temperature, float margin, "
+    "str strategy, float hardness, str backend"
 )
 N_TENSOR_LISTS = 4  # left, cands, guide_left, guide_cands
 torch.library.define(
@@ -42,15 +44,31 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _unpack(args: tuple) -> tuple[Problem, str]:
-    """The op's problem arguments back into a Problem, and the backend that runs it."""
-    left, cands, guide_left, guide_cands, seg_left, seg_cand, seg_diag, *rest = args
-    offset, temperature, margin, strategy, backend = rest
-    triples = zip(seg_left, seg_cand, seg_diag)
-    segs = tuple(Segment(f"s{j}", lf, c, dg) for j, (lf, c, dg) in enumerate(triples))
-    p = Problem(tuple(left), tuple(cands), tuple(guide_left), tuple(guide_cands), segs, offset,
-                temperature, margin, strategy)  # fmt: skip
-    return p, resolve(backend, left[0].device)
+def _unpack(args: tuple) -> tuple[list[Problem], str]:
+    """The op's problem arguments back into Problems (one per Matryoshka width: ``left`` holds
+    2 tensors per width, ``cands`` one per guide candidate tensor per width, width after
+    width), and the backend that runs them."""
+    left, cands, guide_left, guide_cands, seg_left, seg_cand, seg_diag, seg_hard, *rest = args
+    offset, temperature, margin, strategy, hardness, backend = rest
+    quads = zip(seg_left, seg_cand, seg_diag, seg_hard)
+    segs = tuple(Segment(f"s{j}", lf, c, dg, h) for j, (lf, c, dg, h) in enumerate(quads))
+    nc = len(guide_cands)
+    problems = [
+        Problem(
+            tuple(left[2 * w : 2 * w + 2]),
+            tuple(cands[nc * w : nc * (w + 1)]),
+            tuple(guide_left),
+            tuple(guide_cands),
+            segs,
+            offset,
+            temperature,
+            margin,
+            strategy,
+            hardness,
+        )
+        for w in range(len(left) // 2)
+    ]
+    return problems, resolve(backend, left[0].device)
 
 
 def _triton():
@@ -61,30 +79,31 @@ def _triton():
 
 @torch.library.impl("gist_ray::gist_rows", "CompositeExplicitAutograd")
 def _forward(*args):
-    """``(loss, masked, above, threshold, lse, bits)``; see :class:`plan.BackendOutput`."""
-    p, backend = _unpack(args)
-    return _triton().forward(p) if backend == "triton" else chunked.forward(p)
+    """``(loss, masked, above, threshold, lse, bits)``: ``loss``, ``above``, ``lse``
+    ``[widths, b]``, the mask's ``masked``, ``threshold`` and ``bits`` once (:func:`tiled`)."""
+    problems, backend = _unpack(args)
+    return (_triton() if backend == "triton" else chunked).forward(problems)
 
 
 @torch.library.register_fake("gist_ray::gist_rows")
 def _forward_fake(*args):
     left, cands, seg_left = args[0], args[1], args[4]
-    b, dev = left[0].shape[0], left[0].device
-    row = left[0].new_empty(b, dtype=torch.float32)
+    nw, b, dev = len(left) // 2, left[0].shape[0], left[0].device
+    rows = left[0].new_empty(nw, b, dtype=torch.float32)
     bits = mask_bits_shape(len(seg_left), b, cands[0].shape[0], dev)
     return (
-        row, left[0].new_empty(b, len(seg_left), dtype=torch.int64),
-        left[0].new_empty(b, dtype=torch.int64), torch.empty_like(row), torch.empty_like(row),
-        left[0].new_empty(bits, dtype=torch.uint8),
+        rows, left[0].new_empty(b, len(seg_left), dtype=torch.int64),
+        left[0].new_empty(nw, b, dtype=torch.int64), left[0].new_empty(b, dtype=torch.float32),
+        torch.empty_like(rows), left[0].new_empty(bits, dtype=torch.uint8),
     )  # fmt: skip
 
 
 @torch.library.impl("gist_ray::gist_rows_backward", "CompositeExplicitAutograd")
 def _backward_impl(grad, lse, bits, *args):
-    """``[d left_0, d left_1, d cands_0, ...]`` of ``Σ_i grad_i · loss_i``."""
-    p, backend = _unpack(args)
+    """``[d left..., d cands...]`` (every width's) of ``Σ_w Σ_i grad[w, i] · loss[w, i]``."""
+    problems, backend = _unpack(args)
     run = _triton().backward if backend == "triton" else chunked.backward
-    dleft, dcands = run(p, grad, lse, bits)
+    dleft, dcands = run(problems, grad, lse, bits)
     return [*dleft, *dcands]
 
 
@@ -115,11 +134,22 @@ def _backward(ctx, grad, _masked, _above, _threshold, _lse, _bits):
 torch.library.register_autograd("gist_ray::gist_rows", _backward, setup_context=_setup_context)
 
 
-def tiled_backend(p: Problem, backend: str = "auto") -> BackendOutput:
-    """Run ``p`` through :data:`gist_rows` (``backend``: ``auto``, ``chunked`` or ``triton``)."""
+def tiled(problems: Sequence[Problem], backend: str = "auto") -> list[BackendOutput]:
+    """Run ``problems`` through :data:`gist_rows` (``backend``: ``auto``, ``chunked`` or
+    ``triton``): one problem per Matryoshka width, all with the first one's guide, segments and
+    settings, whose mask is computed once and reused by every width. Every output carries the
+    mask's ``masked`` and ``threshold``; ``loss`` and ``above`` are the width's own."""
+    p = problems[0]
     loss, masked, above, threshold, _, _ = gist_rows(
-        list(p.left), list(p.cands), list(p.guide_left), list(p.guide_cands),
-        [s.left for s in p.segments], [s.cand for s in p.segments],
-        [s.diag for s in p.segments], p.offset, p.temperature, p.margin, p.strategy, backend,
+        [x for q in problems for x in q.left], [x for q in problems for x in q.cands],
+        list(p.guide_left), list(p.guide_cands), [s.left for s in p.segments],
+        [s.cand for s in p.segments], [s.diag for s in p.segments],
+        [s.hard for s in p.segments], p.offset, p.temperature, p.margin, p.strategy, p.hardness,
+        backend,
     )  # fmt: skip
-    return BackendOutput(loss, masked, above, threshold)
+    return [BackendOutput(loss[w], masked, above[w], threshold) for w in range(len(problems))]
+
+
+def tiled_backend(p: Problem, backend: str = "auto") -> BackendOutput:
+    """Run one problem through :data:`gist_rows`."""
+    return tiled([p], backend)[0]

@@ -40,6 +40,18 @@ DIAG_EXCLUDE = 2  # the self-pair: never a candidate, not counted (AA, PP)
 Strategy = Literal["absolute", "relative"]
 STRATEGIES: tuple[str, ...] = ("absolute", "relative")
 
+# Hardness weighting (docs/loss.md "Hardness weighting"): which entries of a segment get the
+# logit ``s/τ + α·sg(s)``, as bit flags of ``Segment.hard``. The modes are sentence-transformers'
+# ``hardness_mode`` names; like there, only anchor-to-document logits (AP, AN) are weighted.
+HARD_OFF = 1  # the entries j != i of the segment
+HARD_DIAG = 2  # the entry j = i (row i's own explicit hard negative)
+HARDNESS_MODES: tuple[str, ...] = ("hard_negatives", "in_batch_negatives", "all_negatives")
+_HARD_CODES = {  # mode -> (AP code, AN code)
+    "hard_negatives": (0, HARD_DIAG),
+    "in_batch_negatives": (HARD_OFF, HARD_OFF),
+    "all_negatives": (HARD_OFF, HARD_OFF | HARD_DIAG),
+}
+
 ANCHOR, POSITIVE = 0, 1  # left slots
 
 
@@ -49,6 +61,7 @@ class Segment:
     left: int  # ANCHOR or POSITIVE
     cand: int  # index into Problem.cands
     diag: int  # DIAG_NONE, DIAG_PROTECT or DIAG_EXCLUDE
+    hard: int = 0  # HARD_OFF | HARD_DIAG: entries weighted by hardness (when hardness > 0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class Problem:
     temperature: float
     margin: float
     strategy: Strategy
+    hardness: float = 0.0  # α of the hardness weighting; 0 = off
 
     @property
     def rows(self) -> int:
@@ -87,18 +101,23 @@ class BackendOutput:
 
 
 def build_segments(
-    num_negatives: int, contrast_anchors: bool, contrast_positives: bool
+    num_negatives: int,
+    contrast_anchors: bool,
+    contrast_positives: bool,
+    hardness_mode: str = "hard_negatives",
 ) -> tuple[tuple[Segment, ...], tuple[str, ...]]:
     """Segments in the order AP, AA, PP, AN_1..k, and which column each candidate tensor is
-    (``"positive"``, ``"anchor"``, ``"negative_k"``); a column no segment uses is not listed."""
+    (``"positive"``, ``"anchor"``, ``"negative_k"``); a column no segment uses is not listed.
+    ``hardness_mode`` sets which entries hardness weighting applies to (when it is on)."""
+    hard_ap, hard_an = _HARD_CODES[hardness_mode]
     sources = ["positive"] + (["anchor"] if contrast_anchors else [])
-    segs = [Segment("ap", ANCHOR, 0, DIAG_PROTECT)]
+    segs = [Segment("ap", ANCHOR, 0, DIAG_PROTECT, hard_ap)]
     if contrast_anchors:
         segs.append(Segment("aa", ANCHOR, 1, DIAG_EXCLUDE))
     if contrast_positives:
         segs.append(Segment("pp", POSITIVE, 0, DIAG_EXCLUDE))
     for k in range(num_negatives):
-        segs.append(Segment(f"an{k + 1}", ANCHOR, len(sources), DIAG_NONE))
+        segs.append(Segment(f"an{k + 1}", ANCHOR, len(sources), DIAG_NONE, hard_an))
         sources.append(f"negative_{k + 1}")
     return tuple(segs), tuple(sources)
 
@@ -108,6 +127,14 @@ def mask_limit(threshold: torch.Tensor, margin: float, strategy: str) -> torch.T
     if strategy == "absolute":
         return threshold - margin
     return threshold - threshold.abs() * margin
+
+
+def hardness_factors(p: Problem, seg: Segment) -> tuple[float, float]:
+    """``(off-diagonal, diagonal)`` factors on the logits ``s/τ`` of ``seg``: ``1 + α·τ`` where
+    hardness weighting applies (``s/τ + α·s``, the added ``α·s`` without gradient), else 1."""
+    factor = 1.0 + p.hardness * p.temperature
+    off = factor if seg.hard & HARD_OFF else 1.0
+    return off, factor if seg.hard & HARD_DIAG else 1.0
 
 
 def inv_norm(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from gist_ray.loss.plan import (
     Problem,
     exact_over,
     exact_threshold,
+    hardness_factors,
     inv_norm,
     mask_limit,
 )
@@ -44,11 +45,22 @@ def reference_backend(p: Problem, above_slack: float = 0.0) -> BackendOutput:
         if seg.diag == DIAG_EXCLUDE:
             mask |= diag
             counted &= ~diag
-        logits.append(s.masked_fill(mask, float("-inf")))
+        s = s.masked_fill(mask, float("-inf"))
+        # The positive is never its own rival; rivals are ranked by s/τ, before hardness.
+        rivals.append(s.masked_fill(diag, float("-inf")) if seg.diag else s)
+        logits.append(_harden(p, seg, s, diag))
         masked.append(counted.sum(1))
-        # The positive is never its own rival.
-        rivals.append(logits[-1].masked_fill(diag, float("-inf")) if seg.diag else logits[-1])
     scores = torch.cat(logits, dim=1)
     above = (torch.cat(rivals, dim=1) > pos.detach().unsqueeze(1) + above_slack).sum(1)
     loss = torch.logsumexp(scores, dim=1) - pos
     return BackendOutput(loss, torch.stack(masked, 1), above, threshold.float())
+
+
+def _harden(p: Problem, seg, s: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """Hardness weighting after the mask: ``s/τ + α·sg(s)`` on the segment's weighted entries
+    (masked entries stay -inf)."""
+    off, on_diag = hardness_factors(p, seg)
+    if off == on_diag == 1.0:
+        return s
+    weighted = diag if off == 1.0 else ~diag if on_diag == 1.0 else torch.ones_like(diag)
+    return torch.where(weighted, s + p.hardness * p.temperature * s.detach(), s)

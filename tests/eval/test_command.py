@@ -89,6 +89,28 @@ def test_eval_writes_json_and_compares(beir, tiny_models, tmp_path, capsys):
     assert "ignored 2 qrels" in captured.err and "line 8" in captured.err
 
 
+def test_eval_matryoshka_widths(beir, tiny_models, tmp_path, capsys):
+    """``--dims``: a table section and JSON entries per width, with the comparison's diff."""
+    out = tmp_path / "dims.json"
+    model, guide = str(tiny_models["student"]), str(tiny_models["guide"])
+    rc = main(["eval", model, "--data", str(beir), "--compare", guide, "--dims", "16", "8",
+               "--max-seq-length", "32", "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    a, b = res["models"]
+    for w in (16, 8):
+        assert 0 <= a[f"retrieval_dim_{w}"]["ndcg@10"] <= 1
+        assert res["diff"][f"retrieval_dim_{w}"]["ndcg@10"] == pytest.approx(
+            a[f"retrieval_dim_{w}"]["ndcg@10"] - b[f"retrieval_dim_{w}"]["ndcg@10"]
+        )
+    table = capsys.readouterr().out
+    assert "Retrieval at 16 dims (truncated, re-normalised)" in table
+    assert "Retrieval at 8 dims" in table
+    rc = main(["eval", model, "--data", str(beir), "--dims", "64"])  # the student has 32
+    assert rc == 2
+    assert "Matryoshka width 64 is not in 1..32" in capsys.readouterr().err
+
+
 def test_eval_single_model_sts_only(beir, tiny_models, capsys):
     rc = main(["eval", str(tiny_models["student"]), "--sts", str(beir / "sts.csv")])
     assert rc == 0

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from gist_ray.errors import DataError
+from gist_ray.errors import ConfigError, DataError
 from gist_ray.eval.metrics import (
     map_at_k,
     mrr_at_k,
@@ -135,3 +135,28 @@ def test_retrieval_metrics_matches_pure_functions():
 def test_empty_eval_set_is_an_error():
     with pytest.raises(DataError, match="empty"):
         retrieval_metrics(hashing_encoder(), EvalSet({}, {"d": "x"}, {}, name="tiny"))
+
+
+def test_matryoshka_widths_rank_the_truncated_embeddings():
+    """``dims``: metrics of the same embeddings truncated to each width and re-normalised, equal
+    to evaluating an encoder that truncates itself; the full width is unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    words = [f"w{i}" for i in range(40)]
+
+    def text():
+        return " ".join(words[j] for j in torch.randint(0, 40, (5,), generator=gen).tolist())
+
+    corpus = {f"d{i:02d}": text() for i in range(30)}
+    queries = {f"q{i}": text() for i in range(10)}
+    qrels = {q: {f"d{(3 * i) % 30:02d}": 1} for i, q in enumerate(queries)}
+    evalset = EvalSet(queries, corpus, qrels)
+    enc = hashing_encoder(dim=64)
+    m = retrieval_metrics(enc, evalset, k_values=(10,), dims=[32, 8])
+    assert m["ndcg@10"] == retrieval_metrics(enc, evalset, k_values=(10,))["ndcg@10"]
+    for w in (32, 8):
+        cut = retrieval_metrics(lambda t, w=w: enc(t)[:, :w], evalset, k_values=(10,))
+        assert m[f"dim_{w}/ndcg@10"] == pytest.approx(cut["ndcg@10"])
+        assert m[f"dim_{w}/recall@10"] == pytest.approx(cut["recall@10"])
+    assert m["dim_8/ndcg@10"] != m["ndcg@10"]  # a real truncation, not the full embeddings
+    with pytest.raises(ConfigError, match="Matryoshka width 128 is not in 1..64"):
+        retrieval_metrics(enc, evalset, dims=[128])

@@ -56,7 +56,9 @@ def test_every_variant_compiles_without_spills(tmp_path):
     plans = {p.name: p for p in PLANS.values()}
     for v in variants:
         what = f"{v['plan']} {v['kernel']} {v['arch']} {v['dtype']}"
-        if v["dtype"] in ("fp16", "bf16"):
+        # The hardness-weighted forward (loss.hardness_alpha > 0) is a variant of its own and
+        # may spill (benchmarks/RESULTS.md); every other 16-bit variant must not.
+        if v["dtype"] in ("fp16", "bf16") and not v["kernel"].endswith("_hard"):
             assert v["spill_stores"] == 0 and v["spill_loads"] == 0, f"{what} spills"
         assert v["smem"] <= plans[v["plan"]].smem, f"{what}: {v['smem']} B > the plan's smem"
         assert v["smem"] <= compile_check.SMEM_LIMIT[v["arch"]], f"{what} overflows smem"

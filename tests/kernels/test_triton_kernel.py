@@ -136,15 +136,51 @@ def test_launcher_refuses_mixed_dtypes_before_any_launch():
     p = H.make_problem(case, H.make_inputs(case, H.fresh_seed()))
     bad = replace(p, guide_cands=(p.guide_cands[0].half(), *p.guide_cands[1:]))
     with pytest.raises(ValueError, match="guide candidates 0 are torch.float16, anchor rows"):
-        gist_function.forward(bad)
+        gist_function.forward([bad])
+
+
+# ------------------------------------------------------ Matryoshka widths and hardness weighting
+
+
+@pytest.mark.parametrize(
+    "dtype, bits",
+    [(torch.float32, True), (torch.bfloat16, False)],
+    ids=["fp32-bits", "bf16-recompute"],
+)
+def test_matryoshka_sum_of_independent_losses(dtype, bits, monkeypatch):
+    """Widths 40/24/8 (8: padded to the kernels' 16) against the weighted sum of independent
+    reference losses: the narrower widths' forwards load the widest one's mask bits (or, when
+    the bits do not fit, recompute the same mask)."""
+    if not bits:
+        monkeypatch.setattr(plan, "MASK_BITS_FRACTION", 0.0)
+    case = _case(b=45, k=1, d=40, margin=0.05, dtype=dtype)
+    H.check_matryoshka("triton", case, [40, 24, 8], [1.0, 0.5, 2.0])
+
+
+def test_matryoshka_all_masked_and_hardness():
+    H.check_matryoshka("triton", _case(b=40, k=1, d=32, d_g=32, all_masked=True), [32, 16])
+    H.check_matryoshka("triton", _case(b=35, k=2, d=32, margin=0.05), [32, 16],
+                       hardness_alpha=3.0, hardness_mode="in_batch_negatives")  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", plan.HARDNESS_MODES)
+def test_hardness_against_oracle(mode):
+    """Hardness weighting after the mask (``_harden`` in the forward and the backward's P),
+    including the diagonal tiles where row i's own hard negative differs from the rest."""
+    H.check_hardness("triton", _case(b=45, k=2, margin=0.05), alpha=5.0, mode=mode)
+
+
+def test_hardness_16_bit():
+    H.check_hardness("triton", _case(b=40, k=1, margin=0.05, dtype=torch.float16), alpha=2.0,
+                     mode="all_negatives")  # fmt: skip
 
 
 def _run_kernels(p: plan.Problem, grad: torch.Tensor) -> list[torch.Tensor]:
     """Every output of the launchers' forward and backward on ``p``."""
     from gist_ray.kernels import gist_function
 
-    out = gist_function.forward(p)
-    dleft, dcands = gist_function.backward(p, grad, out[4], out[5])
+    out = gist_function.forward([p])
+    dleft, dcands = gist_function.backward([p], grad[None], out[4], out[5])
     return [*out, *dleft, *dcands]
 
 

@@ -136,14 +136,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 # ---------------------------------------------------------------- through the public front end
 
 
-def _front(backend: str, case: Case, inputs: list[torch.Tensor]):
+def _front(backend: str, case: Case, inputs: list[torch.Tensor], width: int | None = None,
+           **extra):  # fmt: skip
+    """``gist_loss`` of the inputs (student truncated to ``width`` first when given); ``extra``:
+    more keyword arguments of gist_loss."""
     k = case.k
     leaves = [x.clone().requires_grad_() for x in inputs[: 2 + k]]
+    student = [x[:, :width] for x in leaves] if width else leaves
     loss, stats = gist_loss(
-        leaves[0], leaves[1], inputs[2 + k], inputs[3 + k], leaves[2:], inputs[4 + k :],
+        student[0], student[1], inputs[2 + k], inputs[3 + k], student[2:], inputs[4 + k :],
         temperature=case.temperature, margin=case.margin, margin_strategy=case.strategy,
         contrast_anchors=case.contrast_anchors, contrast_positives=case.contrast_positives,
-        backend=backend, return_stats=True,
+        backend=backend, return_stats=True, **extra,
     )  # fmt: skip
     loss.backward()
     return loss.detach(), stats, [x.grad for x in leaves]
@@ -414,3 +418,91 @@ def check_confident_rows(backend: str, dtype: torch.dtype, device: str = "cpu") 
         )
     print(result)
     return result
+
+
+# ------------------------------------------------------ Matryoshka widths and hardness weighting
+
+
+def check_matryoshka(
+    backend: str,
+    case: Case,
+    dims: list[int],
+    weights: list[float] | None = None,
+    **extra,
+) -> dict[str, float]:
+    """``gist_loss(..., matryoshka_dims=dims, backend=backend)`` against the oracle: the
+    weighted sum of independent ``reference`` losses of the student truncated to each width
+    (each computing its own mask). Loss, per-width losses, the mask statistics (exactly those
+    of the full-width loss) and every student gradient. ``extra``: more gist_loss settings
+    (e.g. hardness), given to both."""
+    inputs = make_inputs(case, fresh_seed())
+    tol = TOL[case.dtype]
+    coeffs = weights or [1.0] * len(dims)
+    parts = [_front("reference", case, inputs, width=w, **extra) for w in dims]
+    ref_loss = sum(c * loss for c, (loss, _, _) in zip(coeffs, parts))
+    ref_grads = [sum(c * g[j] for c, (_, _, g) in zip(coeffs, parts)) for j in range(2 + case.k)]
+    loss, stats, grads = _front(
+        backend, case, inputs, matryoshka_dims=dims, matryoshka_weights=weights, **extra
+    )
+    assert_close(loss, ref_loss, tol, "loss")
+    for w, (part, _, _) in zip(dims, parts):
+        assert_close(torch.tensor(stats[f"loss/dim_{w}"]), part, tol, f"loss/dim_{w}")
+    _, full_stats, _ = _front("reference", case, inputs, **extra)
+    for key, value in full_stats.items():
+        if key.startswith("mask_frac/") or key in ("threshold_mean", "no_negative_frac"):
+            assert math.isclose(stats[key], value, rel_tol=1e-12, abs_tol=1e-12), key
+    names = column_names(2 + case.k)
+    for name, g, g_ref in zip(names, grads, ref_grads):
+        assert g.dtype == case.dtype, f"grad of {name} is {g.dtype}"
+        assert_close(g, g_ref, tol, f"grad of {name}")
+    return stats
+
+
+def hardness_oracle(case: Case, inputs: list[torch.Tensor], alpha: float, mode: str):
+    """The GIST loss with hardness weighting, straight from the definition in float64 (no code
+    of gist_ray.loss): materialised AP | AA | PP | AN_1..k logits, the guide mask, then
+    ``s/τ + α·sg(s)`` on the unmasked negatives ``mode`` selects among AP and AN (row i's own
+    hard negatives: the diagonal of AN; in-batch ones: everything else but the positive).
+    Returns the loss and the gradients of the student columns (one process, no gather)."""
+    assert case.world == 1
+    k, tau, b = case.k, case.temperature, case.b
+    leaves = [x.double().requires_grad_() for x in inputs[: 2 + k]]
+    x = [torch.nn.functional.normalize(v, dim=-1) for v in leaves]
+    g = [torch.nn.functional.normalize(v.double(), dim=-1) for v in inputs[2 + k :]]
+    t = (g[0] * g[1]).sum(-1, keepdim=True)
+    limit = t - case.margin if case.strategy == "absolute" else t - t.abs() * case.margin
+    eye = torch.eye(b, dtype=torch.bool)
+    none = torch.zeros_like(eye)
+    own = {"hard_negatives": (none, eye), "in_batch_negatives": (~eye, ~eye),
+           "all_negatives": (~eye, ~none)}[mode]  # fmt: skip
+    blocks = [(0, 1, "positive", own[0])]  # (left, candidate column, diagonal, weighted)
+    blocks += [(0, 0, "self", none)] if case.contrast_anchors else []
+    blocks += [(1, 1, "self", none)] if case.contrast_positives else []
+    blocks += [(0, 2 + j, "", own[1]) for j in range(k)]
+    logits = []
+    for left, cand, diag, weighted in blocks:
+        s = x[left] @ x[cand].T
+        drop = g[left] @ g[cand].T > limit
+        if diag == "positive":
+            drop &= ~eye
+        if diag == "self":
+            drop |= eye
+        z = s / tau + alpha * torch.where(weighted, s.detach(), 0.0)
+        logits.append(z.masked_fill(drop, float("-inf")))
+    scores = torch.cat(logits, 1)
+    loss = (torch.logsumexp(scores, 1) - (x[0] * x[1]).sum(-1) / tau).mean()
+    loss.backward()
+    return loss.detach(), [v.grad for v in leaves]
+
+
+def check_hardness(backend: str, case: Case, alpha: float, mode: str) -> None:
+    """``gist_loss(..., hardness_alpha=alpha, hardness_mode=mode, backend=backend)`` against
+    :func:`hardness_oracle`: loss and student gradients."""
+    inputs = make_inputs(case, fresh_seed())
+    tol = TOL[case.dtype]
+    ref_loss, ref_grads = hardness_oracle(case, inputs, alpha, mode)
+    loss, _, grads = _front(backend, case, inputs, hardness_alpha=alpha, hardness_mode=mode)
+    assert_close(loss, ref_loss, tol, "loss")
+    for name, g, g_ref in zip(column_names(2 + case.k), grads, ref_grads):
+        assert g.dtype == case.dtype, f"grad of {name} is {g.dtype}"
+        assert_close(g, g_ref, tol, f"grad of {name}")

@@ -9,24 +9,36 @@ import torch
 
 from gist_ray.loss import GistLoss
 from gist_ray.loss.op import gist_rows
+from gist_ray.loss.plan import build_segments
 from tests.loss.harness import Case, fresh_seed, make_inputs, make_problem
 
 
-def _op_args(case: Case):
+def _op_args(case: Case, widths: tuple[int, ...] = (), hardness: float = 0.0):
+    """The op's arguments; ``widths``: Matryoshka widths (truncated, re-normalised copies of
+    the student tensors, width after width)."""
     p = make_problem(case, make_inputs(case, fresh_seed()))
-    left = [x.clone().requires_grad_() for x in p.left]
-    cands = [x.clone().requires_grad_() for x in p.cands]
-    segs = p.segments
+    unit = lambda x, w: torch.nn.functional.normalize(x[:, :w], dim=-1)  # noqa: E731
+    widths = widths or (case.d,)
+    left = [unit(x, w).requires_grad_() for w in widths for x in p.left]
+    cands = [unit(x, w).requires_grad_() for w in widths for x in p.cands]
+    segs, _ = build_segments(case.k, case.contrast_anchors, case.contrast_positives,
+                             "all_negatives")  # fmt: skip
     return (left, cands, list(p.guide_left), list(p.guide_cands), [s.left for s in segs],
-            [s.cand for s in segs], [s.diag for s in segs], p.offset, p.temperature, p.margin,
-            p.strategy, "chunked")  # fmt: skip
+            [s.cand for s in segs], [s.diag for s in segs], [s.hard for s in segs], p.offset,
+            p.temperature, p.margin, p.strategy, hardness, "chunked")  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "case", [Case(b=12, k=1, d=8, d_g=16), Case(b=9, world=2, rank=1, k=0, d=8, d_g=16)]
+    "case, widths, hardness",
+    [
+        (Case(b=12, k=1, d=8, d_g=16), (), 0.0),
+        (Case(b=9, world=2, rank=1, k=0, d=8, d_g=16), (), 0.0),
+        (Case(b=12, k=1, d=8, d_g=16), (8, 4, 2), 3.0),
+    ],
+    ids=["k1", "rank1-of-2", "matryoshka-hardness"],
 )
-def test_opcheck(case):
-    torch.library.opcheck(gist_rows, _op_args(case))
+def test_opcheck(case, widths, hardness):
+    torch.library.opcheck(gist_rows, _op_args(case, widths, hardness))
 
 
 class _Encoder(torch.nn.Module):

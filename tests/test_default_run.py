@@ -89,7 +89,7 @@ def test_the_terminal_shows_our_lines_only(quiet):
     for line in (
         "[gist-ray] loading student all-MiniLM-L6-v2, guide all-mpnet-base-v2",
         "[gist-ray] starting a local Ray cluster",
-        "[gist-ray] guide cache: 100% of this worker's",
+        "[gist-ray] guide cache of 'insuranceqa' built in ",
         "[gist-ray] step 1/2 loss ",
         "[gist-ray] step 2/2 loss ",
         "[gist-ray] evaluating all-MiniLM-L6-v2 before training",

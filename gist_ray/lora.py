@@ -28,10 +28,7 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # transformers saves adapter keys in PEFT's layout
-INSTALL = "pip install 'gist-ray[lora]' (or pip install 'peft>=0.21')"
-# transformers >= 5 asks for peft >= 0.22 before it uses its PEFT integration; LoRA add, save,
-# load and merge work with peft 0.21 (the newest on some registries), tested in tests/test_lora.py.
-WORKING_PEFT = "0.21"
+INSTALL = "pip install 'gist-ray[lora]' (or pip install -U peft)"
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -39,34 +36,21 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 def require_peft(key: str = "model.lora") -> None:
-    """PEFT importable, with transformers' version gate opened for the peft releases known to
-    work; else a one-line ConfigError saying how to install it."""
+    """PEFT installed at the version transformers' PEFT integration asks for; else a one-line
+    ConfigError saying how to install it."""
     try:
         version = importlib.metadata.version("peft")
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(f"{key} needs the peft package, not installed: {INSTALL}") from None
-    _open_version_gate(version)
-
-
-def _open_version_gate(version: str) -> None:
     from packaging.version import Version
     from transformers.integrations import peft as hf_peft
 
     required = getattr(hf_peft, "MIN_PEFT_VERSION", "0")
-    if Version(version) >= Version(required) or getattr(hf_peft, "_gist_ray_gate", False):
-        return
-    if Version(version) < Version(WORKING_PEFT):
+    if Version(version) < Version(required):
         raise ConfigError(
-            f"model.lora needs peft >= {WORKING_PEFT}, found {version}: pip install -U peft"
+            f"{key} needs peft >= {required} (transformers' PEFT integration), found {version}: "
+            f"{INSTALL}"
         )
-    check = hf_peft.check_peft_version
-
-    def check_peft_version(min_version: str) -> None:
-        check(min(min_version, WORKING_PEFT, key=Version))
-
-    hf_peft.check_peft_version = check_peft_version
-    hf_peft._gist_ray_gate = True
-    log.debug("peft %s: transformers asks for %s; using its PEFT integration", version, required)
 
 
 def add_lora(enc: Encoder, cfg: Config) -> None:
@@ -202,7 +186,7 @@ def enable_gradient_checkpointing(enc: Encoder) -> None:
 
 
 def prepare_load(path: str | Path) -> None:
-    """Before loading a model folder: an adapter folder needs PEFT (and its version gate)."""
+    """Before loading a model folder: an adapter folder needs PEFT."""
     if is_adapter_folder(path):
         require_peft(f"{path} (a LoRA adapter)")
 

@@ -157,9 +157,10 @@ def _load_error(spec: ModelSpec, path: str, e: Exception) -> ModelError:
     where = f"{spec.key} = {spec.name!r}"
     bad = _unimportable_module(Path(path))
     if bad is not None:
+        ref, why = bad
         return ModelError(
-            f"{Path(path) / 'modules.json'}: module {bad!r} cannot be imported; install the "
-            f"package that defines it, or fix {spec.key}"
+            f"{Path(path) / 'modules.json'}: module {ref!r} cannot be imported ({why}); install "
+            f"the package that defines it, or fix {spec.key}"
         )
     if "trust_remote_code" in text:
         return ModelError(
@@ -173,10 +174,11 @@ def _load_error(spec: ModelSpec, path: str, e: Exception) -> ModelError:
     )
 
 
-def _unimportable_module(folder: Path) -> str | None:
+def _unimportable_module(folder: Path) -> tuple[str, str] | None:
     """The first ``type`` in ``folder/modules.json`` whose class neither imports from the
     installed packages nor ships as a file in the model folder (custom code, which loads with
-    trust_remote_code)."""
+    trust_remote_code), with why: the import's own error, which is often a dependency of the
+    module rather than the module itself."""
     try:
         entries = json.loads((folder / "modules.json").read_text())
     except (OSError, ValueError):
@@ -190,9 +192,11 @@ def _unimportable_module(folder: Path) -> str | None:
         try:
             if hasattr(importlib.import_module(module), cls):
                 continue
-        except Exception:  # noqa: BLE001 - any failure to import is the answer
-            pass
-        return ref
+            why = f"{module} has no {cls}"
+        except Exception as e:  # noqa: BLE001 - any failure to import is the answer
+            text = str(e).strip()
+            why = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}".rstrip(": ")
+        return ref, why
     return None
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import yaml
@@ -253,3 +254,37 @@ def test_a_workers_error_is_one_line_with_the_log(tiny_models, tmp_path):
     assert "Training failed" not in proc.stdout + proc.stderr
     text = log.read_text()
     assert "WorkerGroupError" in text and "gist_ray/train.py" in text
+
+
+@pytest.mark.slow  # starts a local Ray cluster through the console script
+def test_train_runs_in_the_repository_root(tiny_models, tiny_pairs_file, tmp_path):
+    """The README's first command is run in a checkout: the root is then the driver's working
+    directory and on every Ray worker's path, where the checkout's ``kernels/`` folder must not
+    shadow Hugging Face's ``kernels`` (transformers imports it to load any model)."""
+    import os
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    sets = [
+        f"model.student={tiny_models['student']}",
+        f"model.guide={tiny_models['guide']}",
+        "model.max_seq_length=32",
+        f"data.train={tiny_pairs_file}",
+        "data.max_examples=0",
+        "eval.source=",
+        "train.batch_size=8",
+        "train.max_steps=1",
+        "ray.num_workers=1",
+        f"output_dir={tmp_path / 'out'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    before = set(root.iterdir())
+    exe = shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    proc = subprocess.run(
+        [*exe.split(), "train", *sum((["--set", s] for s in sets), [])],
+        capture_output=True, text=True, timeout=600, env=env, cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert set(root.iterdir()) - before == set(), "the run wrote into the checkout"

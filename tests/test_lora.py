@@ -318,3 +318,34 @@ def test_global_pool_with_lora_equals_one_worker(decoder, guide, data, tmp_path)
     a, b = _adapter_weights(tmp_path / "one" / name), _adapter_weights(tmp_path / "two" / name)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_export_loads_in_a_process_without_gist_ray(trained, tmp_path):
+    """A user's serving process never imports gist-ray: plain ``SentenceTransformer(path)`` of
+    the adapter export loads it (PEFT and transformers' own version check, nothing of ours) and
+    embeds like the trained model."""
+    import os
+    import subprocess
+    import sys
+
+    _, ckpt_model = trained
+    adapter_dir = export_model(ckpt_model, tmp_path / "adapter")
+    queries = make_sentences(4, 903)
+    reference = load_encoder(ModelSpec(str(ckpt_model)), frozen=True)
+    expected = reference.retrieval_encoders()[0](queries)
+    code = (
+        "import json, sys\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "model = SentenceTransformer(sys.argv[1])\n"
+        "emb = model.encode_query(json.loads(sys.argv[2]))\n"
+        "assert not [m for m in sys.modules if m.startswith('gist_ray')], 'gist_ray imported'\n"
+        "print(json.dumps(emb.tolist()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(adapter_dir), json.dumps(queries)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)

@@ -276,6 +276,18 @@ def test_unimportable_module_names_the_file_and_module(tmp_path, tiny_models, ca
     folder = _student_with_module(tmp_path, tiny_models, "my_pkg.modules.FancyPooling")
     err = _train_cli(tmp_path, capfd, f"model.student={folder}")
     assert f"{folder / 'modules.json'}: module 'my_pkg.modules.FancyPooling' cannot be" in err
+    assert "(ModuleNotFoundError: No module named 'my_pkg')" in err
+
+
+def test_unimportable_module_names_the_underlying_error(tmp_path, tiny_models, capfd, monkeypatch):
+    """The module exists but one of its own imports fails: the message names that import, not
+    only the module (a shadowed package once sent users looking for the wrong thing)."""
+    (tmp_path / "fancy_pooling_pkg.py").write_text("import gist_ray_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = _student_with_module(tmp_path, tiny_models, "fancy_pooling_pkg.FancyPooling")
+    err = _train_cli(tmp_path, capfd, f"model.student={folder}")
+    assert "module 'fancy_pooling_pkg.FancyPooling' cannot be imported" in err
+    assert "No module named 'gist_ray_missing_dependency'" in err
 
 
 def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_models, capfd):

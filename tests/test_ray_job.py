@@ -27,6 +27,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).with_name("ray"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -132,11 +133,15 @@ def _job_config(tiny_models, tiny_pairs_file, tmp_path) -> dict:
     }
 
 
-def _submit(ray_head, config: dict, job_dir: Path) -> tuple[str, str]:
-    """``ray job submit --working-dir job_dir -- gist-ray train --config job.yaml``; returns the
-    job's final status and its logs."""
+def _submit(ray_head, config: dict, job_dir: Path, checkout: Path | None = None) -> tuple[str, str]:
+    """``ray job submit --working-dir job_dir -- gist-ray train --config job.yaml``, or with
+    ``checkout``: ``--working-dir .`` run in that folder, the config given by its absolute path;
+    returns the job's final status and its logs."""
     job_dir.mkdir()
     (job_dir / "job.yaml").write_text(yaml.safe_dump(config))
+    working_dir, config_arg = (job_dir, "job.yaml")
+    if checkout is not None:
+        working_dir, config_arg = ".", job_dir / "job.yaml"
     job_id = f"gist-ray-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     submit = [
@@ -148,17 +153,19 @@ def _submit(ray_head, config: dict, job_dir: Path) -> tuple[str, str]:
         "--submission-id",
         job_id,
         "--working-dir",
-        str(job_dir),
+        str(working_dir),
         "--runtime-env-json",
         json.dumps(runtime_env),
         "--",
         "gist-ray",
         "train",
         "--config",
-        "job.yaml",
+        str(config_arg),
     ]
     try:
-        proc = subprocess.run(submit, capture_output=True, text=True, timeout=420, env=_env())
+        proc = subprocess.run(
+            submit, capture_output=True, text=True, timeout=420, env=_env(), cwd=checkout
+        )
     except subprocess.TimeoutExpired:
         subprocess.run(
             [RAY, "job", "stop", "--address", ray_head["address"], job_id],
@@ -208,6 +215,21 @@ def test_ray_job_submit_trains_on_an_existing_cluster(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert run.data.tags.get("gist_ray.model_uri"), "the trained model is logged to the run"
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_ray_job_submit_with_the_checkout_as_working_dir_trains(
+    ray_head, tiny_models, tiny_pairs_file, tmp_path
+):
+    """``ray job submit --working-dir . -- gist-ray train ...`` from the repository root: the
+    job's copy of the checkout is first on its driver's and workers' path, so its ``kernels/``
+    folder must not shadow Hugging Face's ``kernels`` (transformers imports it to load models),
+    and its ``gist_ray`` must find its own kernels."""
+    config = _job_config(tiny_models, tiny_pairs_file, tmp_path)
+    config["data"]["guide_cache"] = True  # the cache job's Ray Data actors load the guide too
+    status, logs = _submit(ray_head, config, tmp_path / "job", checkout=ROOT)
+    assert status == "SUCCEEDED", logs
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert "CUDAProperties" not in (tmp_path / "out" / "gist-ray.log").read_text()
 
 
 def test_a_relative_output_dir_in_a_job_is_refused_in_one_line(

@@ -93,7 +93,7 @@ def run_one(args: argparse.Namespace) -> dict:
         over.append(f"model.lora.rank={args.rank}")
     cfg = load_config(overrides=over)
     student = load_encoder(ModelSpec.student(cfg))
-    prepare_student(student, cfg)
+    prepare_student(student.model, cfg)
     student.train()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the loaded model
     loaded = _rss_mib("VmRSS")

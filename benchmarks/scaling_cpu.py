@@ -44,9 +44,10 @@ def _rows(n: int):
 def bench_guide_cache(batch: int, max_len: int, repeats: int) -> dict:
     """Live-guide step vs cached-guide step (same batch, no gradient caching), one process."""
 
+    from gist_ray.guide import live_guide_embeddings
     from gist_ray.loss import GistLoss
     from gist_ray.models import ModelSpec, load_encoder
-    from gist_ray.train import live_guide_embeddings, training_step
+    from gist_ray.train import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()

@@ -56,11 +56,11 @@ class _Version(argparse.Action):
 
 
 class _Poolings:
-    """gist_ray.models.POOLINGS, imported when --pooling is given: importing it (torch) would
+    """gist_ray.config.POOLINGS, imported when --pooling is given: importing it (torch) would
     cost every command, --help and --version included, seconds."""
 
     def _values(self) -> tuple[str, ...]:
-        from gist_ray.models import POOLINGS
+        from gist_ray.config import POOLINGS
 
         return tuple(POOLINGS)
 

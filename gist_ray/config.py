@@ -19,13 +19,18 @@ import yaml
 
 from gist_ray.errors import ConfigError
 
-# Each list of allowed values lives with the code that implements it.
-from gist_ray.eval.metrics import REPORTED as EVAL_METRICS
+# The loss is a layer below the config: its allowed values live with its code. The allowed
+# values of the layers above (models, eval, mining) live here, and those layers import them.
 from gist_ray.loss import BACKENDS, HARDNESS_MODES, STRATEGIES, validate_matryoshka
-from gist_ray.mining.search import BACKENDS as MINE_BACKENDS
-from gist_ray.mining.select import SHORTFALL, THRESHOLDS
-from gist_ray.models import POOLINGS
 
+# Pooling overrides (model.pooling, model.guide_pooling): sentence-transformers' pooling modes;
+# last_token is its "lasttoken".
+POOLINGS = ("mean", "cls", "last_token", "max", "mean_sqrt_len_tokens", "weightedmean")
+# The metrics gist-ray reports, selects the best step by (eval.metric) and plots.
+EVAL_METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
+MINE_BACKENDS = ("auto", "torch", "faiss")  # gist-ray mine's exact search
+THRESHOLDS = ("perc_pos", "margin", "none")  # which mined candidates are too close to the positive
+SHORTFALL = ("drop", "fill")  # rows with fewer than k negatives left
 SAMPLINGS = ("proportional", "round_robin")  # how several datasets share the steps
 LORA_EXPORTS = ("merged", "adapter")
 SELF_GUIDES = ("frozen", "ema")

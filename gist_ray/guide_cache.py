@@ -39,6 +39,7 @@ import torch
 
 from gist_ray import fileio
 from gist_ray.errors import ConfigError, GistRayError
+from gist_ray.log import fmt_eta
 
 if TYPE_CHECKING:
     import datasets
@@ -320,8 +321,7 @@ def ensure(
     """The cache folder of every dataset: loaded when complete, else built with ``run_job``
     (only the shards that are missing or truncated), saying why. Returns the folders."""
     from gist_ray.assets import resolve_model_path
-    from gist_ray.models import guide_spec
-    from gist_ray.train import guide_settings
+    from gist_ray.models import guide_settings, guide_spec
 
     spec = guide_spec(cfg)
     guide = model_identity(resolve_model_path(spec.name), spec.revision)
@@ -394,8 +394,6 @@ def _remember(root: Path, name: str, fp: dict[str, str], folder: Path) -> None:
 
 
 def _run_with_progress(cfg, folder, manifest, todo, run_job, name) -> None:
-    from gist_ray.progress import guide_job_line
-
     total = sum(shard_size(manifest, k) for k in todo)
     t0, done, last = time.perf_counter(), 0, 0.0
     log.info(
@@ -411,3 +409,13 @@ def _run_with_progress(cfg, folder, manifest, todo, run_job, name) -> None:
         if now - last >= 1.0 or done == total:
             log.info(guide_job_line(name, done, total, now - t0))
             last = now
+
+
+def guide_job_line(name: str, done: int, total: int, elapsed: float) -> str:
+    """The guide-cache job's progress, as the driver logs it after each finished shard."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate else 0.0
+    return (
+        f"guide cache of {name!r}: {done:,}/{total:,} unique texts "
+        f"({100 * done // max(total, 1)}%), {rate:,.0f} texts/s, ETA {fmt_eta(eta)}"
+    )

@@ -549,24 +549,25 @@ def run_training(
 def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:
     """Copy the model of the best validated checkpoint (Ray's scoring) to
     ``<output_dir>/best-model``, with its record in ``best-model.json``."""
-    from gist_ray.training_eval import BEST_DIR, write_best
+    from gist_ray.best_model import copy_from, save_best
 
     validated = [(c, m) for c, m in scored or [] if m.get(score, NOT_VALIDATED) > NOT_VALIDATED]
     if not validated:
         log.warning("no checkpoint was validated; there is no best model")
         return
     best, metrics = max(validated, key=lambda cm: (cm[1][score], -int(cm[1].get("step", 0))))
+    info = {"step": int(metrics["step"]), "metric": cfg.eval.metric, "value": metrics[score]}
     with tempfile.TemporaryDirectory(prefix="gist-ray-best-") as tmp:
         best.to_directory(tmp)
-        fileio.copy_dir(Path(tmp) / ckpt.MODEL_DIR, Path(cfg.output_dir) / BEST_DIR)
-    info = {"step": int(metrics["step"]), "metric": cfg.eval.metric, "value": metrics[score]}
-    write_best(cfg.output_dir, {**info, "run_id": run_id})
+        folder = save_best(
+            cfg.output_dir, {**info, "run_id": run_id}, copy_from(Path(tmp) / ckpt.MODEL_DIR)
+        )
     log.info(
         "best checkpoint: step %d, %s %.4f -> %s",
         info["step"],
         cfg.eval.metric,
         info["value"],
-        Path(cfg.output_dir) / BEST_DIR,
+        folder,
     )
 
 
@@ -636,7 +637,7 @@ def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
     is off): checks its folder (writable; shared when the cluster has several nodes), then runs
     the missing shards as a Ray Data job (:func:`run_guide_job`)."""
     from gist_ray import guide_cache
-    from gist_ray.train import guide_prompts
+    from gist_ray.prompts import guide_prompts
 
     if not cfg.data.guide_cache:
         return None

@@ -309,3 +309,10 @@ def to_file(text: str) -> None:
     """Write ``text`` (e.g. a traceback) to the log file only; nothing without one."""
     if _active is not None:
         _active.write(text.encode("utf-8", "replace") + (b"" if text.endswith("\n") else b"\n"))
+
+
+def fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

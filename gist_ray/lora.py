@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from gist_ray.config import Config
-    from gist_ray.models import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +52,13 @@ def require_peft(key: str = "model.lora") -> None:
         )
 
 
-def add_lora(enc: Encoder, cfg: Config) -> None:
+def add_lora(model: SentenceTransformer, cfg: Config) -> None:
     """Add a fresh LoRA adapter to the student; only its weights train afterwards. The adapter
     weights stay float32 when the base weights are 16-bit (as PEFT's own models keep them)."""
     require_peft()
     from peft import LoraConfig
 
-    lora, model = cfg.model.lora, enc.model
+    lora = cfg.model.lora
     if not model.has_peft_compatible_model():
         raise ModelError(
             f"model.lora: {cfg.model.student!r} has no transformers module to put adapters on"
@@ -168,11 +167,11 @@ def _adapter_renaming(conversion: object) -> bool:
     return any(PEFT_PREFIX in str(p) or "lora_" in str(p) for p in patterns)
 
 
-def enable_gradient_checkpointing(enc: Encoder) -> None:
+def enable_gradient_checkpointing(model: SentenceTransformer) -> None:
     """Recompute the transformer's activations in the backward pass (non-reentrant, so frozen
     inputs need no gradient; the RNG state is restored for the recomputation, so dropout draws
     the same masks and gradients are exact)."""
-    hf = getattr(enc.model, "transformers_model", None)
+    hf = getattr(model, "transformers_model", None)
     if hf is None or not getattr(hf, "supports_gradient_checkpointing", False):
         raise ModelError(
             "train.gradient_checkpointing: the student's transformer "
@@ -191,9 +190,9 @@ def prepare_load(path: str | Path) -> None:
         require_peft(f"{path} (a LoRA adapter)")
 
 
-def prepare_student(enc: Encoder, cfg: Config) -> None:
+def prepare_student(model: SentenceTransformer, cfg: Config) -> None:
     """What a large student needs before training: LoRA adapters, gradient checkpointing."""
     if cfg.model.lora.rank:
-        add_lora(enc, cfg)
+        add_lora(model, cfg)
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(enc)
+        enable_gradient_checkpointing(model)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gist_ray import fileio
+from gist_ray.config import SELF
 from gist_ray.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -29,12 +30,8 @@ if TYPE_CHECKING:
     from gist_ray.config import Config
 
 
-# Pooling overrides (model.pooling, model.guide_pooling): sentence-transformers' pooling modes;
-# last_token is its "lasttoken".
-POOLINGS = ("mean", "cls", "last_token", "max", "mean_sqrt_len_tokens", "weightedmean")
 _ST_MODE = {"last_token": "lasttoken"}
 MODEL_DIR = "model"  # <output_dir>/model: the exported model
-DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # as SentenceTransformer.encode_document
 _DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
@@ -87,9 +84,28 @@ class ModelSpec:
 def guide_spec(cfg: Config) -> ModelSpec:
     """The guide to load: ``model.guide``, or with ``model.guide: self`` the student as the config
     names it (the frozen self-guide is the student at step 0; LoRA adapters start as identity)."""
-    from gist_ray.config import SELF
-
     return ModelSpec.student(cfg) if cfg.model.guide == SELF else ModelSpec.guide(cfg)
+
+
+def user_spec(cfg: Config, model: str, revision: str = "") -> ModelSpec:
+    """How a user loads ``model``: as it is (its own pooling, length, prompts), with the
+    student's load settings (remote code, dtype, attention implementation)."""
+    m = cfg.model
+    return ModelSpec(model, "model.student", revision, m.trust_remote_code, dict(m.model_kwargs))
+
+
+def guide_settings(cfg: Config) -> dict[str, object]:
+    """The guide's settings that, with its files and the prompts, fix its embeddings."""
+    spec = guide_spec(cfg)
+    settings: dict[str, object] = {
+        "revision": spec.revision,
+        "model_kwargs": spec.model_kwargs,
+        "pooling": spec.pooling or "own",
+        "max_seq_length": spec.max_seq_length or "own",
+    }
+    if cfg.model.guide == SELF:  # the student at step 0
+        settings["self_guide"] = cfg.model.self_guide
+    return settings
 
 
 @contextlib.contextmanager
@@ -225,86 +241,6 @@ def pooling_of(model: SentenceTransformer) -> str:
 
     modes = [m.pooling_mode for m in model if isinstance(m, Pooling)]
     return ",".join(m if isinstance(m, str) else "+".join(m) for m in modes) or "-"
-
-
-def own_prompts(prompts: dict[str, str] | None) -> dict[str, str]:
-    """The model's own prompts (its ``prompts`` dict) per column, as sentence-transformers'
-    ``encode_query`` / ``encode_document`` apply them: anchors get its ``query`` prompt,
-    positives and negatives its ``document`` (or ``passage``, ``corpus``) prompt."""
-    prompts = prompts or {}
-    document = next((prompts[n] for n in DOCUMENT_PROMPT_NAMES if n in prompts), "")
-    out = {"anchor": prompts.get("query", ""), "positive": document, "negative": document}
-    return {k: v for k, v in out.items() if v}
-
-
-def saved_prompts(path: str, revision: str = "") -> dict[str, str]:
-    """The prompts a model folder (or a hub model in the local cache) declares in
-    ``config_sentence_transformers.json``, read without loading the model."""
-    name = "config_sentence_transformers.json"
-    file = Path(path) / name
-    if not Path(path).is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(path, name, revision=revision or None)
-        file = Path(found) if isinstance(found, str) else file
-    try:
-        prompts = json.loads(file.read_text()).get("prompts") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {k: v for k, v in prompts.items() if isinstance(v, str)}
-
-
-def column_prompts(
-    setting: str | dict[str, Any] | None, dataset: str, columns: list[str], own: dict[str, str]
-) -> dict[str, str]:
-    """The prompt of each of ``columns`` (anchor, positive, negative_1..k) for one dataset.
-
-    ``setting`` is the config's value: None = ``own`` (the model's prompts), a string for every
-    column, {column: prompt} or {dataset: {column: prompt}} as sentence-transformers' trainer
-    takes them; ``negative`` applies to every negative column."""
-    if setting is None:
-        setting = own
-    elif isinstance(setting, str):
-        setting = dict.fromkeys(columns, setting)
-    elif _per_dataset(setting):
-        setting = setting.get(dataset, {})
-    out = {}
-    for col in columns:
-        generic = setting.get("negative", "") if col.startswith("negative_") else ""
-        if prompt := setting.get(col, generic):
-            out[col] = prompt
-    return out
-
-
-def check_prompt_columns(
-    setting: str | dict[str, Any] | None, key: str, columns: dict[str, list[str]]
-) -> None:
-    """A prompt for a column no dataset has (``columns``: dataset -> its columns) is a
-    ConfigError naming ``key``. A {column: prompt} mapping shared by several datasets needs
-    each column in one of them; a per-dataset mapping, in that dataset."""
-    if not isinstance(setting, dict):
-        return
-    if _per_dataset(setting):
-        for name, inner in setting.items():
-            _check_columns(inner, f"dataset {name!r}", columns.get(name, []), f"{key}.{name}")
-        return
-    where = f"dataset {next(iter(columns))!r}" if len(columns) == 1 else "any dataset"
-    _check_columns(setting, where, [c for cols in columns.values() for c in cols], key)
-
-
-def _per_dataset(setting: dict[str, Any]) -> bool:
-    return bool(setting) and all(isinstance(v, dict) for v in setting.values())
-
-
-def _check_columns(setting: dict[str, str], where: str, columns: list[str], key: str) -> None:
-    allowed = list(dict.fromkeys(columns))
-    if any(c.startswith("negative_") for c in allowed):
-        allowed.append("negative")
-    for col in setting:
-        if col not in allowed:
-            raise ConfigError(
-                f"{key}: no column {col!r} in {where}; the columns are {', '.join(allowed)}"
-            )
 
 
 class Encoder(nn.Module):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from gist_ray import log as console_log
 from gist_ray.distributed import rank
+from gist_ray.log import fmt_eta
 
 if TYPE_CHECKING:
     from gist_ray.checkpoint import TrainState
@@ -33,13 +34,6 @@ _STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) lr \S+ (\S+) samples/s mask (\S
 GUIDE_LINE = "guide cache: %d%% of this worker's %d texts, ETA %s"
 GUIDE_REPORT_EVERY_S = 5.0  # at most this long between guide-cache lines (and one every 10%)
 _GUIDE = re.compile(r"guide cache: (\d+)% of this worker's (\d+) texts, ETA (\S+)")
-
-
-def fmt_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class StepLog:
@@ -84,16 +78,6 @@ class StepLog:
         if self.mlflow and state.pending:
             self.mlflow.log_steps(state.pending)
         state.pending = []
-
-
-def guide_job_line(name: str, done: int, total: int, elapsed: float) -> str:
-    """The guide-cache job's progress, as the driver logs it after each finished shard."""
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate else 0.0
-    return (
-        f"guide cache of {name!r}: {done:,}/{total:,} unique texts "
-        f"({100 * done // max(total, 1)}%), {rate:,.0f} texts/s, ETA {fmt_eta(eta)}"
-    )
 
 
 def guide_cache_line(done: int, total: int, elapsed: float) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,25 +39,6 @@ def _absolutize(cfg: Config) -> Config:
     guide = cfg.model.guide if cfg.model.guide == SELF else absolute(cfg.model.guide)
     cfg.model = dataclasses.replace(cfg.model, student=absolute(cfg.model.student), guide=guide)
     return cfg
-
-
-def user_spec(cfg: Config, model: str, revision: str = ""):
-    """How a user loads ``model``: as it is (its own pooling, length, prompts), with the
-    student's load settings (remote code, dtype, attention implementation)."""
-    from gist_ray.models import ModelSpec
-
-    m = cfg.model
-    return ModelSpec(model, "model.student", revision, m.trust_remote_code, dict(m.model_kwargs))
-
-
-def evaluate_model(model, evalset, dims: Sequence[int] = ()) -> dict[str, float]:
-    """Retrieval metrics of a model (an Encoder) at its own settings: its max length,
-    ``encode_query`` for queries and ``encode_document`` for documents (its own prompts); also
-    at each Matryoshka width of ``dims``."""
-    from gist_ray.eval.metrics import retrieval_metrics
-
-    encode_query, encode_document = model.retrieval_encoders()
-    return retrieval_metrics(encode_document, evalset, encode_query_fn=encode_query, dims=dims)
 
 
 @dataclass
@@ -130,9 +110,10 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
 def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
     from gist_ray import launcher
+    from gist_ray.eval.metrics import evaluate_model
     from gist_ray.lora import merge_adapter
-    from gist_ray.models import MODEL_DIR, export_model, load_encoder
-    from gist_ray.tracking import results, runs
+    from gist_ray.models import MODEL_DIR, export_model, load_encoder, user_spec
+    from gist_ray.tracking import datasets, results, runs
 
     t0 = time.perf_counter()
     check_job_paths(cfg, runs.resolve_tracking_uri(cfg.mlflow.tracking_uri))
@@ -144,7 +125,7 @@ def train(cfg: Config) -> dict[str, Any]:
     launcher.check_resources(cfg)
     run = _open_run(cfg, tracking_uri, inputs.steps)
     guide_caches = None if run.complete else launcher.prepare_guide_cache(cfg, inputs.sets)
-    _log_training_data(tracking_uri, run.run_id, inputs.sets)
+    datasets.log_training_data(tracking_uri, run.run_id, inputs.sets)
     before = run.before
     if evalset is not None and not before:
         log.info(
@@ -214,28 +195,18 @@ def _check_inputs(cfg: Config) -> _Inputs:
     from gist_ray.eval.sets import load_eval_for
     from gist_ray.lora import prepare_student
     from gist_ray.models import ModelSpec, load_encoder, load_model
-    from gist_ray.train import guide_prompts, student_prompts
+    from gist_ray.prompts import guide_prompts, student_prompts
 
     sets = load_training_sets(cfg)
     guide_prompts(cfg, sets)
     batches = GlobalBatches.for_config(cfg, sets)
     student = load_encoder(ModelSpec.student(cfg))
-    prepare_student(student, cfg)  # LoRA target modules that match nothing, no peft
+    prepare_student(student.model, cfg)  # LoRA target modules that match nothing, no peft
     student_prompts(cfg, sets, student.model.prompts)
     validate_loss_for(cfg, student.dim, max(len(s.columns) - 2 for s in sets))
     if cfg.model.guide != SELF:
         load_model(ModelSpec.guide(cfg))
     return _Inputs(batches.total_steps(cfg), load_eval_for(cfg), sets)
-
-
-def _log_training_data(tracking_uri: str, run_id: str, sets: list) -> None:
-    """Every training dataset as an MLflow dataset input of the run."""
-    import mlflow
-
-    from gist_ray.tracking.datasets import log_inputs, training_dataset
-
-    client = mlflow.MlflowClient(tracking_uri)
-    log_inputs(client, run_id, [(training_dataset(s), "training") for s in sets])
 
 
 def _model_card(cfg: Config, inputs: _Inputs, trained, before, after) -> str:
@@ -283,7 +254,7 @@ def cache_guide(cfg: Config) -> list[str]:
     job (or load it, when it is complete). Returns the cache folders."""
     from gist_ray import launcher
     from gist_ray.data import load_training_sets
-    from gist_ray.train import guide_prompts
+    from gist_ray.prompts import guide_prompts
 
     if cfg.model.guide == SELF and cfg.model.self_guide == "ema":
         raise ConfigError(

@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -23,32 +22,20 @@ import torch.distributed as dist
 from gist_ray import faults
 from gist_ray.batches import GlobalBatches
 from gist_ray.checkpoint import Checkpointer, Reporter, TrainState
-from gist_ray.config import SELF, Config, validate_loss_for
-from gist_ray.data import TrainingSet, load_training_sets
+from gist_ray.config import Config, validate_loss_for
+from gist_ray.data import load_training_sets
 from gist_ray.distributed import is_distributed, rank, world_size
 from gist_ray.gradcache import backward_with_replay, embed_without_graph
+from gist_ray.guide import guide_source, make_self_guide
 from gist_ray.lora import prepare_student
 from gist_ray.loss import GistLoss
-from gist_ray.models import (
-    Encoder,
-    ModelSpec,
-    check_prompt_columns,
-    column_prompts,
-    describe,
-    guide_spec,
-    load_encoder,
-    own_prompts,
-    saved_prompts,
-)
+from gist_ray.models import Encoder, ModelSpec, describe, load_encoder
 from gist_ray.optim import build_optimizer, build_scheduler
 from gist_ray.progress import StepLog
-from gist_ray.self_guide import SelfGuide
+from gist_ray.prompts import student_prompts
 from gist_ray.training_eval import TrainingEval, eval_due
 
 log = logging.getLogger(__name__)
-
-# A step's guide embeddings, given its dataset, row indices and texts (one list per column).
-GuideFn = Callable[[int, list[int], list[list[str]]], list[torch.Tensor]]
 
 
 def train_worker(
@@ -65,7 +52,7 @@ def train_worker(
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     sets = load_training_sets(cfg)
     student = load_encoder(ModelSpec.student(cfg), device)
-    prepare_student(student, cfg)  # LoRA adapters, gradient checkpointing
+    prepare_student(student.model, cfg)  # LoRA adapters, gradient checkpointing
     student.train()
     validate_loss_for(cfg, student.dim, max(len(s.columns) - 2 for s in sets))
     d = describe(student)
@@ -154,25 +141,6 @@ def train_worker(
 def metric_safe(name: str) -> str:
     """A dataset name as MLflow accepts it in a metric name."""
     return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
-
-
-def student_prompts(
-    cfg: Config, sets: list[TrainingSet], model_prompts: dict[str, str]
-) -> list[list[str]]:
-    """Per dataset, the student's prompt of each column in loss order ("" = none): the
-    dataset's own ``prompts``, else ``model.prompts``, else the model's own (``model_prompts``,
-    its prompts by name). A prompt for a column the data lacks is a ConfigError."""
-    own = own_prompts(model_prompts)
-    check_prompt_columns(cfg.model.prompts, "model.prompts", {s.name: s.columns for s in sets})
-    out = []
-    for s in sets:
-        setting = cfg.model.prompts
-        if s.spec.prompts is not None:
-            setting = s.spec.prompts
-            check_prompt_columns(setting, f"{s.spec.key}.prompts", {s.name: s.columns})
-        by_col = column_prompts(setting, s.name, s.columns, own)
-        out.append([by_col.get(c, "") for c in s.columns])
-    return out
 
 
 def optimizer_step(
@@ -286,108 +254,3 @@ def worker_device(cfg: Config) -> torch.device:
     if cfg.ray.use_gpu and torch.cuda.is_available():
         return torch.device(f"cuda:{torch.cuda.current_device()}")
     return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- the guide
-
-
-def load_guide(cfg: Config, device: torch.device) -> Encoder:
-    """The frozen guide (eval mode, no gradient) on ``device``; with ``model.guide: self`` the
-    student as loaded (the student at step 0: a fresh LoRA adapter changes nothing)."""
-    return load_encoder(guide_spec(cfg), device, frozen=True)
-
-
-def make_self_guide(cfg: Config, student: Encoder) -> SelfGuide | None:
-    """With ``model.guide: self``, the student's copy that guides it (before any checkpoint is
-    restored: the frozen guide is the student at step 0, the EMA starts there)."""
-    if cfg.model.guide != SELF:
-        return None
-    m = cfg.model
-    log.info(
-        "guide: the student itself (%s)",
-        f"EMA, decay {m.self_guide_decay}" if m.self_guide == "ema" else "frozen at step 0",
-    )
-    return SelfGuide(student, m.self_guide, m.self_guide_decay)
-
-
-def guide_prompts(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, str]]:
-    """Per dataset, the guide's prompt of each column: ``model.guide_prompts``, else the guide's
-    own (read from its folder, so a cache hit needs no guide)."""
-    from gist_ray.assets import resolve_model_path
-
-    spec = guide_spec(cfg)
-    if cfg.model.guide == SELF:  # the student's prompts
-        own = saved_prompts(resolve_model_path(spec.name), spec.revision)
-        by_col = student_prompts(cfg, sets, own)
-        return [{c: p for c, p in zip(s.columns, ps) if p} for s, ps in zip(sets, by_col)]
-    own = own_prompts(saved_prompts(resolve_model_path(spec.name), spec.revision))
-    setting = cfg.model.guide_prompts
-    check_prompt_columns(setting, "model.guide_prompts", {s.name: s.columns for s in sets})
-    return [column_prompts(setting, s.name, s.columns, own) for s in sets]
-
-
-def guide_source(
-    cfg: Config,
-    sets: list[TrainingSet],
-    device: torch.device,
-    guide_caches: list[str] | None = None,
-    self_guide: SelfGuide | None = None,
-) -> GuideFn:
-    """Where a step's guide embeddings come from: the guide cache, memory-mapped (the folders in
-    ``guide_caches``, else loaded or built here), or a guide forward every step when
-    ``data.guide_cache`` is off or the guide is an EMA of the student."""
-    prompts = guide_prompts(cfg, sets)
-    live = self_guide is not None and self_guide.live
-    if cfg.data.guide_cache and live:
-        log.info("model.self_guide = ema changes the guide every step: no guide cache, live guide")
-    if cfg.data.guide_cache and not live:
-        from gist_ray.guide_cache import GuideCache
-
-        folders = guide_caches or local_guide_cache(cfg, sets, prompts)
-        caches = [GuideCache(f, s.rows) for f, s in zip(folders, sets)]
-        return lambda d, idx, _columns: [caches[d].embeddings(c, idx) for c in sets[d].columns]
-    guide = self_guide.encoder if self_guide is not None else load_guide(cfg, device)
-
-    def live(d: int, _idx: list[int], columns: list[list[str]]) -> list[torch.Tensor]:
-        return live_guide_embeddings(guide, columns, [prompts[d].get(c) for c in sets[d].columns])
-
-    return live
-
-
-def live_guide_embeddings(
-    guide: Encoder, columns: list[list[str]], prompts: list[str | None] | None = None
-) -> list[torch.Tensor]:
-    """The guide forward of one step, used when the guide cache is off."""
-    prompts = prompts or [None] * len(columns)
-    with torch.no_grad():
-        return [guide.embed(texts, p).float() for texts, p in zip(columns, prompts)]
-
-
-def guide_settings(cfg: Config) -> dict[str, object]:
-    """The guide's settings that, with its files and the prompts, fix its embeddings."""
-    spec = guide_spec(cfg)
-    settings: dict[str, object] = {
-        "revision": spec.revision,
-        "model_kwargs": spec.model_kwargs,
-        "pooling": spec.pooling or "own",
-        "max_seq_length": spec.max_seq_length or "own",
-    }
-    if cfg.model.guide == SELF:  # the student at step 0
-        settings["self_guide"] = cfg.model.self_guide
-    return settings
-
-
-def local_guide_cache(
-    cfg: Config, sets: list[TrainingSet], prompts: list[dict[str, str]]
-) -> list[str]:
-    """The guide cache folders, loaded or built without Ray (``torchrun``, one process): rank 0
-    embeds the missing shards in its own process, the other ranks wait, then all open them."""
-    from gist_ray import guide_cache
-    from gist_ray.guide_embed import run_local
-
-    folders = [None] * len(sets)
-    if rank() == 0:
-        folders = guide_cache.ensure(cfg, sets, prompts, run_local)
-    if is_distributed():
-        dist.broadcast_object_list(folders, src=0)
-    return folders

@@ -10,17 +10,14 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gist_ray import fileio
-from gist_ray.eval.metrics import retrieval_metrics
+from gist_ray.best_model import read_best, save_best
+from gist_ray.eval.metrics import evaluate_model
 
 if TYPE_CHECKING:
     from gist_ray.config import Config
     from gist_ray.models import Encoder
 
 log = logging.getLogger(__name__)
-
-BEST_DIR = "best-model"  # under output_dir: the best model by eval.metric
-BEST_INFO = "best-model.json"  # beside it: {"step", "metric", "value", "run_id"}
 
 
 def eval_due(cfg: Config, step: int, total: int) -> bool:
@@ -29,19 +26,6 @@ def eval_due(cfg: Config, step: int, total: int) -> bool:
     The final step is left to the driver, which evaluates the exported model anyway."""
     ev = cfg.eval
     return bool(ev.source) and ev.every > 0 and step % ev.every == 0 and step < total
-
-
-def read_best(output_dir: str | Path, run_id: str | None) -> dict[str, Any] | None:
-    """The best-model record of this run, or None (no record, or another run's)."""
-    try:
-        info = json.loads((Path(output_dir) / BEST_INFO).read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and info.get("run_id") == run_id else None
-
-
-def write_best(output_dir: str | Path, info: dict[str, Any]) -> None:
-    fileio.write_json(Path(output_dir) / BEST_INFO, info)
 
 
 class TrainingEval:
@@ -59,16 +43,12 @@ class TrainingEval:
 
     def __call__(self, student: Encoder, step: int) -> dict[str, float]:
         # At the model's own settings (its max length and prompts), as before and after training.
-        encode_query, encode_document = student.retrieval_encoders()
-        metrics = retrieval_metrics(
-            encode_document, self.evalset, encode_query_fn=encode_query, dims=self.dims
-        )
+        metrics = evaluate_model(student, self.evalset, self.dims)
         value = metrics[self.metric]
         improved = math.isfinite(value) and (self.best is None or value > self.best["value"])
         if improved:
-            student.save(self.output_dir / BEST_DIR)
             self.best = {"step": step, "metric": self.metric, "value": value}
-            write_best(self.output_dir, {**self.best, "run_id": self.run_id})
+            save_best(self.output_dir, {**self.best, "run_id": self.run_id}, student.save)
         note = "best so far, saved" if improved else ""
         if not improved and self.best is not None:
             note = f"best {self.best['value']:.4f} at step {self.best['step']}"
@@ -93,8 +73,7 @@ def validate_checkpoint(
     from gist_ray.checkpoint import META_FILE, MODEL_DIR
     from gist_ray.config import load_config_dict
     from gist_ray.eval.sets import load_eval_for
-    from gist_ray.models import load_encoder
-    from gist_ray.run import evaluate_model, user_spec
+    from gist_ray.models import load_encoder, user_spec
 
     console_log.configure()
     cfg = load_config_dict(config)
@@ -105,25 +84,8 @@ def validate_checkpoint(
         found = evaluate_model(model, evalset, cfg.loss.matryoshka_dims)
         metrics = {f"eval/{k}": v for k, v in found.items()}
     if run_id and tracking_uri:
+        from gist_ray.tracking.runs import log_once
+
         log_once(tracking_uri, run_id, metrics, step)
     log.info("eval step %d: %s %.4f", step, cfg.eval.metric, metrics[score_key(cfg)])
     return metrics
-
-
-def log_once(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log ``metrics`` at ``step``, leaving out those the run already holds at that step."""
-    import time
-
-    import mlflow
-
-    from gist_ray.tracking.runs import metric_name
-
-    client = mlflow.MlflowClient(tracking_uri)
-    ts = int(time.time() * 1000)
-    batch = [
-        mlflow.entities.Metric(metric_name(k), float(v), ts, step)
-        for k, v in metrics.items()
-        if step not in {m.step for m in client.get_metric_history(run_id, metric_name(k))}
-    ]
-    if batch:
-        client.log_batch(run_id, metrics=batch)

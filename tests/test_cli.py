@@ -35,7 +35,7 @@ def test_version_does_not_wait_for_torch():
 
 
 def test_pooling_help_lists_the_implemented_poolings():
-    from gist_ray.models import POOLINGS
+    from gist_ray.config import POOLINGS
 
     ev = cli.build_parser()._subparsers._group_actions[0].choices["eval"]
     (pooling,) = [a for a in ev._actions if a.dest == "pooling"]

@@ -16,7 +16,8 @@ from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
 from gist_ray.errors import ConfigError, DataError
 from gist_ray.guide_embed import run_local
-from gist_ray.train import guide_prompts, train_worker
+from gist_ray.prompts import guide_prompts
+from gist_ray.train import train_worker
 from tests.conftest import build_short_guide, make_sentences
 
 

@@ -80,7 +80,7 @@ def _cfg(decoder, guide, data, out, *extra):
 
 def _student(cfg):
     student = load_encoder(ModelSpec.student(cfg))
-    prepare_student(student, cfg)
+    prepare_student(student.model, cfg)
     student.train()
     return student
 

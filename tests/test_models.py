@@ -364,7 +364,7 @@ def test_too_few_unique_texts_for_the_global_batch(tmp_path, tiny_models, capfd)
 
 def test_prompts_resolve_like_the_sentence_transformers_trainer():
     from gist_ray.errors import ConfigError
-    from gist_ray.models import check_prompt_columns, column_prompts, own_prompts
+    from gist_ray.prompts import check_prompt_columns, column_prompts, own_prompts
 
     three, two = ["anchor", "positive", "negative_1"], ["anchor", "positive"]
     own = own_prompts({"query": "query: ", "passage": "passage: ", "other": "x"})

@@ -16,17 +16,13 @@ from gist_ray.checkpoint import STATE_FILE, LocalReporter, TrainState
 from gist_ray.config import load_config
 from gist_ray.data import load_training_sets
 from gist_ray.errors import ConfigError
+from gist_ray.guide import live_guide_embeddings
 from gist_ray.loss import GistLoss
 from gist_ray.models import ModelSpec, load_encoder
 from gist_ray.optim import build_optimizer, build_scheduler
+from gist_ray.prompts import student_prompts
 from gist_ray.self_guide import SelfGuide
-from gist_ray.train import (
-    live_guide_embeddings,
-    optimizer_step,
-    student_prompts,
-    train_worker,
-    unmasked,
-)
+from gist_ray.train import optimizer_step, train_worker, unmasked
 from tests.conftest import build_tiny_bert, make_sentences
 
 
@@ -162,7 +158,7 @@ def test_ema_after_two_steps_matches_a_hand_computed_ema(tiny_models, tmp_path, 
     extra = ["model.self_guide=ema", "model.self_guide_decay=0.9"]
     cfg = _lora_cfg(tiny_models, tmp_path, *extra, *(["model.lora.rank=4"] if lora else []))
     enc = load_encoder(ModelSpec.student(cfg))
-    prepare_student(enc, cfg)
+    prepare_student(enc.model, cfg)
     enc.train()
     guide = SelfGuide(enc, "ema", 0.9)
     trained = {n: p for n, p in enc.named_parameters() if p.requires_grad}

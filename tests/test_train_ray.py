@@ -254,8 +254,8 @@ def test_eval_metrics_on_the_step_axis_and_best_step(trained):
     and 4, the exported model at 5."""
     import mlflow
 
+    from gist_ray.best_model import read_best
     from gist_ray.tracking.plots import history
-    from gist_ray.training_eval import read_best
 
     cfg, result = trained
     client = mlflow.MlflowClient(result["tracking_uri"])
@@ -288,8 +288,8 @@ def test_checkpoints_validated_beside_training_and_scored_by_ray(trained):
     import ray.train
     from sentence_transformers import SentenceTransformer
 
+    from gist_ray.best_model import read_best
     from gist_ray.launcher import run_dir_name, storage_path
-    from gist_ray.training_eval import read_best
 
     cfg, result = trained
     run_dir = Path(storage_path(cfg)) / run_dir_name(cfg, result["run_id"])

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import gist_ray.training_eval as ev
+from gist_ray.best_model import read_best
 from gist_ray.config import load_config
 from gist_ray.models import ModelSpec, load_encoder
 
@@ -24,7 +25,7 @@ def setup(tmp_path, tiny_models, monkeypatch):
     )
     scripted = iter([0.5, 0.4, 0.7, 0.7])  # the metric at each successive eval
     monkeypatch.setattr(
-        ev, "retrieval_metrics", lambda *a, **k: {"ndcg@10": next(scripted), "recall@10": 1.0}
+        ev, "evaluate_model", lambda *a, **k: {"ndcg@10": next(scripted), "recall@10": 1.0}
     )
     student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=16))
     return cfg, student
@@ -43,10 +44,10 @@ def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
     evaluator = ev.TrainingEval(cfg, run_id="run-a")
     out = Path(cfg.output_dir)
     assert evaluator(student, 2) == {"ndcg@10": 0.5, "recall@10": 1.0}
-    assert ev.read_best(out, "run-a")["step"] == 2
+    assert read_best(out, "run-a")["step"] == 2
     assert (out / "best-model" / "modules.json").is_file()
     assert evaluator(student, 4)["ndcg@10"] == 0.4  # worse: best stays at step 2
-    assert ev.read_best(out, "run-a") == {
+    assert read_best(out, "run-a") == {
         "step": 2,
         "metric": "ndcg@10",
         "value": 0.5,
@@ -57,9 +58,9 @@ def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
     assert ev.TrainingEval(cfg, run_id="run-b").best is None
     resumed = ev.TrainingEval(cfg, run_id="run-a")
     resumed(student, 6)  # 0.7 > 0.5
-    assert ev.read_best(out, "run-a")["step"] == 6
+    assert read_best(out, "run-a")["step"] == 6
     resumed(student, 8)  # 0.7 again: ties keep the earlier step
-    assert ev.read_best(out, "run-a")["step"] == 6
+    assert read_best(out, "run-a")["step"] == 6
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
 
 

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from gist_ray.config import EVAL_METRICS
 from gist_ray.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from gist_ray.eval.sets import EvalSet
+    from gist_ray.models import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,7 @@ def map_at_k(ranked: Ranked, qrels: Qrels, k: int, warn: bool = True) -> float:
 
 METRICS = {"ndcg": ndcg_at_k, "recall": recall_at_k, "mrr": mrr_at_k, "map": map_at_k}
 K_VALUES = (1, 10, 100)
-# The metrics gist-ray reports, selects the best step by (eval.metric) and plots.
-REPORTED = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10", "map@100")
+REPORTED = EVAL_METRICS  # the metrics gist-ray reports, selects the best step by and plots
 
 
 def encode_all(
@@ -224,3 +225,11 @@ def _score(
     }
     result.update(num_queries=len(kept), skipped_queries=len(skipped))
     return result
+
+
+def evaluate_model(model: Encoder, evalset: EvalSet, dims: Sequence[int] = ()) -> dict[str, float]:
+    """Retrieval metrics of a model (an Encoder) at its own settings: its max length,
+    ``encode_query`` for queries and ``encode_document`` for documents (its own prompts); also
+    at each Matryoshka width of ``dims``."""
+    encode_query, encode_document = model.retrieval_encoders()
+    return retrieval_metrics(encode_document, evalset, encode_query_fn=encode_query, dims=dims)

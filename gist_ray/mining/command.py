@@ -25,11 +25,11 @@ from gist_ray import insuranceqa
 from gist_ray.config import Config, load_config_dict
 from gist_ray.data import TrainingSet, load_training_sets
 from gist_ray.errors import ConfigError, GistRayError
+from gist_ray.log import fmt_eta
 from gist_ray.mining import output
 from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 from gist_ray.mining.search import Searcher, resolve_backend
 from gist_ray.mining.select import Rule, mine_negatives
-from gist_ray.progress import fmt_eta
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from gist_ray.data import TrainingSet
 def guide_embeddings_for(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, torch.Tensor]]:
     """Per dataset, column -> the guide's embedding of each row's text (float32, as stored),
     read from the guide cache, built first (in this process) when missing."""
+    from gist_ray.guide import local_guide_cache
     from gist_ray.guide_cache import GuideCache
-    from gist_ray.train import guide_prompts, local_guide_cache
+    from gist_ray.prompts import guide_prompts
 
     folders = local_guide_cache(cfg, sets, guide_prompts(cfg, sets))
     out = []
@@ -37,7 +38,7 @@ def known_embeddings(
     cfg: Config, sets: list[TrainingSet], caches: list[dict[str, torch.Tensor]]
 ) -> dict[tuple[str, str], torch.Tensor]:
     """(guide prompt, text) -> the guide's embedding, from the caches of ``sets``."""
-    from gist_ray.train import guide_prompts
+    from gist_ray.prompts import guide_prompts
 
     known = {}
     for s, prompts, cache in zip(sets, guide_prompts(cfg, sets), caches):
@@ -53,7 +54,7 @@ def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) ->
     it instead of running the guide again. Returns the cache folders written or already there."""
     from gist_ray import guide_cache
     from gist_ray.data import load_training_sets
-    from gist_ray.train import guide_prompts
+    from gist_ray.prompts import guide_prompts
 
     sets = load_training_sets(cfg)
     chosen = [

@@ -12,9 +12,10 @@ import importlib.util
 
 import torch
 
+from gist_ray.config import MINE_BACKENDS
 from gist_ray.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "faiss")
+BACKENDS = MINE_BACKENDS
 
 
 def faiss_available() -> bool:

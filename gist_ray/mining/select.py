@@ -24,9 +24,6 @@ import torch
 
 from gist_ray.mining.search import Searcher
 
-THRESHOLDS = ("perc_pos", "margin", "none")
-SHORTFALL = ("drop", "fill")
-
 
 @dataclass(frozen=True)
 class Rule:

@@ -73,3 +73,11 @@ def log_inputs(client, run_id: str, named: list[tuple[Any, str]]) -> None:
     ]
     if new:
         client.log_inputs(run_id, datasets=new)
+
+
+def log_training_data(tracking_uri: str, run_id: str, sets: list) -> None:
+    """Every training dataset as an MLflow dataset input of the run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    log_inputs(client, run_id, [(training_dataset(s), "training") for s in sets])

@@ -9,10 +9,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gist_ray.best_model import best_dir, copy_from, read_best, save_best
 from gist_ray.config import Config
-from gist_ray.fileio import copy_dir
 from gist_ray.tracking.runs import metric_name
-from gist_ray.training_eval import BEST_DIR, read_best, write_best
 
 MODEL_URI_TAG = "gist_ray.model_uri"  # set once the model is logged: a rerun does not log twice
 MODEL_ID_TAG = "gist_ray.model_id"
@@ -113,15 +112,14 @@ def finish(
         )
         if cfg.eval.every and final.best_step is not None:
             if final.best_step == final_step:  # the exported model is the best one
-                copy_dir(model_dir, out_dir / BEST_DIR)
                 best = {"step": final_step, "metric": cfg.eval.metric, "value": final.best_value}
-                write_best(out_dir, {**best, "run_id": run_id})
+                save_best(out_dir, {**best, "run_id": run_id}, copy_from(model_dir))
             info = read_best(out_dir, run_id)
-            if info and info["step"] == final.best_step and (out_dir / BEST_DIR).is_dir():
-                final.best_model_dir = str(out_dir / BEST_DIR)
+            if info and info["step"] == final.best_step and best_dir(out_dir).is_dir():
+                final.best_model_dir = str(best_dir(out_dir))
             else:  # saved by rank 0 on another node
                 final.warnings.append(
-                    f"best model (step {final.best_step}) is in {out_dir / BEST_DIR} on the "
+                    f"best model (step {final.best_step}) is in {best_dir(out_dir)} on the "
                     "node of rank 0"
                 )
         client.set_tag(run_id, "best_step", str(final.best_step))

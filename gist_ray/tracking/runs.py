@@ -264,3 +264,20 @@ def log_config(tracking_uri: str, run_id: str, config_yaml: str) -> None:
     import mlflow
 
     mlflow.MlflowClient(tracking_uri).log_text(run_id, config_yaml, "config.yaml")
+
+
+def log_once(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step``, leaving out those the run already holds at that step."""
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    ts = int(time.time() * 1000)
+    batch = [
+        mlflow.entities.Metric(metric_name(k), float(v), ts, step)
+        for k, v in metrics.items()
+        if step not in {m.step for m in client.get_metric_history(run_id, metric_name(k))}
+    ]
+    if batch:
+        client.log_batch(run_id, metrics=batch)

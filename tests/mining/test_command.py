@@ -15,10 +15,12 @@ from gist_ray.cli import main
 from gist_ray.config import load_config
 from gist_ray.data import load_training_sets
 from gist_ray.errors import ConfigError
+from gist_ray.guide import live_guide_embeddings, load_guide
 from gist_ray.mining import command, output
 from gist_ray.mining.guide import guide_embeddings_for
 from gist_ray.mining.select import Rule
-from gist_ray.train import guide_prompts, live_guide_embeddings, load_guide, train_worker
+from gist_ray.prompts import guide_prompts
+from gist_ray.train import train_worker
 from tests.conftest import make_sentences
 from tests.mining.test_search_select import reference
 

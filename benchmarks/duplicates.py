@@ -2,7 +2,7 @@
 
 On the built-in InsuranceQA training rows (a question with several answers is several rows; the
 negatives come from the questions' candidate pools), one epoch of gist-ray's global batches is
-planned both ways (``gist_ray.batches.GlobalBatches``, what training uses) and every batch is
+planned both ways (``gist_ray.data.batches.GlobalBatches``, what training uses) and every batch is
 counted:
 
 - repeated texts: text slots (anchor, positive, negative of every row) whose text already
@@ -35,7 +35,7 @@ def false_negative_rows(ids: np.ndarray) -> int:
 
 
 def measure(texts: list[list[str]], batch: int, no_duplicates: bool, seed: int) -> dict:
-    from gist_ray.batches import GlobalBatches, ListSource, duplicates, text_ids
+    from gist_ray.data.batches import GlobalBatches, ListSource, duplicates, text_ids
 
     t0 = time.perf_counter()
     source = ListSource("insuranceqa", texts)
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
 
-    from gist_ray import insuranceqa
+    from gist_ray.data import insuranceqa
 
     rows = insuranceqa.train_rows(a.seed, a.rows or None)
     texts = [rows["anchor"], rows["positive"], rows["negative_1"]]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 def heldout_questions(n: int, pool_n: int, seed: int, eval_queries: int, eval_seed: int):
     """(questions for (a), questions for (b)): test questions outside the training-time eval."""
-    from gist_ray import insuranceqa
+    from gist_ray.data import insuranceqa
     from gist_ray.eval.sets import load_eval
 
     used = set(load_eval("insuranceqa", "test", eval_queries, 1000, seed=eval_seed).queries)
@@ -93,7 +93,7 @@ def load(spec: str):
     """``path`` or ``path@N`` (read at N tokens); a user's load otherwise."""
     from sentence_transformers import SentenceTransformer
 
-    from gist_ray.assets import resolve_model_path
+    from gist_ray.core.assets import resolve_model_path
 
     path, _, tokens = spec.partition("@")
     model = SentenceTransformer(resolve_model_path(path), device="cpu")
@@ -115,7 +115,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
 
-    from gist_ray import insuranceqa
+    from gist_ray.data import insuranceqa
 
     t_start = time.perf_counter()
     qa, pools, excluded = heldout_questions(

@@ -73,13 +73,13 @@ def run_one(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from gist_ray.checkpoint import TrainState
     from gist_ray.config import load_config
-    from gist_ray.lora import prepare_student
     from gist_ray.loss import GistLoss
-    from gist_ray.models import ModelSpec, load_encoder
-    from gist_ray.optim import build_optimizer, build_scheduler
-    from gist_ray.train import optimizer_step
+    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.lora import prepare_student
+    from gist_ray.train.checkpoint import TrainState
+    from gist_ray.train.loop import optimizer_step
+    from gist_ray.train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(args.threads)
     over = [

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def mine_ours(cfg) -> dict:
-    from gist_ray.data import load_training_sets
-    from gist_ray.mining import command
+    from gist_ray.commands import mine as command
+    from gist_ray.data.training import load_training_sets
     from gist_ray.mining.guide import guide_embeddings_for
 
     t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def seed_from(cfg, rows: int) -> list[str]:
     """The guide cache of ``cfg``'s rows written from the cache of the first ``rows`` rows
     (the built-in rows are a fixed shuffle, so fewer rows are a prefix of more)."""
     from gist_ray.config import load_config_dict
-    from gist_ray.data import load_training_sets
+    from gist_ray.data.training import load_training_sets
     from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 
     big = cfg.to_dict()
@@ -92,8 +92,8 @@ def mine_st(cfg, out: Path) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from gist_ray.assets import resolve_model_path
-    from gist_ray.data import load_training_sets
+    from gist_ray.core.assets import resolve_model_path
+    from gist_ray.data.training import load_training_sets
 
     [s] = load_training_sets(cfg)
     ds = datasets.Dataset.from_dict({c: s.column_texts()[c] for c in ("anchor", "positive")})
@@ -119,8 +119,8 @@ def mine_st(cfg, out: Path) -> dict:
 
 def seed_cache(cfg, path: Path) -> list[str]:
     """The guide cache of ``path`` from the embeddings of the original rows."""
-    from gist_ray.data import load_training_sets
-    from gist_ray.mining.command import training_config
+    from gist_ray.commands.mine import training_config
+    from gist_ray.data.training import load_training_sets
     from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 
     sets = load_training_sets(cfg)
@@ -180,8 +180,8 @@ def main() -> None:
     )
     a = p.parse_args()
 
-    from gist_ray import log
     from gist_ray.config import load_config
+    from gist_ray.core import log
 
     log.configure(stream="stdout")
     a.dir.mkdir(parents=True, exist_ok=True)

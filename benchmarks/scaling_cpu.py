@@ -35,7 +35,7 @@ def _cfg(batch: int, max_len: int, extra: list[str] = ()):
 
 
 def _rows(n: int):
-    from gist_ray.data import load_pairs
+    from gist_ray.data.training import load_pairs
 
     ds = load_pairs("insuranceqa", max_examples=n, seed=0)
     return [ds["anchor"], ds["positive"], ds["negative_1"]]
@@ -44,10 +44,10 @@ def _rows(n: int):
 def bench_guide_cache(batch: int, max_len: int, repeats: int) -> dict:
     """Live-guide step vs cached-guide step (same batch, no gradient caching), one process."""
 
-    from gist_ray.guide import live_guide_embeddings
+    from gist_ray.guide.source import live_guide_embeddings
     from gist_ray.loss import GistLoss
-    from gist_ray.models import ModelSpec, load_encoder
-    from gist_ray.train import training_step
+    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.train.loop import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()
@@ -83,8 +83,8 @@ def _peak_child(batch: int, mini: int, max_len: int) -> None:
     import torch
 
     from gist_ray.loss import GistLoss
-    from gist_ray.models import ModelSpec, load_encoder
-    from gist_ray.train import training_step
+    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.train.loop import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()
@@ -136,8 +136,8 @@ def bench_workers(per_worker: int, steps: int, max_len: int) -> list[dict]:
 
     import mlflow
 
+    from gist_ray.commands.train import train
     from gist_ray.config import load_config
-    from gist_ray.run import train
 
     out = []
     for workers in (1, 2):

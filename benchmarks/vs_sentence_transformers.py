@@ -7,7 +7,7 @@ learning rate and seed; samples/s, peak memory, wall time and retrieval after tr
 Every configuration runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``: the
 whole process, models and optimizer included) is its own. Both sides run the same plain-torch
 loop shape: AdamW, linear warm-up/decay, gradient clipping, one process, no Ray. gist-ray runs
-its own per-worker function (``gist_ray.train.train_worker``, single process) so its guide
+its own per-worker function (``gist_ray.train.loop.train_worker``, single process) so its guide
 cache and gradient caching are the real ones; sentence-transformers runs ``GISTEmbedLoss`` /
 ``CachedGISTEmbedLoss`` on ``SentenceTransformer`` models loaded from the same folders.
 
@@ -53,7 +53,7 @@ def cpu_s() -> float:
 
 
 def _data(a):
-    from gist_ray.data import load_pairs
+    from gist_ray.data.training import load_pairs
 
     return load_pairs("insuranceqa", max_examples=a["steps"] * a["batch"], seed=a["seed"])
 
@@ -61,7 +61,7 @@ def _data(a):
 def _evaluate(model_dir: str, a) -> dict[str, float]:
     from gist_ray.eval.metrics import retrieval_metrics
     from gist_ray.eval.sets import load_eval
-    from gist_ray.models import ModelSpec, load_encoder
+    from gist_ray.models.encoder import ModelSpec, load_encoder
 
     ev = load_eval("insuranceqa", "test", a["eval_queries"], a["eval_corpus"], seed=0)
     enc = load_encoder(ModelSpec(model_dir, max_seq_length=a["seq"]), frozen=True)
@@ -80,10 +80,10 @@ def run_st(a, out: Path) -> dict:
         GISTEmbedLoss,
     )
 
-    from gist_ray.assets import resolve_model_path
-    from gist_ray.batches import GlobalBatches, ListSource
-    from gist_ray.optim import lr_lambda
-    from gist_ray.train import seed_everything
+    from gist_ray.core.assets import resolve_model_path
+    from gist_ray.data.batches import GlobalBatches, ListSource
+    from gist_ray.train.loop import seed_everything
+    from gist_ray.train.optim import lr_lambda
 
     t_wall = t_train = time.perf_counter()  # as for gist-ray: loading counts as training
     data = _data(a)
@@ -133,11 +133,11 @@ def run_gist_ray(a, out: Path) -> dict:
     """gist-ray's own per-worker loop, single process, per-step times read back from MLflow."""
     import mlflow
 
-    from gist_ray.checkpoint import LocalReporter
     from gist_ray.config import load_config
-    from gist_ray.progress import StepLog
     from gist_ray.tracking import runs
-    from gist_ray.train import train_worker
+    from gist_ray.train.checkpoint import LocalReporter
+    from gist_ray.train.loop import train_worker
+    from gist_ray.train.progress import StepLog
 
     t_wall = time.perf_counter()
     cfg = load_config(
@@ -186,7 +186,7 @@ def run_gist_ray(a, out: Path) -> dict:
 
 
 def run_base(a, out: Path) -> dict:
-    from gist_ray.assets import resolve_model_path
+    from gist_ray.core.assets import resolve_model_path
 
     t0 = time.perf_counter()
     res = {"metrics": _evaluate(resolve_model_path(a["student"]), a)}
@@ -252,7 +252,7 @@ def run_all(args) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="gist-vs-st-"))
     # A fresh guide-cache root, so "guide cache" pays its one-time build inside the timed run;
     # the assembled guide model is linked in rather than rebuilt.
-    from gist_ray.assets import cache_root
+    from gist_ray.core.assets import cache_root
 
     cache = tmp / "cache"
     (cache / "models").mkdir(parents=True)

@@ -21,8 +21,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from gist_ray import log
-from gist_ray.errors import ConfigError, GistRayError
+from gist_ray.core import log
+from gist_ray.core.errors import ConfigError, GistRayError
 
 _log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -194,7 +194,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from gist_ray.eval.command import evaluate
+    from gist_ray.commands.eval import evaluate
 
     for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
         value = getattr(args, name)
@@ -216,7 +216,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from gist_ray.init_config import write_starter
+    from gist_ray.commands.init import write_starter
 
     done = write_starter(args.data, args.output, args.force)
     print(f"wrote {done.path} for {args.data} ({done.rows:,} rows):")
@@ -234,7 +234,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _open_log(cfg, args: argparse.Namespace) -> Path:
     """The command's log file in the output folder, announced with what is being run."""
-    from gist_ray.paths import check_job_paths
+    from gist_ray.launch.paths import check_job_paths
 
     check_job_paths(cfg, "")  # not in a Ray job's doomed working dir (run.py checks the rest)
     try:
@@ -261,19 +261,19 @@ def _open_log(cfg, args: argparse.Namespace) -> Path:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
 
     return _logged(args, train)
 
 
 def _cmd_cache_guide(args: argparse.Namespace) -> int:
-    from gist_ray.run import cache_guide
+    from gist_ray.commands.train import cache_guide
 
     return _logged(args, cache_guide)
 
 
 def _cmd_mine(args: argparse.Namespace) -> int:
-    from gist_ray.mining.command import mine, print_summaries
+    from gist_ray.commands.mine import mine, print_summaries
 
     # --k / --out are shorthands for --set, applied last so they win
     args.overrides += [f"mine.k={args.k}"] if args.k is not None else []
@@ -355,10 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         if log.log_file() is not None:
-            from gist_ray import launcher
+            from gist_ray.launch import cluster
 
             try:
-                launcher.shutdown()  # Ray's last words go to the log, not the terminal
+                cluster.shutdown()  # Ray's last words go to the log, not the terminal
             finally:
                 log.stop_log_file()
 

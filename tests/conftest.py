@@ -156,7 +156,7 @@ def build_tiny_decoder(path: Path, hidden: int = 32, seed: int = 0, dropout: flo
 @pytest.fixture(autouse=True, scope="session")
 def _console_log_session():
     """The same before any module-scoped fixture runs (they run before function ones)."""
-    from gist_ray import log
+    from gist_ray.core import log
 
     log.configure(stream="stdout", propagate=True)
 
@@ -165,7 +165,7 @@ def _console_log_session():
 def _console_log(_console_log_session):
     """gist-ray's progress lines on stdout, as ``gist-ray train`` configures them (a test of
     ``gist-ray eval`` moves them to stderr); propagated for ``caplog``."""
-    from gist_ray import log
+    from gist_ray.core import log
 
     log.configure(stream="stdout", propagate=True)
 

@@ -39,10 +39,11 @@ def main(spec_path: str, result_path: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from gist_ray import launcher, log
+    from gist_ray.commands.train import train
     from gist_ray.config import load_config_dict
-    from gist_ray.errors import GistRayError
-    from gist_ray.run import train
+    from gist_ray.core import log
+    from gist_ray.core.errors import GistRayError
+    from gist_ray.launch import resources
 
     log.configure()
     spec = json.loads(Path(spec_path).read_text())
@@ -61,7 +62,7 @@ def main(spec_path: str, result_path: str) -> None:
         ray.init(address=cluster.address)
         result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
         try:
-            launcher.check_resources(cfg)
+            resources.check_resources(cfg)
         except GistRayError as e:
             result["local_storage_refused"] = str(e)
         cfg.ray.address = cluster.address
@@ -76,7 +77,7 @@ def main(spec_path: str, result_path: str) -> None:
 
         training = threading.Thread(target=run, daemon=True)
         training.start()
-        run_dir = Path(launcher.storage_path(cfg)) / spec["run_name"]
+        run_dir = Path(resources.storage_path(cfg)) / spec["run_name"]
         events = _replace_a_node_after_first_checkpoint(cluster, workers[1], run_dir, training)
         training.join()
         if "error" in outcome:

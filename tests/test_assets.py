@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import gist_ray.assets as assets
-from gist_ray.assets import MODEL_ALIASES, assemble_mpnet, is_complete, resolve_model_path
-from gist_ray.errors import ModelError
+import gist_ray.core.assets as assets
+from gist_ray.core.assets import MODEL_ALIASES, assemble_mpnet, is_complete, resolve_model_path
+from gist_ray.core.errors import ModelError
 
 # ----------------------------------------------------------------------------- aliases
 
@@ -134,7 +134,8 @@ def test_concurrent_processes_do_not_corrupt(tmp_path):
     parts = fake_pieces(tmp_path / "parts", n=5, payload=8 << 20)
     target = tmp_path / "cache" / "m"
     code = (
-        "import sys, time; from pathlib import Path; from gist_ray.assets import assemble_mpnet\n"
+        "import sys, time; from pathlib import Path\n"
+        "from gist_ray.core.assets import assemble_mpnet\n"
         "time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
         "p = assemble_mpnet([Path(a) for a in sys.argv[3:]], Path(sys.argv[2]))\n"
         "print(sorted(x.name for x in p.iterdir()))\n"

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gist_ray.batches import GlobalBatches, ListSource, Permutation, duplicates, text_ids
-from gist_ray.errors import ConfigError, DataError
+from gist_ray.core.errors import ConfigError, DataError
+from gist_ray.data.batches import GlobalBatches, ListSource, Permutation, duplicates, text_ids
 from tests.conftest import make_sentences
 
 
@@ -147,7 +147,7 @@ def test_batch_larger_than_a_dataset():
 def test_builtin_data_duplicate_rate_without_the_guarantee():
     """The built-in InsuranceQA rows repeat texts (questions with several answers): without the
     guarantee a global batch of 256 holds duplicates, with it none."""
-    from gist_ray import insuranceqa
+    from gist_ray.data import insuranceqa
 
     rows = insuranceqa.train_rows(42, 4096)
     texts = [[rows["anchor"], rows["positive"], rows["negative_1"]]]

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from gist_ray import checkpoint as ckpt
 from gist_ray.config import load_config
-from gist_ray.errors import GistRayError
+from gist_ray.core.errors import GistRayError
+from gist_ray.train import checkpoint as ckpt
 
 
 @pytest.fixture()
 def saved(tiny_models, tmp_path):
-    from gist_ray.models import ModelSpec, load_encoder
+    from gist_ray.models.encoder import ModelSpec, load_encoder
 
     cfg = load_config(overrides=[f"model.student={tiny_models['student']}"])
     student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=32))

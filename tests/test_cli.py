@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from gist_ray import cli
+from gist_ray.commands.init import write_starter
 from gist_ray.config import load_config
-from gist_ray.data import load_pairs
-from gist_ray.init_config import write_starter
+from gist_ray.data.training import load_pairs
 
 
 def test_version_names_gist_ray_and_what_it_runs_on(capsys):
@@ -253,7 +253,7 @@ def test_a_workers_error_is_one_line_with_the_log(tiny_models, tmp_path):
     assert line.endswith(f"(full log: {log})")
     assert "Training failed" not in proc.stdout + proc.stderr
     text = log.read_text()
-    assert "WorkerGroupError" in text and "gist_ray/train.py" in text
+    assert "WorkerGroupError" in text and "gist_ray/train/loop.py" in text
 
 
 @pytest.mark.slow  # starts a local Ray cluster through the console script

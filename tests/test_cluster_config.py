@@ -54,7 +54,7 @@ def test_cpu_default_config_equals_the_built_in_defaults():
 
 
 def test_gpu_configs_use_gpus_and_multinode_uses_shared_storage():
-    from gist_ray.launcher import is_shared_storage
+    from gist_ray.launch.resources import is_shared_storage
 
     one = load_config(ROOT / "configs" / "gpu-1node.yaml")
     many = load_config(ROOT / "configs" / "gpu-multinode.yaml")
@@ -74,7 +74,7 @@ def test_gpu_configs_use_gpus_and_multinode_uses_shared_storage():
     ],
 )
 def test_cluster_keys_are_validated(override, needle):
-    from gist_ray.errors import ConfigError
+    from gist_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle):
         load_config(overrides=[override])

@@ -1,7 +1,7 @@
 import pytest
 
 from gist_ray.config import Config, load_config, load_config_dict
-from gist_ray.errors import ConfigError
+from gist_ray.core.errors import ConfigError
 
 
 def test_defaults_are_valid_and_roundtrip():

@@ -7,8 +7,8 @@ import huggingface_hub.constants
 import pandas as pd
 import pytest
 
-from gist_ray.data import load_pairs
-from gist_ray.errors import DataError
+from gist_ray.core.errors import DataError
+from gist_ray.data.training import load_pairs
 
 ROWS = [
     {"question": "how do cats purr", "answer": "with their larynx", "wrong": "by singing", "id": 1},
@@ -208,7 +208,7 @@ def test_builtin_insuranceqa_pairs():
 
 def test_several_training_sets_each_with_its_columns(tmp_path):
     from gist_ray.config import load_config
-    from gist_ray.data import load_training_sets
+    from gist_ray.data.training import load_training_sets
 
     first, second = tmp_path / "a.jsonl", tmp_path / "b.csv"
     write(first, ROWS)
@@ -227,7 +227,7 @@ def test_several_training_sets_each_with_its_columns(tmp_path):
 
 def test_an_empty_dataset_in_a_list_names_its_key(tmp_path):
     from gist_ray.config import load_config
-    from gist_ray.data import load_training_sets
+    from gist_ray.data.training import load_training_sets
 
     good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
     write(good, [{"anchor": r["question"], "positive": r["answer"]} for r in ROWS])
@@ -241,7 +241,7 @@ def test_training_data_is_memory_mapped_not_held_in_memory(tmp_path, monkeypatch
     """Files and the built-in set are read from Arrow files on disk (the built-in rows are
     written once, atomically, under the gist-ray cache) and rows are read on demand."""
     from gist_ray.config import load_config
-    from gist_ray.data import load_training_sets
+    from gist_ray.data.training import load_training_sets
 
     monkeypatch.setenv("GIST_RAY_CACHE", str(tmp_path / "cache"))
     pairs = tmp_path / "pairs.jsonl"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import gist_ray.distributed as gdist
+import gist_ray.core.distributed as gdist
 from gist_ray.loss import GistLoss
 
 B, D_IN, D, D_G = 12, 10, 8, 6  # global rows; encoder input, student and guide widths

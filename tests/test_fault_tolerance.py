@@ -1,6 +1,6 @@
 """Fault tolerance on a real 2-worker Ray Train run (tiny random BERTs, dropout on, SQLite MLflow).
 
-Workers SIGKILL themselves between checkpoints (gist_ray.faults, GIST_RAY_FAULT_INJECT). With
+Workers SIGKILL themselves between checkpoints (gist_ray.train.faults, GIST_RAY_FAULT_INJECT). With
 ``train.max_failures=1`` the first kill (rank 1 after step 3) is survived: Ray restarts both
 workers from the step-2 checkpoint. The second (rank 0 after step 5) exceeds the budget and the
 run fails, its last checkpoint at step 4. Rerunning the same command resumes it to the end;
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from gist_ray.config import load_config
-from gist_ray.errors import GistRayError
+from gist_ray.core.errors import GistRayError
 
 STEPS = 6
 EXPERIMENT = "fault-tolerance"
@@ -46,9 +46,9 @@ def _reference_worker(rank: int, cfg_dict: dict, port: int, losses_file: str) ->
     """One rank of the uninterrupted reference: train_worker under plain torch.distributed."""
     import torch.distributed as dist
 
-    from gist_ray.checkpoint import LocalReporter
     from gist_ray.config import load_config_dict
-    from gist_ray.train import train_worker
+    from gist_ray.train.checkpoint import LocalReporter
+    from gist_ray.train.loop import train_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # like a Ray worker with one CPU
@@ -117,7 +117,7 @@ def runs(ray_cluster, make_cfg):
     """The 'ft' run: fails after one survived kill, then its command is rerun."""
     import mlflow
 
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
 
     cfg = make_cfg("ft", "train.max_failures=1")
     stderr = io.StringIO()
@@ -207,10 +207,10 @@ def test_final_model_equals_an_uninterrupted_run(runs, reference):
 def test_rerunning_a_finished_run_trains_nothing_and_exports_the_model(
     runs, reference, monkeypatch, capsys
 ):
-    from gist_ray import launcher
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
+    from gist_ray.launch import trainer
 
-    monkeypatch.setattr(launcher, "run_training", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(trainer, "run_training", lambda *a, **k: pytest.fail("trained again"))
     cfg = runs["cfg"]
     shutil.rmtree(Path(cfg.output_dir) / "model")
     again = train(cfg)
@@ -222,10 +222,10 @@ def test_rerunning_a_finished_run_trains_nothing_and_exports_the_model(
 
 
 def test_checkpoint_of_another_model_is_refused_before_training(runs, tiny_models, monkeypatch):
-    from gist_ray import launcher
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
+    from gist_ray.launch import trainer
 
-    monkeypatch.setattr(launcher, "run_training", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(trainer, "run_training", lambda *a, **k: pytest.fail("trained"))
     cfg = copy.deepcopy(runs["cfg"])
     cfg.model.student = str(tiny_models["guide"])
     with pytest.raises(GistRayError, match="incompatible: it was written with model.student") as e:
@@ -234,12 +234,12 @@ def test_checkpoint_of_another_model_is_refused_before_training(runs, tiny_model
 
 
 def test_truncated_checkpoint_in_storage_is_refused(runs, monkeypatch):
-    from gist_ray import launcher
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
+    from gist_ray.launch import resources, trainer
 
-    monkeypatch.setattr(launcher, "run_training", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(trainer, "run_training", lambda *a, **k: pytest.fail("trained"))
     cfg = runs["cfg"]
-    latest = sorted((Path(launcher.storage_path(cfg)) / "ft").glob("checkpoint-*"))[-1]
+    latest = sorted((Path(resources.storage_path(cfg)) / "ft").glob("checkpoint-*"))[-1]
     state = latest / "state.pt"
     data = state.read_bytes()
     try:

@@ -7,8 +7,8 @@ import torch
 
 from gist_ray.config import load_config
 from gist_ray.loss import GistLoss
-from gist_ray.models import ModelSpec, load_encoder
-from gist_ray.train import training_step
+from gist_ray.models.encoder import ModelSpec, load_encoder
+from gist_ray.train.loop import training_step
 from tests.conftest import make_sentences
 
 
@@ -88,7 +88,7 @@ def test_gradcache_equals_full_batch_without_dropout(tiny_models, settings):
     ],
 )
 def test_bad_mini_batch_size(value, needle):
-    from gist_ray.errors import ConfigError
+    from gist_ray.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         load_config(overrides=["train.batch_size=16", f"train.mini_batch_size={value}"])

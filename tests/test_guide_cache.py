@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from gist_ray import guide_cache
-from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
-from gist_ray.errors import ConfigError, DataError
-from gist_ray.guide_embed import run_local
-from gist_ray.prompts import guide_prompts
-from gist_ray.train import train_worker
+from gist_ray.core.errors import ConfigError, DataError
+from gist_ray.guide import cache as guide_cache
+from gist_ray.guide.embed import run_local
+from gist_ray.models.prompts import guide_prompts
+from gist_ray.train.checkpoint import LocalReporter
+from gist_ray.train.loop import train_worker
 from tests.conftest import build_short_guide, make_sentences
 
 
@@ -64,7 +64,7 @@ class _Counting:
 
 
 def _ensure(cfg, runner=None):
-    from gist_ray.data import load_training_sets
+    from gist_ray.data.training import load_training_sets
 
     sets = load_training_sets(cfg)
     runner = runner or _Counting()
@@ -97,7 +97,7 @@ def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cac
 
 
 def test_one_fp16_row_per_unique_text_equal_to_the_guide(tiny_models, tmp_path, cache_env):
-    from gist_ray.models import ModelSpec, load_encoder
+    from gist_ray.models.encoder import ModelSpec, load_encoder
 
     anchors, positives = make_sentences(30, 5), make_sentences(30, 6)
     anchors[3] = anchors[0]  # a repeated anchor
@@ -241,8 +241,8 @@ def test_cache_guide_builds_with_ray_data_then_a_second_job_loads(
 ):
     """`gist-ray cache-guide` embeds the unique texts with a Ray Data job (2 actors); a second
     job on the same cluster loads the cache instead of building it."""
-    from gist_ray.models import ModelSpec, load_encoder
-    from gist_ray.run import cache_guide
+    from gist_ray.commands.train import cache_guide
+    from gist_ray.models.encoder import ModelSpec, load_encoder
 
     data = _write(tmp_path / "pairs.jsonl", make_sentences(40, 5), make_sentences(40, 6))
     cfg = load_config(

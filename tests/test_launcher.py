@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from gist_ray import launcher
 from gist_ray.config import load_config
-from gist_ray.errors import GistRayError
+from gist_ray.core.errors import GistRayError
+from gist_ray.launch import cluster, resources
 
 
 def _free_port() -> int:
@@ -26,9 +26,9 @@ def test_unanswered_address_fails_fast():
     port = _free_port()
     t0 = time.monotonic()
     with pytest.raises(GistRayError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
-        launcher.probe_address(f"127.0.0.1:{port}")
+        cluster.probe_address(f"127.0.0.1:{port}")
     with pytest.raises(GistRayError, match="no Ray cluster answers"):
-        launcher.probe_address(f"ray://127.0.0.1:{port}")
+        cluster.probe_address(f"ray://127.0.0.1:{port}")
     assert time.monotonic() - t0 < 5
 
 
@@ -40,19 +40,19 @@ def test_port_that_accepts_but_stays_silent_fails_within_the_timeout():
         port = server.getsockname()[1]
         t0 = time.monotonic()
         with pytest.raises(GistRayError, match="does not speak gRPC within 1s"):
-            launcher.probe_address(f"127.0.0.1:{port}", timeout=1.0)
+            cluster.probe_address(f"127.0.0.1:{port}", timeout=1.0)
         assert time.monotonic() - t0 < 5
 
 
 def test_a_real_gcs_passes_the_probe(ray_cluster):
-    launcher.probe_address(ray_cluster.get_runtime_context().gcs_address)
+    cluster.probe_address(ray_cluster.get_runtime_context().gcs_address)
 
 
 def test_dashboard_or_malformed_address_is_explained():
     with pytest.raises(GistRayError, match="dashboard .*ray job submit --address"):
-        launcher.probe_address("http://127.0.0.1:8265")
+        cluster.probe_address("http://127.0.0.1:8265")
     with pytest.raises(GistRayError, match="expected HOST:PORT"):
-        launcher.probe_address("just-a-host")
+        cluster.probe_address("just-a-host")
 
 
 @pytest.mark.slow  # the CLI loads both models and the data before probing the address
@@ -88,26 +88,26 @@ def test_cli_reports_an_unreachable_cluster_in_one_line(tiny_models, tiny_pairs_
 
 
 def test_shared_storage_detection(monkeypatch, tmp_path):
-    assert launcher.is_shared_storage("s3://bucket/ckpt")
-    assert launcher.is_shared_storage("gs://bucket/ckpt")
-    assert not launcher.is_shared_storage(f"file://{tmp_path}")
-    monkeypatch.setattr(launcher, "_mount_type", lambda path: "ext4")
-    assert not launcher.is_shared_storage(str(tmp_path))
-    monkeypatch.setattr(launcher, "_mount_type", lambda path: "nfs4")
-    assert launcher.is_shared_storage(str(tmp_path))
+    assert resources.is_shared_storage("s3://bucket/ckpt")
+    assert resources.is_shared_storage("gs://bucket/ckpt")
+    assert not resources.is_shared_storage(f"file://{tmp_path}")
+    monkeypatch.setattr(resources, "_mount_type", lambda path: "ext4")
+    assert not resources.is_shared_storage(str(tmp_path))
+    monkeypatch.setattr(resources, "_mount_type", lambda path: "nfs4")
+    assert resources.is_shared_storage(str(tmp_path))
 
 
 def test_multinode_storage_must_be_shared(tmp_path):
     """The rule itself (tests/test_multinode.py checks it against a real 3-node cluster)."""
     cfg = load_config(overrides=[f"output_dir={tmp_path}"])
-    launcher.check_storage(cfg, alive_nodes=1)  # one node: local storage is fine
+    resources.check_storage(cfg, alive_nodes=1)  # one node: local storage is fine
     with pytest.raises(GistRayError) as e:
-        launcher.check_storage(cfg, alive_nodes=2)
+        resources.check_storage(cfg, alive_nodes=2)
     msg = str(e.value)
     assert "\n" not in msg and "node-local but the cluster has 2 nodes" in msg
     assert "ray.storage_path" in msg and "s3://" in msg and "ray.shared_storage" in msg
     for shared in ("ray.storage_path=s3://b/p", "ray.shared_storage=true"):
-        launcher.check_storage(load_config(overrides=[f"output_dir={tmp_path}", shared]), 2)
+        resources.check_storage(load_config(overrides=[f"output_dir={tmp_path}", shared]), 2)
 
 
 def test_unwritable_storage_is_a_one_line_error(tmp_path):
@@ -115,7 +115,7 @@ def test_unwritable_storage_is_a_one_line_error(tmp_path):
     blocker.write_text("")
     cfg = load_config(overrides=[f"output_dir={tmp_path}", f"ray.storage_path={blocker}/ray"])
     with pytest.raises(GistRayError) as e:
-        launcher.check_storage(cfg, alive_nodes=1)
+        resources.check_storage(cfg, alive_nodes=1)
     msg = str(e.value)
     assert msg.startswith(f"ray.storage_path = '{blocker}/ray' is not writable (")
     assert "set ray.storage_path to a writable folder" in msg and "\n" not in msg
@@ -124,12 +124,12 @@ def test_unwritable_storage_is_a_one_line_error(tmp_path):
 def test_gpus_the_cluster_lacks_are_refused(ray_cluster):
     cfg = load_config(overrides=["ray.use_gpu=true"])
     with pytest.raises(GistRayError, match="needs 2 GPUs but the cluster has 0") as e:
-        launcher.check_resources(cfg)
+        resources.check_resources(cfg)
     assert "ray.use_gpu=false" in str(e.value) and "\n" not in str(e.value)
     # With resource_wait_s the autoscaler is asked and waited for, then the same refusal.
     t0 = time.monotonic()
     with pytest.raises(GistRayError, match="needs 2 GPUs"):
-        launcher.check_resources(
+        resources.check_resources(
             load_config(overrides=["ray.use_gpu=true", "ray.resource_wait_s=1"])
         )
     assert 1 <= time.monotonic() - t0 < 15
@@ -137,4 +137,4 @@ def test_gpus_the_cluster_lacks_are_refused(ray_cluster):
 
 def test_too_many_cpu_workers_are_refused(ray_cluster):
     with pytest.raises(GistRayError, match="needs 8 CPUs but the cluster has 2"):
-        launcher.check_resources(load_config(overrides=["ray.num_workers=8"]))
+        resources.check_resources(load_config(overrides=["ray.num_workers=8"]))

@@ -11,14 +11,14 @@ import textwrap
 
 import pytest
 
-from gist_ray import log
-from gist_ray.progress import STEP_LINE, Relay, guide_cache_line
+from gist_ray.core import log
+from gist_ray.train.progress import STEP_LINE, Relay, guide_cache_line
 
 # A process that opens the log file, then writes the way third-party code does.
 SCRIPT = textwrap.dedent(
     """
     import logging, os, subprocess, sys
-    from gist_ray import log
+    from gist_ray.core import log
     log.configure()
     path = log.start_log_file(sys.argv[1], verbose=sys.argv[2] == "1", title="test")
     logging.getLogger("gist_ray.demo").info("our progress line")
@@ -150,7 +150,7 @@ def test_guide_cache_line_is_what_the_relay_parses():
 
 
 def test_worker_output_routes_our_lines_to_the_console_and_the_rest_to_stderr(capsys):
-    from gist_ray.launcher import WorkerOutput
+    from gist_ray.launch.cluster import WorkerOutput
 
     printed = []
     route = WorkerOutput(lambda data, out, ignore: printed.append((data["lines"], out)))
@@ -187,9 +187,11 @@ def _ray_failure(failures):
 
 
 def test_unwrap_surfaces_the_workers_own_error():
-    from gist_ray.launcher import _unwrap
+    from gist_ray.launch.trainer import unwrap_worker_error
 
-    err = _unwrap(_ray_failure({0: RuntimeError("CUDA error: out of memory\nmore detail")}))
+    err = unwrap_worker_error(
+        _ray_failure({0: RuntimeError("CUDA error: out of memory\nmore detail")})
+    )
     assert type(err) is RuntimeError and err.gist_ray_origin == "Ray worker rank 0"
     from gist_ray.cli import _one_line
 
@@ -197,25 +199,25 @@ def test_unwrap_surfaces_the_workers_own_error():
 
 
 def test_unwrap_prefers_a_user_error_over_its_fallout_on_other_ranks():
-    from gist_ray.errors import DataError
-    from gist_ray.launcher import _unwrap
+    from gist_ray.core.errors import DataError
+    from gist_ray.launch.trainer import unwrap_worker_error
 
     user = DataError("pairs.csv: column 'anchor' row 3 is empty")
-    err = _unwrap(_ray_failure({0: RuntimeError("Connection closed by peer"), 1: user}))
+    err = unwrap_worker_error(_ray_failure({0: RuntimeError("Connection closed by peer"), 1: user}))
     assert err is user
 
 
 def test_unwrap_surfaces_the_train_controllers_error():
     from ray.train import ControllerError
 
-    from gist_ray.launcher import _unwrap
+    from gist_ray.launch.trainer import unwrap_worker_error
 
-    err = _unwrap(ControllerError(TimeoutError("worker group did not start in 60 s")))
+    err = unwrap_worker_error(ControllerError(TimeoutError("worker group did not start in 60 s")))
     assert type(err) is TimeoutError and err.gist_ray_origin == "the Ray Train controller"
 
 
 def test_unwrap_leaves_an_error_without_a_worker_error_alone():
-    from gist_ray.launcher import _unwrap
+    from gist_ray.launch.trainer import unwrap_worker_error
 
     e = ValueError("not from Ray")
-    assert _unwrap(e) is e
+    assert unwrap_worker_error(e) is e

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
-from gist_ray.errors import ConfigError
-from gist_ray.lora import is_adapter_folder, merge_adapter, prepare_student
+from gist_ray.core.errors import ConfigError
 from gist_ray.loss import GistLoss
-from gist_ray.models import ModelSpec, export_model, load_encoder
-from gist_ray.train import optimizer_step, train_worker, training_step
+from gist_ray.models.encoder import ModelSpec, export_model, load_encoder
+from gist_ray.models.lora import is_adapter_folder, merge_adapter, prepare_student
+from gist_ray.train.checkpoint import LocalReporter
+from gist_ray.train.loop import optimizer_step, train_worker, training_step
 from tests.conftest import build_tiny_bert, build_tiny_decoder, make_sentences, write_triplets
 from tests.test_fault_tolerance import _reference_worker  # one gloo rank of train_worker
 
@@ -100,8 +100,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_only_adapter_weights_change(decoder, guide, data, tmp_path):
-    from gist_ray.checkpoint import TrainState
-    from gist_ray.optim import build_optimizer, build_scheduler
+    from gist_ray.train.checkpoint import TrainState
+    from gist_ray.train.optim import build_optimizer, build_scheduler
 
     cfg = _cfg(decoder, guide, data, tmp_path)
     student = _student(cfg)

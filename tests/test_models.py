@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gist_ray.checkpoint import LocalReporter
 from gist_ray.config import load_config
+from gist_ray.train.checkpoint import LocalReporter
 from tests.conftest import build_tiny_bert, build_tiny_decoder, write_triplets
 
 PROMPTS = {"query": "query: ", "document": "passage: "}
@@ -97,8 +97,8 @@ def data(tmp_path_factory) -> Path:
 
 def _train_one_step(student_dir, guide_dir, data, out, train_len, *extra):
     """One real step through the training loop (one worker, no Ray); the exported model."""
-    from gist_ray.models import export_model
-    from gist_ray.train import train_worker
+    from gist_ray.models.encoder import export_model
+    from gist_ray.train.loop import train_worker
 
     cfg = load_config(
         overrides=[
@@ -140,8 +140,8 @@ def _st_step1_loss(cfg, student_dir, guide_dir, prompts, train_len):
     )
     from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
 
-    from gist_ray.batches import GlobalBatches
-    from gist_ray.data import load_training_sets
+    from gist_ray.data.batches import GlobalBatches
+    from gist_ray.data.training import load_training_sets
 
     sets = load_training_sets(cfg)
     rows = GlobalBatches.for_config(cfg, sets).batch(0).rows
@@ -203,7 +203,7 @@ def test_fidelity(case, guides, data, tmp_path):
 
 
 def test_pooling_override_replaces_the_models_pooling(tmp_path):
-    from gist_ray.models import ModelSpec, load_encoder, pooling_of
+    from gist_ray.models.encoder import ModelSpec, load_encoder, pooling_of
 
     student_dir = tmp_path / "student"
     _cls_dense(tmp_path).save(str(student_dir))
@@ -216,7 +216,7 @@ def test_pooling_override_replaces_the_models_pooling(tmp_path):
 
 
 def test_plain_transformers_checkpoint_gets_sentence_transformers_defaults(tiny_models):
-    from gist_ray.models import load_encoder
+    from gist_ray.models.encoder import load_encoder
 
     enc = load_encoder(str(tiny_models["student"]))
     assert [type(m).__name__ for m in enc.model] == ["Transformer", "Pooling"]
@@ -226,7 +226,7 @@ def test_plain_transformers_checkpoint_gets_sentence_transformers_defaults(tiny_
 def test_training_truncation_is_not_the_saved_length(tiny_models, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from gist_ray.models import ModelSpec, load_encoder
+    from gist_ray.models.encoder import ModelSpec, load_encoder
 
     enc = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=4))
     long = " ".join(["insurance policy coverage"] * 6)
@@ -262,7 +262,7 @@ def _train_cli(tmp_path, capfd, *overrides) -> str:
 
 
 def _student_with_module(tmp_path, tiny_models, module_type: str) -> Path:
-    from gist_ray.models import load_encoder
+    from gist_ray.models.encoder import load_encoder
 
     folder = tmp_path / "odd-student"
     load_encoder(str(tiny_models["student"])).save(folder)
@@ -293,7 +293,7 @@ def test_unimportable_module_names_the_underlying_error(tmp_path, tiny_models, c
 def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_models, capfd):
     import shutil
 
-    from gist_ray.models import load_encoder
+    from gist_ray.models.encoder import load_encoder
 
     folder = shutil.copytree(tiny_models["guide"], tmp_path / "custom-guide")
     config = json.loads((folder / "config.json").read_text())
@@ -315,7 +315,7 @@ def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_m
         tmp_path, capfd, f"model.student={tiny_models['student']}", f"model.guide={folder}"
     )
     assert "model.guide = " in err and "set model.guide_trust_remote_code=true" in err
-    from gist_ray.models import ModelSpec
+    from gist_ray.models.encoder import ModelSpec
 
     trusted = load_encoder(ModelSpec(str(folder), trust_remote_code=True))
     assert type(trusted.model[0].auto_model).__name__ == "CustomModel"
@@ -363,8 +363,8 @@ def test_too_few_unique_texts_for_the_global_batch(tmp_path, tiny_models, capfd)
 
 
 def test_prompts_resolve_like_the_sentence_transformers_trainer():
-    from gist_ray.errors import ConfigError
-    from gist_ray.prompts import check_prompt_columns, column_prompts, own_prompts
+    from gist_ray.core.errors import ConfigError
+    from gist_ray.models.prompts import check_prompt_columns, column_prompts, own_prompts
 
     three, two = ["anchor", "positive", "negative_1"], ["anchor", "positive"]
     own = own_prompts({"query": "query: ", "passage": "passage: ", "other": "x"})

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gist_ray.config import load_config
-from gist_ray.errors import ConfigError
-from gist_ray.paths import JOB_CONFIG_ENV, check_job_paths, job_working_dir, local_path
+from gist_ray.core.errors import ConfigError
+from gist_ray.launch.paths import JOB_CONFIG_ENV, check_job_paths, job_working_dir, local_path
 from gist_ray.tracking.runs import resolve_tracking_uri
 
 ROOT = Path(__file__).parents[1]

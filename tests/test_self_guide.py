@@ -10,19 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gist_ray import models
-from gist_ray.batches import GlobalBatches
-from gist_ray.checkpoint import STATE_FILE, LocalReporter, TrainState
 from gist_ray.config import load_config
-from gist_ray.data import load_training_sets
-from gist_ray.errors import ConfigError
-from gist_ray.guide import live_guide_embeddings
+from gist_ray.core.errors import ConfigError
+from gist_ray.data.batches import GlobalBatches
+from gist_ray.data.training import load_training_sets
+from gist_ray.guide.source import live_guide_embeddings
 from gist_ray.loss import GistLoss
-from gist_ray.models import ModelSpec, load_encoder
-from gist_ray.optim import build_optimizer, build_scheduler
-from gist_ray.prompts import student_prompts
-from gist_ray.self_guide import SelfGuide
-from gist_ray.train import optimizer_step, train_worker, unmasked
+from gist_ray.models import encoder as models
+from gist_ray.models.encoder import ModelSpec, load_encoder
+from gist_ray.models.prompts import student_prompts
+from gist_ray.models.self_guide import SelfGuide
+from gist_ray.train.checkpoint import STATE_FILE, LocalReporter, TrainState
+from gist_ray.train.loop import optimizer_step, train_worker, unmasked
+from gist_ray.train.optim import build_optimizer, build_scheduler
 from tests.conftest import build_tiny_bert, make_sentences
 
 
@@ -62,7 +62,7 @@ def _cfg(student, data, out, *extra):
 
 def _cache_folders(data):
     """The complete guide caches beside ``data`` (a folder each, with its manifest)."""
-    from gist_ray.guide_cache import MANIFEST
+    from gist_ray.guide.cache import MANIFEST
 
     return [p for p in (data.parent / ".gist-ray-guide-cache").glob("*") if (p / MANIFEST).exists()]
 
@@ -153,7 +153,7 @@ def _lora_cfg(tiny_models, tmp_path, *extra):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_ema_after_two_steps_matches_a_hand_computed_ema(tiny_models, tmp_path, lora):
-    from gist_ray.lora import prepare_student
+    from gist_ray.models.lora import prepare_student
 
     extra = ["model.self_guide=ema", "model.self_guide_decay=0.9"]
     cfg = _lora_cfg(tiny_models, tmp_path, *extra, *(["model.lora.rank=4"] if lora else []))
@@ -241,7 +241,7 @@ def test_bad_self_guide_settings(overrides, needle):
 
 
 def test_cache_guide_refuses_an_ema_guide(tmp_path):
-    from gist_ray.run import cache_guide
+    from gist_ray.commands.train import cache_guide
 
     cfg = load_config(overrides=["model.guide=self", "model.self_guide=ema"])
     with pytest.raises(ConfigError, match="nothing to cache"):

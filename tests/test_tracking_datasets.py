@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from gist_ray.config import DatasetSpec
-from gist_ray.data import TrainingSet
+from gist_ray.data.training import TrainingSet
 
 
 def _set(source: str, name: str = "pairs") -> TrainingSet:

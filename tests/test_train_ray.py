@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gist_ray.config import load_config
-from gist_ray.errors import ConfigError
+from gist_ray.core.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def beir_eval(tmp_path_factory, tiny_pairs_file):
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny_models, tiny_pairs_file, beir_eval, tmp_path_factory):
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
 
     out = tmp_path_factory.mktemp("run")
     # System metrics every second (default 10 s), so this short run gets some samples.
@@ -144,9 +144,9 @@ def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tm
     import mlflow
     from safetensors.torch import load_file
 
-    from gist_ray.checkpoint import LocalReporter
-    from gist_ray.run import train
-    from gist_ray.train import train_worker
+    from gist_ray.commands.train import train
+    from gist_ray.train.checkpoint import LocalReporter
+    from gist_ray.train.loop import train_worker
     from tests.conftest import build_tiny_bert
 
     student = build_tiny_bert(tmp_path / "student", hidden=32, seed=3, dropout=0.0)
@@ -209,7 +209,7 @@ def test_matryoshka_and_hardness_run(
     fails on the driver, before Ray, naming the key."""
     import mlflow
 
-    from gist_ray.run import train
+    from gist_ray.commands.train import train
 
     common = [
         f"model.student={tiny_models['student']}",
@@ -254,7 +254,7 @@ def test_eval_metrics_on_the_step_axis_and_best_step(trained):
     and 4, the exported model at 5."""
     import mlflow
 
-    from gist_ray.best_model import read_best
+    from gist_ray.models.best import read_best
     from gist_ray.tracking.plots import history
 
     cfg, result = trained
@@ -288,8 +288,9 @@ def test_checkpoints_validated_beside_training_and_scored_by_ray(trained):
     import ray.train
     from sentence_transformers import SentenceTransformer
 
-    from gist_ray.best_model import read_best
-    from gist_ray.launcher import run_dir_name, storage_path
+    from gist_ray.launch.resources import storage_path
+    from gist_ray.launch.resume import run_dir_name
+    from gist_ray.models.best import read_best
 
     cfg, result = trained
     run_dir = Path(storage_path(cfg)) / run_dir_name(cfg, result["run_id"])

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import gist_ray.training_eval as ev
-from gist_ray.best_model import read_best
+import gist_ray.train.evaluation as ev
 from gist_ray.config import load_config
-from gist_ray.models import ModelSpec, load_encoder
+from gist_ray.models.best import read_best
+from gist_ray.models.encoder import ModelSpec, load_encoder
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_validation_of_a_checkpoint_logs_its_step_once(setup, tmp_path):
 
     import mlflow
 
-    from gist_ray.checkpoint import META_FILE, MODEL_DIR
+    from gist_ray.train.checkpoint import META_FILE, MODEL_DIR
 
     cfg, student = setup
     folder = tmp_path / "checkpoint-0000004"

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from gist_ray.config import EVAL_METRICS
-from gist_ray.errors import ConfigError, DataError
+from gist_ray.core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from gist_ray.eval.sets import EvalSet
-    from gist_ray.models import Encoder
+    from gist_ray.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gist_ray import insuranceqa
-from gist_ray.data import check_limit
-from gist_ray.errors import DataError
-from gist_ray.fileio import jsonl_records
+from gist_ray.core.errors import DataError
+from gist_ray.core.fileio import jsonl_records
+from gist_ray.data.training import check_limit, insuranceqa
 
 if TYPE_CHECKING:
     from gist_ray.config import Config

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from gist_ray.errors import DataError
-from gist_ray.fileio import jsonl_records
+from gist_ray.core.errors import DataError
+from gist_ray.core.fileio import jsonl_records
 
 COLUMNS = ("sentence1", "sentence2", "score")
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from gist_ray.distributed import all_gather_with_grad, rank
+from gist_ray.core.distributed import all_gather_with_grad, rank
 from gist_ray.loss.op import tiled
 from gist_ray.loss.plan import (
     DIAG_NONE,

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gist_ray import fileio
 from gist_ray.config import Config
-from gist_ray.data import TrainingSet
+from gist_ray.core import fileio
+from gist_ray.data.training import TrainingSet
 
 
 def guide_embeddings_for(cfg: Config, sets: list[TrainingSet]) -> list[dict[str, torch.Tensor]]:
     """Per dataset, column -> the guide's embedding of each row's text (float32, as stored),
     read from the guide cache, built first (in this process) when missing."""
-    from gist_ray.guide import local_guide_cache
-    from gist_ray.guide_cache import GuideCache
-    from gist_ray.prompts import guide_prompts
+    from gist_ray.guide.cache import GuideCache
+    from gist_ray.guide.source import local_guide_cache
+    from gist_ray.models.prompts import guide_prompts
 
     folders = local_guide_cache(cfg, sets, guide_prompts(cfg, sets))
     out = []
@@ -38,7 +38,7 @@ def known_embeddings(
     cfg: Config, sets: list[TrainingSet], caches: list[dict[str, torch.Tensor]]
 ) -> dict[tuple[str, str], torch.Tensor]:
     """(guide prompt, text) -> the guide's embedding, from the caches of ``sets``."""
-    from gist_ray.prompts import guide_prompts
+    from gist_ray.models.prompts import guide_prompts
 
     known = {}
     for s, prompts, cache in zip(sets, guide_prompts(cfg, sets), caches):
@@ -52,9 +52,9 @@ def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) ->
     """Write the guide cache of ``cfg``'s datasets (e.g. a mined file) from embeddings already
     computed, where every (prompt, text) is known: the folder training would build, so it loads
     it instead of running the guide again. Returns the cache folders written or already there."""
-    from gist_ray import guide_cache
-    from gist_ray.data import load_training_sets
-    from gist_ray.prompts import guide_prompts
+    from gist_ray.data.training import load_training_sets
+    from gist_ray.guide import cache as guide_cache
+    from gist_ray.models.prompts import guide_prompts
 
     sets = load_training_sets(cfg)
     chosen = [

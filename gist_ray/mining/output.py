@@ -24,8 +24,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gist_ray import fileio
-from gist_ray.errors import ConfigError
+from gist_ray.core import fileio
+from gist_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

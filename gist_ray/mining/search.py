@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from gist_ray.config import MINE_BACKENDS
-from gist_ray.errors import ConfigError
+from gist_ray.core.errors import ConfigError
 
 BACKENDS = MINE_BACKENDS
 

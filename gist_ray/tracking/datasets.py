@@ -25,7 +25,7 @@ def source_uri(source: str) -> str:
 
 
 def training_dataset(training_set) -> Any:
-    """An ``mlflow.data`` dataset of one :class:`gist_ray.data.TrainingSet`."""
+    """An ``mlflow.data`` dataset of one :class:`gist_ray.data.training.TrainingSet`."""
     import mlflow.data
 
     with _plain_sources():  # the digest reads the first rows only

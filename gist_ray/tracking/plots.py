@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gist_ray.core.fileio import atomic_file
 from gist_ray.eval.metrics import REPORTED
-from gist_ray.fileio import atomic_file
 from gist_ray.tracking.runs import metric_name
 
 # (file, title, metric keys or a prefix ending in "/"); eval keys are MLflow names (no "@").

@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gist_ray.best_model import best_dir, copy_from, read_best, save_best
 from gist_ray.config import Config
+from gist_ray.models.best import best_dir, copy_from, read_best, save_best
 from gist_ray.tracking.runs import metric_name
 
 MODEL_URI_TAG = "gist_ray.model_uri"  # set once the model is logged: a rerun does not log twice

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gist_ray.errors import GistRayError
+from gist_ray.core.errors import GistRayError
 
 DEFAULT_STORE = "mlflow.db"
 STEP_KEY = "loss"  # logged at every flushed training step
@@ -186,7 +186,7 @@ class RunLogger:
 
 class StepLogger:
     """Rank 0's per-step training metrics. The training loop hands it only steps covered by a
-    committed checkpoint (see :class:`gist_ray.checkpoint.TrainState`), so MLflow holds every
+    committed checkpoint (see :class:`gist_ray.train.checkpoint.TrainState`), so MLflow holds every
     step exactly once even when a restart replays steps; whole steps go in one batch, so the
     presence of ``loss`` at a step means the step is complete."""
 

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from gist_ray.errors import ConfigError, DataError
+from gist_ray.core.errors import ConfigError, DataError
 from gist_ray.eval.metrics import (
     map_at_k,
     mrr_at_k,

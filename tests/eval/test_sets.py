@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gist_ray.errors import DataError
+from gist_ray.core.errors import DataError
 from gist_ray.eval.sets import EvalSet, load_eval
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gist_ray.errors import DataError
+from gist_ray.core.errors import DataError
 from gist_ray.eval.sts import StsSet, load_sts, pearson, spearman, sts_metrics
 
 

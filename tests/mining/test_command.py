@@ -10,17 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gist_ray.checkpoint import LocalReporter
 from gist_ray.cli import main
+from gist_ray.commands import mine as command
 from gist_ray.config import load_config
-from gist_ray.data import load_training_sets
-from gist_ray.errors import ConfigError
-from gist_ray.guide import live_guide_embeddings, load_guide
-from gist_ray.mining import command, output
+from gist_ray.core.errors import ConfigError
+from gist_ray.data.training import load_training_sets
+from gist_ray.guide.source import live_guide_embeddings, load_guide
+from gist_ray.mining import output
 from gist_ray.mining.guide import guide_embeddings_for
 from gist_ray.mining.select import Rule
-from gist_ray.prompts import guide_prompts
-from gist_ray.train import train_worker
+from gist_ray.models.prompts import guide_prompts
+from gist_ray.train.checkpoint import LocalReporter
+from gist_ray.train.loop import train_worker
 from tests.conftest import make_sentences
 from tests.mining.test_search_select import reference
 

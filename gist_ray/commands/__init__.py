@@ -1,0 +1,1 @@
+"""The commands on the driver: train, cache-guide, init, eval, mine."""

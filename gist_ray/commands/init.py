@@ -1,0 +1,294 @@
+"""``gist-ray init DATA``: a commented starter config for the user's own training data.
+
+It reads the data the way training will (``.csv``, ``.json``, ``.jsonl``, ``.parquet``, a
+``save_to_disk`` folder), maps its columns to the roles ``anchor``, ``positive`` and
+``negative``/``negative_k`` — from the column names where they say it, else from the contents
+(the query side is the shorter text) — explains each choice in a comment, and checks that the
+data loads with that mapping. The file is written atomically and never over an existing one
+unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gist_ray.config import Config
+from gist_ray.core import fileio
+from gist_ray.core.errors import ConfigError, DataError
+
+DEFAULT_OUTPUT = "gist-ray.yaml"
+SAMPLE_ROWS = 2000
+# Words in column names that say what a column holds (the name is split at _, -, space, digits).
+ANCHOR_WORDS = {
+    "anchor", "query", "queries", "question", "questions", "sentence1", "text1", "sent1",
+    "premise", "prompt", "instruction", "input", "search", "claim", "title", "s1",
+}  # fmt: skip
+POSITIVE_WORDS = {
+    "positive", "pos", "answer", "answers", "response", "document", "doc", "passage",
+    "context", "paragraph", "body", "content", "text", "target", "output", "completion",
+    "sentence2", "text2", "sent2", "hypothesis", "entailment", "reply", "evidence", "s2",
+    "relevant", "chosen",
+}  # fmt: skip
+NEGATIVE_WORDS = {
+    "negative", "negatives", "neg", "hard", "wrong", "incorrect", "contradiction",
+    "distractor", "irrelevant", "rejected", "bad",
+}  # fmt: skip
+LABEL_WORDS = {
+    "label",
+    "labels",
+    "score",
+    "scores",
+    "similarity",
+    "relevance",
+    "duplicate",
+    "match",
+}
+_NUMBERED_NEGATIVE = re.compile(r"negative_([1-9][0-9]*)")
+# Token lengths for model.max_seq_length: the smallest of these that fits 90% of the texts.
+SEQ_LENGTHS = (64, 128, 256, 512)
+CHARS_PER_TOKEN = 4  # English WordPiece, roughly
+
+
+@dataclass
+class Column:
+    name: str
+    kind: str  # "text", or why not: "numbers", "lists", "labels (3 distinct values)", ...
+    mean_chars: float = 0.0
+    p90_chars: float = 0.0
+
+
+@dataclass
+class Mapping:
+    """Role -> column, each with the reason it was chosen, and the columns left out."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)
+    unused: dict[str, str] = field(default_factory=dict)  # column -> why it is not used
+
+
+def _words(name: str) -> set[str]:
+    lowered = name.lower()
+    return {w for w in re.split(r"[^a-z0-9]+|(?<=[a-z])(?=[0-9])", lowered) if w} | {lowered}
+
+
+def _negative_number(c: Column) -> int:
+    n = _NUMBERED_NEGATIVE.fullmatch(c.name)
+    return int(n.group(1)) if n else 0
+
+
+def describe_columns(ds) -> list[Column]:
+    """Each column of a datasets.Dataset, judged on its first rows: text or not, and lengths."""
+    sample = ds.select(range(min(len(ds), SAMPLE_ROWS)))
+    out = []
+    for name in ds.column_names:
+        values = sample[name]
+        texts = [v for v in values if isinstance(v, str)]
+        if len(texts) < len(values) * 0.9:
+            kinds = {type(v).__name__ for v in values if v is not None and not isinstance(v, str)}
+            if "list" in kinds:
+                kind = "lists (one column per negative: negative_1, negative_2, ...)"
+            elif kinds <= {"int", "float", "bool"}:
+                kind = "numbers"
+            else:
+                kind = f"not texts ({', '.join(sorted(kinds))})"
+            out.append(Column(name, kind))
+            continue
+        lengths = sorted(len(t) for t in texts) or [0]
+        distinct = len(set(texts))
+        # Few distinct short values: a label or a category (a query repeated for several
+        # positives is longer than a label).
+        if len(texts) >= 20 and distinct <= max(10, len(texts) // 20) and lengths[-1] <= 24:
+            out.append(Column(name, f"labels ({distinct} distinct values)"))
+            continue
+        p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+        out.append(Column(name, "text", statistics.fmean(lengths), p90))
+    return out
+
+
+def guess_mapping(columns: list[Column]) -> Mapping:
+    """Roles from column names first, then from contents; see the module docstring."""
+    m = Mapping()
+    texts = [c for c in columns if c.kind == "text"]
+    for c in columns:
+        if c.kind != "text":
+            m.unused[c.name] = c.kind
+            if _words(c.name) & LABEL_WORDS:
+                m.unused[c.name] += (
+                    "; if it is a label: every row is trained on as a matching pair, "
+                    "so drop the rows that do not match"
+                )
+    free = list(texts)
+
+    def take(role: str, col: Column, why: str) -> None:
+        m.roles[role], m.why[role] = col.name, why
+        free.remove(col)
+
+    # Canonical names, as training would pick them up.
+    for role in ("anchor", "positive"):
+        for c in free:
+            if c.name == role:
+                take(role, c, "canonical name")
+                break
+    # Names that say "negative" win over words shared with positives ("negative_passage").
+    neg_cols = [c for c in free if _words(c.name) & NEGATIVE_WORDS or c.name.startswith("neg")]
+    neg_cols.sort(key=_negative_number)
+    for c in neg_cols:
+        free.remove(c)
+    for role, words in (("anchor", ANCHOR_WORDS), ("positive", POSITIVE_WORDS)):
+        if role in m.roles:
+            continue
+        for c in free:
+            hit = sorted(_words(c.name) & words)
+            if hit:
+                take(role, c, f"name matches {hit[0]!r}")
+                break
+    # Contents: the query side is usually the shorter text.
+    if "anchor" not in m.roles and "positive" not in m.roles and len(free) >= 2:
+        a, p = sorted(free[:2], key=lambda c: c.mean_chars)
+        lengths = f"{a.mean_chars:.0f} vs {p.mean_chars:.0f} characters on average"
+        take("anchor", a, f"shorter texts than {p.name!r} ({lengths}): the query side")
+        take("positive", p, f"longer texts than {a.name!r} ({lengths})")
+    for role in ("anchor", "positive"):
+        if role not in m.roles and free:
+            take(role, free[0], "the first text column left")
+    for i, c in enumerate(neg_cols, 1):
+        role = f"negative_{i}" if len(neg_cols) > 1 else "negative"
+        hit = sorted(_words(c.name) & NEGATIVE_WORDS) or ["neg"]
+        m.roles[role], m.why[role] = c.name, f"name matches {hit[0]!r}"
+    order = ["anchor", "positive", *sorted(r for r in m.roles if r.startswith("negative"))]
+    m.roles = {r: m.roles[r] for r in order if r in m.roles}
+    for c in free:
+        m.unused[c.name] = "text, role unknown: map it as a negative if it never matches the row"
+    return m
+
+
+def _seq_length(columns: list[Column], mapping: Mapping) -> tuple[int, int]:
+    """(model.max_seq_length to suggest, the estimated p90 tokens of the mapped texts)."""
+    by_name = {c.name: c for c in columns}
+    p90 = max(by_name[name].p90_chars for name in mapping.roles.values())
+    tokens = int(p90 / CHARS_PER_TOKEN) + 2  # + [CLS] and [SEP]
+    return next((n for n in SEQ_LENGTHS if n >= tokens), SEQ_LENGTHS[-1]), tokens
+
+
+def _scalar(value: str | float) -> str:
+    """A YAML scalar: plain where it reads back as the same value, else quoted."""
+    if isinstance(value, float):
+        return yaml.safe_dump(value).splitlines()[0]  # 3.0e-05: a float to YAML 1.1 readers
+    plain = str(value)
+    try:
+        if plain and yaml.safe_load(f"k: {plain}") == {"k": plain}:
+            return plain
+    except yaml.YAMLError:
+        pass
+    return json.dumps(plain)
+
+
+def render(source: str, rows: int, columns: list[Column], mapping: Mapping, name: str) -> str:
+    """The starter config's text: only the keys a new user should look at, each explained."""
+    d = Config()
+    seq, tokens = _seq_length(columns, mapping)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).stem) or "gist-ray"
+    width = max(len(k) for k in mapping.roles)
+    roles = [
+        f"    {role + ':':<{width + 1}} {_scalar(col)}  # {mapping.why[role]}"
+        for role, col in mapping.roles.items()
+    ]
+    unused = [
+        f"  #   {line}" if i == 0 else f"  #     {line}"
+        for name, why in mapping.unused.items()
+        for i, line in enumerate(f"{name}: {why}".split("; "))
+    ]
+    lines = [
+        f"# gist-ray config for {source} ({rows:,} rows), written by `gist-ray init`.",
+        f"# Check the column mapping, then train:  gist-ray train --config {name}",
+        f"# Keys left out keep their defaults (`gist-ray config --config {name}` prints",
+        "# them all); --set overrides a key for one run, e.g. --set train.lr=2e-5.",
+        "",
+        "model:",
+        f"  student: {d.model.student}  # the model to fine-tune: hub name, local folder, minilm",
+        f"  guide: {d.model.guide}  # frozen and stronger; masks likely false negatives",
+        f"  max_seq_length: {seq}  # tokens; 90% of your texts fit in about {tokens}",
+        "",
+        "data:",
+        f"  train: {_scalar(source)}",
+        "  columns:  # role: your column (anchor = the query side, positive = the text that",
+        "            # matches it, negative = one that does not; negatives are optional)",
+        *roles,
+        f"  max_examples: 0  # rows to train on, from the top; 0 = all {rows:,}",
+    ]
+    if unused:
+        lines += ["  # not used:", *unused]
+    lines += [
+        "",
+        "eval:",
+        '  source: ""  # held-out retrieval eval before and after training: a BEIR-style folder',
+        "              # (queries.jsonl, corpus.jsonl, qrels/test.tsv), or insuranceqa (the",
+        '              # built-in demo set); "" = none',
+        "",
+        "train:",
+        f"  batch_size: {d.train.batch_size}  # global, split over the workers; every row's texts"
+        " are negatives",
+        "                  # for the other rows: larger is better, as far as memory allows",
+        f"  epochs: {d.train.epochs}",
+        f"  max_steps: {d.train.max_steps}  # > 0: stop after this many steps instead",
+        f"  lr: {_scalar(d.train.lr)}",
+        f"  checkpoint_every: {d.train.checkpoint_every}  # steps",
+        "",
+        "ray:",
+        f"  num_workers: {d.ray.num_workers}  # training processes (one per GPU with use_gpu)",
+        f"  use_gpu: {str(d.ray.use_gpu).lower()}",
+        "",
+        "mlflow:",
+        f"  experiment: {_scalar(stem)}  # runs are grouped under this name",
+        "  run_name: null  # name the run to make a rerun of the same command resume it",
+        "",
+        f"output_dir: {d.output_dir}  # the trained model, checkpoints and gist-ray.log",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Starter:
+    path: Path
+    rows: int
+    mapping: Mapping
+    problem: str | None  # why training would still refuse the data, if it would
+
+
+def write_starter(data: str, output: str | Path = DEFAULT_OUTPUT, force: bool = False) -> Starter:
+    """Inspect ``data``, write the starter config to ``output`` and return what was chosen."""
+    from gist_ray.core.log import quiet_progress_bars
+
+    quiet_progress_bars()  # datasets' "Generating train split" bar
+    from gist_ray.data.training import _load_source, load_pairs
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists; pass --force to overwrite it, or -o OTHER.yaml")
+    if out.is_dir():
+        raise ConfigError(f"-o {out} is a folder; give a file name such as {DEFAULT_OUTPUT}")
+    local = Path(data).expanduser()
+    source = str(local.resolve()) if local.exists() else data
+    ds, _ = _load_source(source, "train")
+    if len(ds) == 0:
+        raise DataError(f"{data} has no rows; training needs at least one")
+    columns = describe_columns(ds)
+    mapping = guess_mapping(columns)
+    if not {"anchor", "positive"} <= mapping.roles.keys():
+        found = ", ".join(f"{c.name} ({c.kind})" for c in columns)
+        raise DataError(
+            f"{data}: training needs two text columns, an anchor and a positive; found: {found}"
+        )
+    problem = None
+    try:
+        load_pairs(source, mapping.roles)
+    except DataError as e:
+        problem = str(e)
+    fileio.write_text(out, render(source, len(ds), columns, mapping, out.name))
+    return Starter(out, len(ds), mapping, problem)

@@ -1,0 +1,90 @@
+"""Files the way gist-ray writes and reads them.
+
+Writes are atomic: everything is built under a temporary name beside its target and renamed into
+place when complete, so a crash never leaves a half-written file or folder that looks valid
+(a model, a checkpoint, a cache, a results file). A reader sees the old version or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gist_ray.core.errors import DataError
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so writers that infer the format
+    from it work); on success it replaces ``path``, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any, **dump_kwargs: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, **dump_kwargs) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` (an
+    existing folder is moved aside first and deleted after), on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_dir(src: str | Path, dst: str | Path) -> Path:
+    """Copy folder ``src`` to ``dst`` atomically (replacing ``dst``)."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return Path(dst)
+
+
+def jsonl_records(path: str | Path, what: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; a line that is not a JSON object is a
+    DataError naming ``what`` (e.g. "STS file"), the file and the line."""
+    where = f"{what} {path}".strip()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where} line {lineno}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise DataError(f"{where} line {lineno}: expected a JSON object")
+            yield lineno, rec

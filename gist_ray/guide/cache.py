@@ -1,0 +1,421 @@
+"""The guide cache: the frozen guide's embedding of every unique training text, computed once,
+stored on shared storage and memory-mapped by every worker.
+
+The guide never changes, so its embeddings are a pure function of its identity (the commit of a
+hub model, the file hashes of a folder: weights, module stack, pooling, normalisation,
+tokenizer), its load settings, max length, prompts and the texts: that is the cache's
+fingerprint, and a folder per fingerprint holds
+
+- ``texts.parquet``: the unique (prompt, text) pairs, each with the column and row it first
+  appears at (to name a text the guide fails on); one row group per shard;
+- ``index-<column>.npy``: per column, row -> unique text id;
+- ``emb-00000.npy`` ...: the shards, one L2-normalised embedding per unique text, float16 by
+  default (``data.guide_cache_dtype``; the loss reads only the guide's cosine similarities, so
+  normalising loses nothing and keeps fp16 in range; float32 matches the live guide exactly);
+- ``manifest.json``: the fingerprint and the shard layout, written before the shards.
+
+The shards are embedded by a Ray Data job (:func:`gist_ray.launch.guide_job.run_guide_job`:
+``map_batches`` with the guide on the cluster's GPUs or CPUs, each task writes its shard) or in
+this process (:func:`gist_ray.guide.embed.run_local`). Every file is written under a temporary
+name and renamed, so a half-written file never looks complete; a shard that is missing or
+truncated is rebuilt alone, and a second run (or job) with the same fingerprint loads instead of
+building. Workers open the folder memory-mapped and read only their batch rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gist_ray.core import fileio
+from gist_ray.core.errors import ConfigError, GistRayError
+from gist_ray.core.log import fmt_eta
+
+if TYPE_CHECKING:
+    import datasets
+
+    from gist_ray.config import Config
+    from gist_ray.data.training import TrainingSet
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gist-ray-guide-cache-v3"
+MANIFEST = "manifest.json"
+TEXTS = "texts.parquet"
+MAX_SHARD_TEXTS = 65_536  # a shard is one task of the job: ~100 MB at d = 768
+MIN_SHARD_TEXTS = 1_024
+SHARDS_PER_WORKER = 4  # smaller data is cut finer, so every worker gets work and progress moves
+HASH_SLICE_ROWS = 65_536
+
+# Runs the job over the given shards of a cache folder; yields each finished shard's text count.
+JobRunner = Callable[["Config", Path, list[int]], Iterable[int]]
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+@lru_cache(maxsize=8)
+def model_identity(model_dir: str, revision: str = "") -> str:
+    """What fixes the guide's outputs: the commit of a hub model (from its snapshot path in the
+    Hugging Face cache), else sha256 over a folder's config, tokenizer, weight and module files
+    (1_Pooling, 2_Normalize, ...)."""
+    root = Path(model_dir)
+    if not root.is_dir():  # a hub name: the snapshot it resolves to in the local cache
+        try:
+            from huggingface_hub import snapshot_download
+
+            found = snapshot_download(model_dir, revision=revision or None, local_files_only=True)
+            root = Path(found)
+        except Exception:  # noqa: BLE001 - not cached: the name and revision are all we know
+            return f"hub:{model_dir}@{revision or 'main'}"
+    if root.parent.name == "snapshots" and len(root.name) == 40:
+        return f"commit:{root.name}"
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model", ".py") and f.is_file():
+            h.update(f.relative_to(root).as_posix().encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def texts_hash(data: datasets.Dataset, columns: Sequence[str]) -> str:
+    """sha256 over every text of ``columns``, read in slices (no copy of the dataset)."""
+    h = hashlib.sha256()
+    arrow = data.select_columns(list(columns)).with_format("arrow")
+    for name in columns:
+        h.update(name.encode() + b"\0\0")
+        for start in range(0, len(data), HASH_SLICE_ROWS):
+            texts = arrow[start : start + HASH_SLICE_ROWS].column(name).to_pylist()
+            h.update("\0".join(texts).encode() + b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(
+    guide: str, settings: dict[str, object], texts: str, prompts: dict[str, str]
+) -> dict[str, str]:
+    """What fixes the cached embeddings: the guide's identity (:func:`model_identity`), its
+    ``settings`` (revision, model kwargs, pooling override, max length), the prompt per column
+    and the texts' hash."""
+    return {
+        "format": FORMAT,
+        "guide": guide,
+        **{k: json.dumps(v, sort_keys=True, default=str) for k, v in sorted(settings.items())},
+        "prompts": json.dumps(prompts, sort_keys=True),
+        "texts": texts,
+    }
+
+
+# ----------------------------------------------------------------------------- where
+
+
+def cache_root(cfg: Config, source: str) -> tuple[Path, str]:
+    """(folder holding the dataset's caches, what chose it): ``data.guide_cache_dir``; else
+    beside a local dataset; else under ``ray.storage_path`` (shared by a multi-node cluster);
+    else the gist-ray cache (node-local)."""
+    from gist_ray.core.assets import cache_root as user_cache
+
+    if cfg.data.guide_cache_dir:
+        return Path(cfg.data.guide_cache_dir).expanduser(), "data.guide_cache_dir"
+    src = Path(source).expanduser()
+    if src.exists():
+        return (src.parent if src.is_file() else src) / ".gist-ray-guide-cache", "beside the data"
+    storage = cfg.ray.storage_path
+    if storage and "://" not in storage:
+        return Path(storage).expanduser() / ".gist-ray-guide-cache", "ray.storage_path"
+    return user_cache() / "guide-cache", "the gist-ray cache"
+
+
+def check_root(root: Path, chosen: str, nodes: int, shared: bool) -> None:
+    """The cache folder must be writable, and shared when the cluster has several nodes (every
+    worker reads it; ``shared``: the path is known or declared to be shared)."""
+    key = "data.guide_cache_dir" if chosen == "data.guide_cache_dir" else None
+    what = f"{key} = {str(root)!r}" if key else f"the guide cache folder {root} ({chosen})"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"{what} is not writable ({type(e).__name__}: {e.strerror or e}); set "
+            "data.guide_cache_dir to a writable folder (shared by every node on a cluster)"
+        ) from e
+    if nodes > 1 and not shared:
+        raise ConfigError(
+            f"{what} is node-local but the cluster has {nodes} nodes: workers on other nodes "
+            "cannot read it; set data.guide_cache_dir to a folder every node mounts (NFS, ...), "
+            "or ray.shared_storage=true if it is one"
+        )
+
+
+def folder_for(root: Path, name: str, fp: dict[str, str]) -> Path:
+    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return root / f"{safe}-{key}"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def read_manifest(folder: Path, fp: dict[str, str] | None = None) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if fp is not None and manifest.get("fingerprint") != fp:
+        return None
+    return manifest
+
+
+def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict[str, str],
+         workers: int, dtype: str = "float16") -> dict[str, Any]:  # fmt: skip
+    """Find the unique (prompt, text) pairs of ``data`` (Arrow hash tables, once, here) and
+    write the texts, the row -> text-id indexes and the manifest (each atomically)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gist_ray.data.training import loss_columns
+
+    columns, rows = loss_columns(data), len(data)
+    table = data.select_columns(columns).with_format("arrow")[:]
+    groups: dict[str, list[str]] = {}
+    for c in columns:
+        groups.setdefault(prompts.get(c, ""), []).append(c)
+    parts, ids, offset = [], {}, 0
+    for prompt, cols in groups.items():
+        chunks = [ch.cast(pa.large_string()) for c in cols for ch in table.column(c).chunks]
+        every = pa.chunked_array(chunks, type=pa.large_string())
+        unique = pc.unique(every)
+        where = pc.index_in(every, value_set=unique).to_numpy().astype(np.int64)
+        first = np.empty(len(unique), dtype=np.int64)
+        first[where[::-1]] = np.arange(len(where) - 1, -1, -1)  # first position of each text
+        for i, c in enumerate(cols):
+            ids[c] = where[i * rows : (i + 1) * rows] + offset
+        parts.append(
+            pa.table(
+                {
+                    "prompt": pa.array([prompt] * len(unique), pa.large_string()),
+                    "text": unique,
+                    "column": pa.array([cols[p // rows] for p in first.tolist()]),
+                    "row": pa.array(first % rows),
+                }
+            )
+        )
+        offset += len(unique)
+    total = offset
+    per = -(-total // (SHARDS_PER_WORKER * max(1, workers)))
+    shard_texts = int(min(MAX_SHARD_TEXTS, max(MIN_SHARD_TEXTS, per)))
+    folder.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_file(folder / TEXTS) as tmp:
+        pq.write_table(pa.concat_tables(parts), tmp, row_group_size=shard_texts)
+    id_type = np.int32 if total < 2**31 else np.int64
+    for c, col_ids in ids.items():
+        with fileio.atomic_file(folder / f"index-{c}.npy") as tmp:
+            np.save(tmp, col_ids.astype(id_type))
+    manifest = {
+        "fingerprint": fp,
+        "rows": rows,
+        "columns": columns,
+        "unique_texts": total,
+        "shard_texts": shard_texts,
+        "shards": -(-total // shard_texts),
+        "dtype": dtype,
+    }
+    fileio.write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def shard_path(folder: Path, k: int) -> Path:
+    return Path(folder) / f"emb-{k:05d}.npy"
+
+
+def shard_size(manifest: dict[str, Any], k: int) -> int:
+    n = manifest["shard_texts"]
+    return min(n, manifest["unique_texts"] - k * n)
+
+
+def shard_problems(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
+    """Shards that are not there in full: shard -> "missing" / "truncated" / why."""
+    out, dims, dtype = {}, set(), np.dtype(manifest["dtype"])
+    for k in range(manifest["shards"]):
+        path = shard_path(folder, k)
+        if not path.is_file():
+            out[k] = "missing"
+            continue
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError):
+            out[k] = "truncated or damaged"
+            continue
+        if arr.ndim != 2 or arr.shape[0] != shard_size(manifest, k) or arr.dtype != dtype:
+            out[k] = f"the wrong shape {arr.shape} {arr.dtype}"
+        else:
+            dims.add(arr.shape[1])
+    if len(dims) > 1:
+        raise GistRayError(f"guide cache {folder} has shards of widths {sorted(dims)}; delete it")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class GuideCache:
+    """One dataset's cache, memory-mapped: :meth:`embeddings` reads only the rows asked for."""
+
+    def __init__(self, folder: str | Path, rows: int | None = None) -> None:
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        problems = shard_problems(self.folder, manifest) if manifest else {0: "no manifest"}
+        if problems or (rows is not None and manifest["rows"] != rows):
+            k, why = next(iter(problems.items()), (None, f"{manifest['rows']} rows, not {rows}"))
+            raise GistRayError(
+                f"guide cache {self.folder} is incomplete (shard {k}: {why}); rerun "
+                "`gist-ray cache-guide` or `gist-ray train`, which rebuild it"
+            )
+        self.manifest = manifest
+        self.rows, self.step = manifest["rows"], manifest["shard_texts"]
+        self.index = {
+            c: np.load(self.folder / f"index-{c}.npy", mmap_mode="r") for c in manifest["columns"]
+        }
+        self.shards = [
+            np.load(shard_path(self.folder, k), mmap_mode="r") for k in range(manifest["shards"])
+        ]
+
+    @property
+    def dim(self) -> int:
+        return int(self.shards[0].shape[1])
+
+    def embeddings(self, column: str, rows: Sequence[int]) -> torch.Tensor:
+        """float32 ``[len(rows), dim]``: the guide embeddings of ``column`` at ``rows``."""
+        ids = np.asarray(self.index[column][np.asarray(rows, dtype=np.int64)], dtype=np.int64)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        shard, at = np.divmod(ids, self.step)
+        for k in np.unique(shard).tolist():
+            pick = shard == k
+            out[pick] = self.shards[k][at[pick]]
+        return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- build or load
+
+
+def ensure(
+    cfg: Config,
+    sets: Sequence[TrainingSet],
+    prompts: Sequence[dict[str, str]],
+    run_job: JobRunner,
+    workers: int = 1,
+) -> list[str]:
+    """The cache folder of every dataset: loaded when complete, else built with ``run_job``
+    (only the shards that are missing or truncated), saying why. Returns the folders."""
+    from gist_ray.core.assets import resolve_model_path
+    from gist_ray.models.encoder import guide_settings, guide_spec
+
+    spec = guide_spec(cfg)
+    guide = model_identity(resolve_model_path(spec.name), spec.revision)
+    folders = []
+    for s, p in zip(sets, prompts):
+        t0 = time.perf_counter()
+        settings = {**guide_settings(cfg), "dtype": cfg.data.guide_cache_dtype}
+        fp = fingerprint(guide, settings, texts_hash(s.data, s.columns), p)
+        root, _ = cache_root(cfg, s.spec.source)
+        folder = folder_for(root, s.name, fp)
+        manifest = read_manifest(folder, fp)
+        if manifest is None:
+            _say_why_new(root, s.name, fp)
+            manifest = plan(folder, s.data, p, fp, workers, cfg.data.guide_cache_dtype)
+            todo = list(range(manifest["shards"]))
+        else:
+            problems = shard_problems(folder, manifest)
+            for k, why in problems.items():
+                log.warning("guide cache %s: shard %d is %s; rebuilding that shard", folder, k, why)
+            todo = sorted(problems)
+        if todo:
+            _run_with_progress(cfg, folder, manifest, todo, run_job, s.name)
+            left = shard_problems(folder, manifest)
+            if left:
+                k, why = next(iter(left.items()))
+                raise GistRayError(f"guide cache {folder}: shard {k} is still {why} after the job")
+        _remember(root, s.name, fp, folder)
+        verb = "built" if todo else "loaded"
+        log.info(
+            "guide cache of %r %s in %.1fs (%d unique texts, %d rows): %s",
+            s.name,
+            verb,
+            time.perf_counter() - t0,
+            manifest["unique_texts"],
+            manifest["rows"],
+            folder,
+        )
+        folders.append(str(folder))
+    return folders
+
+
+def _pointer(root: Path, name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return root / f"{safe}.latest.json"
+
+
+def _say_why_new(root: Path, name: str, fp: dict[str, str]) -> None:
+    """Log why a new cache is built: first for this dataset, or what changed since the last."""
+    try:
+        last = json.loads(_pointer(root, name).read_text())
+    except (OSError, ValueError):
+        log.info("guide cache of %r: none yet under %s; building it", name, root)
+        return
+    old = last.get("fingerprint", {})
+    changed = [k for k in fp if old.get(k) != fp[k]]
+    what = "the dataset changed" if changed == ["texts"] else "changed: " + ", ".join(changed)
+    log.warning(
+        "guide cache of %r: %s since the cache at %s was built; building a new one",
+        name,
+        what,
+        last.get("folder"),
+    )
+
+
+def _remember(root: Path, name: str, fp: dict[str, str], folder: Path) -> None:
+    try:
+        fileio.write_json(_pointer(root, name), {"fingerprint": fp, "folder": str(folder)})
+    except OSError:  # only for the message of a later rebuild
+        pass
+
+
+def _run_with_progress(cfg, folder, manifest, todo, run_job, name) -> None:
+    total = sum(shard_size(manifest, k) for k in todo)
+    t0, done, last = time.perf_counter(), 0, 0.0
+    log.info(
+        "guide cache of %r: embedding %d unique texts in %d shard(s) into %s",
+        name,
+        total,
+        len(todo),
+        folder,
+    )
+    for texts in run_job(cfg, folder, todo):
+        done += texts
+        now = time.perf_counter()
+        if now - last >= 1.0 or done == total:
+            log.info(guide_job_line(name, done, total, now - t0))
+            last = now
+
+
+def guide_job_line(name: str, done: int, total: int, elapsed: float) -> str:
+    """The guide-cache job's progress, as the driver logs it after each finished shard."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate else 0.0
+    return (
+        f"guide cache of {name!r}: {done:,}/{total:,} unique texts "
+        f"({100 * done // max(total, 1)}%), {rate:,.0f} texts/s, ETA {fmt_eta(eta)}"
+    )

@@ -1,0 +1,97 @@
+"""One shard of the guide cache embedded by the guide: the unit of work of the cache's Ray Data
+job (:class:`ShardEmbedder` is the callable class ``map_batches`` runs, holding the guide) and of
+:func:`run_local`, the same work in this process (``torchrun`` or a single process).
+
+A shard's texts are read from its row group of ``texts.parquet``, embedded longest-first in
+batches (similar lengths pad alike) grouped by prompt, L2-normalised, and written (float16 or
+float32, ``data.guide_cache_dtype``) under a temporary name, then renamed. A text the guide
+fails on is found by retrying its batch one text at a time and named by its column and row
+(:class:`gist_ray.core.errors.DataError`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gist_ray.core import fileio
+from gist_ray.core.errors import DataError
+
+BATCH_TEXTS = 64  # texts per guide forward
+
+
+class ShardEmbedder:
+    """Holds the guide; ``__call__`` embeds the shards named in a batch ``{"shard": [k, ...]}``
+    and returns ``{"shard", "texts", "seconds"}`` per shard."""
+
+    def __init__(self, config: dict[str, Any], folder: str) -> None:
+        from gist_ray.config import load_config_dict
+        from gist_ray.guide.cache import read_manifest
+        from gist_ray.models.encoder import guide_spec, load_encoder
+
+        cfg = load_config_dict(config)
+        use_gpu = cfg.ray.use_gpu and torch.cuda.is_available()
+        device = torch.device("cuda" if use_gpu else "cpu")
+        self.guide = load_encoder(guide_spec(cfg), device, frozen=True)
+        self.folder, self.name = Path(folder), Path(folder).name
+        self.manifest = read_manifest(self.folder)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"shard": [], "texts": [], "seconds": []}
+        for k in np.asarray(batch["shard"]).tolist():
+            t0 = time.perf_counter()
+            n = self.embed_shard(int(k))
+            out["shard"].append(k)
+            out["texts"].append(n)
+            out["seconds"].append(time.perf_counter() - t0)
+        return {key: np.asarray(v) for key, v in out.items()}
+
+    def embed_shard(self, k: int) -> int:
+        import pyarrow.parquet as pq
+
+        from gist_ray.guide.cache import TEXTS, shard_path
+
+        table = pq.ParquetFile(self.folder / TEXTS).read_row_group(k)
+        prompts, texts = table.column("prompt").to_pylist(), table.column("text").to_pylist()
+        order = sorted(range(len(texts)), key=lambda i: (prompts[i], -len(texts[i])))
+        emb = np.empty((len(texts), self.guide.dim), dtype=self.manifest["dtype"])
+        for start in range(0, len(order), BATCH_TEXTS):
+            part = order[start : start + BATCH_TEXTS]
+            for prompt in dict.fromkeys(prompts[i] for i in part):  # a batch may straddle two
+                idx = [i for i in part if prompts[i] == prompt]
+                emb[idx] = self._encode([texts[i] for i in idx], prompt, table, idx).numpy()
+        with fileio.atomic_file(shard_path(self.folder, k)) as tmp:
+            np.save(tmp, emb)
+        return len(texts)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str], prompt: str, table, idx: list[int]) -> torch.Tensor:
+        try:
+            out = self.guide.encode(texts, prompt or None, batch_size=len(texts))
+        except Exception:  # noqa: BLE001 - find the text it fails on, then say which
+            for text, i in zip(texts, idx):
+                try:
+                    self.guide.encode([text], prompt or None)
+                except Exception as e:  # noqa: BLE001 - any failure of the model on one text
+                    column, row = table.column("column")[i].as_py(), table.column("row")[i].as_py()
+                    cause = str(e).strip().splitlines()
+                    raise DataError(
+                        f"the guide fails on column {column!r} row {row} (0-based) of the data "
+                        f"of guide cache {self.name} ({type(e).__name__}: "
+                        f"{cause[0][:160] if cause else ''}); fix or drop that row, or set "
+                        "data.guide_cache=false"
+                    ) from e
+            raise
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+
+def run_local(cfg, folder: Path, shards: list[int]) -> Iterator[int]:
+    """The job in this process: embed ``shards`` one after the other."""
+    embedder = ShardEmbedder(cfg.to_dict(), str(folder))
+    for k in shards:
+        yield embedder.embed_shard(k)

@@ -75,8 +75,9 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from gist_ray.config import load_config
     from gist_ray.loss import GistLoss
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
     from gist_ray.models.lora import prepare_student
+    from gist_ray.models.spec import ModelSpec
     from gist_ray.train.checkpoint import TrainState
     from gist_ray.train.loop import optimizer_step
     from gist_ray.train.optim import build_optimizer, build_scheduler

@@ -46,7 +46,8 @@ def bench_guide_cache(batch: int, max_len: int, repeats: int) -> dict:
 
     from gist_ray.guide.source import live_guide_embeddings
     from gist_ray.loss import GistLoss
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
     from gist_ray.train.loop import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
@@ -83,7 +84,8 @@ def _peak_child(batch: int, mini: int, max_len: int) -> None:
     import torch
 
     from gist_ray.loss import GistLoss
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
     from gist_ray.train.loop import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)

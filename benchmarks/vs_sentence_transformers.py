@@ -61,7 +61,8 @@ def _data(a):
 def _evaluate(model_dir: str, a) -> dict[str, float]:
     from gist_ray.eval.metrics import retrieval_metrics
     from gist_ray.eval.sets import load_eval
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
 
     ev = load_eval("insuranceqa", "test", a["eval_queries"], a["eval_corpus"], seed=0)
     enc = load_encoder(ModelSpec(model_dir, max_seq_length=a["seq"]), frozen=True)

@@ -15,7 +15,8 @@ from gist_ray.train import checkpoint as ckpt
 
 @pytest.fixture()
 def saved(tiny_models, tmp_path):
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
 
     cfg = load_config(overrides=[f"model.student={tiny_models['student']}"])
     student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=32))

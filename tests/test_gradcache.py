@@ -7,7 +7,8 @@ import torch
 
 from gist_ray.config import load_config
 from gist_ray.loss import GistLoss
-from gist_ray.models.encoder import ModelSpec, load_encoder
+from gist_ray.models.encoder import load_encoder
+from gist_ray.models.spec import ModelSpec
 from gist_ray.train.loop import training_step
 from tests.conftest import make_sentences
 

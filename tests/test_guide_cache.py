@@ -97,7 +97,8 @@ def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cac
 
 
 def test_one_fp16_row_per_unique_text_equal_to_the_guide(tiny_models, tmp_path, cache_env):
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
 
     anchors, positives = make_sentences(30, 5), make_sentences(30, 6)
     anchors[3] = anchors[0]  # a repeated anchor
@@ -242,7 +243,8 @@ def test_cache_guide_builds_with_ray_data_then_a_second_job_loads(
     """`gist-ray cache-guide` embeds the unique texts with a Ray Data job (2 actors); a second
     job on the same cluster loads the cache instead of building it."""
     from gist_ray.commands.train import cache_guide
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
 
     data = _write(tmp_path / "pairs.jsonl", make_sentences(40, 5), make_sentences(40, 6))
     cfg = load_config(

@@ -16,8 +16,9 @@ import torch
 from gist_ray.config import load_config
 from gist_ray.core.errors import ConfigError
 from gist_ray.loss import GistLoss
-from gist_ray.models.encoder import ModelSpec, export_model, load_encoder
+from gist_ray.models.encoder import export_model, load_encoder
 from gist_ray.models.lora import is_adapter_folder, merge_adapter, prepare_student
+from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import LocalReporter
 from gist_ray.train.loop import optimizer_step, train_worker, training_step
 from tests.conftest import build_tiny_bert, build_tiny_decoder, make_sentences, write_triplets

@@ -203,7 +203,9 @@ def test_fidelity(case, guides, data, tmp_path):
 
 
 def test_pooling_override_replaces_the_models_pooling(tmp_path):
-    from gist_ray.models.encoder import ModelSpec, load_encoder, pooling_of
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.loading import pooling_of
+    from gist_ray.models.spec import ModelSpec
 
     student_dir = tmp_path / "student"
     _cls_dense(tmp_path).save(str(student_dir))
@@ -226,7 +228,8 @@ def test_plain_transformers_checkpoint_gets_sentence_transformers_defaults(tiny_
 def test_training_truncation_is_not_the_saved_length(tiny_models, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from gist_ray.models.encoder import ModelSpec, load_encoder
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
 
     enc = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=4))
     long = " ".join(["insurance policy coverage"] * 6)
@@ -315,7 +318,7 @@ def test_remote_code_needs_trust_remote_code_and_says_which_key(tmp_path, tiny_m
         tmp_path, capfd, f"model.student={tiny_models['student']}", f"model.guide={folder}"
     )
     assert "model.guide = " in err and "set model.guide_trust_remote_code=true" in err
-    from gist_ray.models.encoder import ModelSpec
+    from gist_ray.models.spec import ModelSpec
 
     trusted = load_encoder(ModelSpec(str(folder), trust_remote_code=True))
     assert type(trusted.model[0].auto_model).__name__ == "CustomModel"

@@ -16,10 +16,11 @@ from gist_ray.data.batches import GlobalBatches
 from gist_ray.data.training import load_training_sets
 from gist_ray.guide.source import live_guide_embeddings
 from gist_ray.loss import GistLoss
-from gist_ray.models import encoder as models
-from gist_ray.models.encoder import ModelSpec, load_encoder
+from gist_ray.models import loading
+from gist_ray.models.encoder import load_encoder
 from gist_ray.models.prompts import student_prompts
 from gist_ray.models.self_guide import SelfGuide
+from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import STATE_FILE, LocalReporter, TrainState
 from gist_ray.train.loop import optimizer_step, train_worker, unmasked
 from gist_ray.train.optim import build_optimizer, build_scheduler
@@ -97,9 +98,9 @@ def test_frozen_self_guide_is_the_student_at_step_0_and_cached(
     student, tiny_pairs_file, cache_env, monkeypatch
 ):
     loaded = []
-    real = models.load_model
+    real = loading.load_model
     monkeypatch.setattr(
-        models, "load_model", lambda spec, *a, **k: loaded.append(spec) or real(spec, *a, **k)
+        loading, "load_model", lambda spec, *a, **k: loaded.append(spec) or real(spec, *a, **k)
     )
     cfg = _cfg(student, tiny_pairs_file, cache_env / "a")
     result = train_worker(cfg, LocalReporter(cfg.output_dir))

@@ -8,7 +8,8 @@ import pytest
 import gist_ray.train.evaluation as ev
 from gist_ray.config import load_config
 from gist_ray.models.best import read_best
-from gist_ray.models.encoder import ModelSpec, load_encoder
+from gist_ray.models.encoder import load_encoder
+from gist_ray.models.spec import ModelSpec
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 from gist_ray.core import fileio
 from gist_ray.core.errors import GistRayError
 from gist_ray.eval.metrics import REPORTED
-from gist_ray.models.encoder import quiet_hf
+from gist_ray.models.loading import quiet_hf
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def _load(name: str, key: str, pooling: str | None, max_len: int | None, device)
     """Load a model as a user would (its own pooling, max length and prompts); ``pooling`` and
     ``max_len`` override them when given."""
     from gist_ray.core.assets import resolve_model_path
-    from gist_ray.models.encoder import ModelSpec, load_encoder, pooling_of
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.loading import pooling_of
+    from gist_ray.models.spec import ModelSpec
 
     spec = ModelSpec(
         name,

@@ -111,8 +111,9 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
     from gist_ray.eval.metrics import evaluate_model
     from gist_ray.launch import cluster, guide_job, resources, resume, trainer
-    from gist_ray.models.encoder import MODEL_DIR, export_model, load_encoder, user_spec
+    from gist_ray.models.encoder import MODEL_DIR, export_model, load_encoder
     from gist_ray.models.lora import merge_adapter
+    from gist_ray.models.spec import user_spec
     from gist_ray.tracking import datasets, results, runs
 
     t0 = time.perf_counter()
@@ -193,9 +194,11 @@ def _check_inputs(cfg: Config) -> _Inputs:
     from gist_ray.data.batches import GlobalBatches
     from gist_ray.data.training import load_training_sets
     from gist_ray.eval.sets import load_eval_for
-    from gist_ray.models.encoder import ModelSpec, load_encoder, load_model
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.loading import load_model
     from gist_ray.models.lora import prepare_student
     from gist_ray.models.prompts import guide_prompts, student_prompts
+    from gist_ray.models.spec import ModelSpec
 
     sets = load_training_sets(cfg)
     guide_prompts(cfg, sets)

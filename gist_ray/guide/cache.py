@@ -321,7 +321,7 @@ def ensure(
     """The cache folder of every dataset: loaded when complete, else built with ``run_job``
     (only the shards that are missing or truncated), saying why. Returns the folders."""
     from gist_ray.core.assets import resolve_model_path
-    from gist_ray.models.encoder import guide_settings, guide_spec
+    from gist_ray.models.spec import guide_settings, guide_spec
 
     spec = guide_spec(cfg)
     guide = model_identity(resolve_model_path(spec.name), spec.revision)

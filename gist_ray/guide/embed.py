@@ -32,7 +32,8 @@ class ShardEmbedder:
     def __init__(self, config: dict[str, Any], folder: str) -> None:
         from gist_ray.config import load_config_dict
         from gist_ray.guide.cache import read_manifest
-        from gist_ray.models.encoder import guide_spec, load_encoder
+        from gist_ray.models.encoder import load_encoder
+        from gist_ray.models.spec import guide_spec
 
         cfg = load_config_dict(config)
         use_gpu = cfg.ray.use_gpu and torch.cuda.is_available()

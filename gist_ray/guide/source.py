@@ -13,9 +13,10 @@ import torch.distributed as dist
 from gist_ray.config import SELF, Config
 from gist_ray.core.distributed import is_distributed, rank
 from gist_ray.data.training import TrainingSet
-from gist_ray.models.encoder import Encoder, guide_spec, load_encoder
+from gist_ray.models.encoder import Encoder, load_encoder
 from gist_ray.models.prompts import guide_prompts
 from gist_ray.models.self_guide import SelfGuide
+from gist_ray.models.spec import guide_spec
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gist_ray.config import SELF
 from gist_ray.core.assets import resolve_model_path
 from gist_ray.core.errors import ConfigError
-from gist_ray.models.encoder import guide_spec
+from gist_ray.models.spec import guide_spec
 
 if TYPE_CHECKING:
     from gist_ray.config import Config

@@ -115,7 +115,7 @@ def log_embedding_model(
     from mlflow.models import Model
 
     import gist_ray
-    from gist_ray.models.encoder import quiet_hf
+    from gist_ray.models.loading import quiet_hf
 
     mlflow.set_tracking_uri(tracking_uri)
     with quiet_hf():

@@ -72,7 +72,8 @@ def validate_checkpoint(
     from gist_ray.config import load_config_dict
     from gist_ray.core import log as console_log
     from gist_ray.eval.sets import load_eval_for
-    from gist_ray.models.encoder import load_encoder, user_spec
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import user_spec
     from gist_ray.train.checkpoint import META_FILE, MODEL_DIR
 
     console_log.configure()

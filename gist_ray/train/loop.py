@@ -25,9 +25,10 @@ from gist_ray.data.batches import GlobalBatches
 from gist_ray.data.training import load_training_sets
 from gist_ray.guide.source import guide_source, make_self_guide
 from gist_ray.loss import GistLoss
-from gist_ray.models.encoder import Encoder, ModelSpec, describe, load_encoder
+from gist_ray.models.encoder import Encoder, describe, load_encoder
 from gist_ray.models.lora import prepare_student
 from gist_ray.models.prompts import student_prompts
+from gist_ray.models.spec import ModelSpec
 from gist_ray.train import faults
 from gist_ray.train.checkpoint import Checkpointer, Reporter, TrainState
 from gist_ray.train.evaluation import TrainingEval, eval_due

@@ -13,6 +13,7 @@ import torch
 
 from gist_ray.config import load_config
 from gist_ray.core.errors import ConfigError, DataError
+from gist_ray.guide import build
 from gist_ray.guide import cache as guide_cache
 from gist_ray.guide.embed import run_local
 from gist_ray.models.prompts import guide_prompts
@@ -68,7 +69,7 @@ def _ensure(cfg, runner=None):
 
     sets = load_training_sets(cfg)
     runner = runner or _Counting()
-    return guide_cache.ensure(cfg, sets, guide_prompts(cfg, sets), runner), sets, runner
+    return build.ensure(cfg, sets, guide_prompts(cfg, sets), runner), sets, runner
 
 
 def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cache_env):

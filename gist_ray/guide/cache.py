@@ -28,8 +28,7 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,29 +38,32 @@ import torch
 
 from gist_ray.core import fileio
 from gist_ray.core.errors import ConfigError, GistRayError
-from gist_ray.core.log import fmt_eta
 
 if TYPE_CHECKING:
     import datasets
 
     from gist_ray.config import Config
-    from gist_ray.data.training import TrainingSet
-
 log = logging.getLogger(__name__)
 
 FORMAT = "gist-ray-guide-cache-v3"
+
+
 MANIFEST = "manifest.json"
+
+
 TEXTS = "texts.parquet"
+
+
 MAX_SHARD_TEXTS = 65_536  # a shard is one task of the job: ~100 MB at d = 768
+
+
 MIN_SHARD_TEXTS = 1_024
+
+
 SHARDS_PER_WORKER = 4  # smaller data is cut finer, so every worker gets work and progress moves
+
+
 HASH_SLICE_ROWS = 65_536
-
-# Runs the job over the given shards of a cache folder; yields each finished shard's text count.
-JobRunner = Callable[["Config", Path, list[int]], Iterable[int]]
-
-
-# ----------------------------------------------------------------------------- fingerprint
 
 
 @lru_cache(maxsize=8)
@@ -117,9 +119,6 @@ def fingerprint(
     }
 
 
-# ----------------------------------------------------------------------------- where
-
-
 def cache_root(cfg: Config, source: str) -> tuple[Path, str]:
     """(folder holding the dataset's caches, what chose it): ``data.guide_cache_dir``; else
     beside a local dataset; else under ``ray.storage_path`` (shared by a multi-node cluster);
@@ -163,9 +162,6 @@ def folder_for(root: Path, name: str, fp: dict[str, str]) -> Path:
     key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return root / f"{safe}-{key}"
-
-
-# ----------------------------------------------------------------------------- the plan
 
 
 def read_manifest(folder: Path, fp: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -268,9 +264,6 @@ def shard_problems(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
     return out
 
 
-# ----------------------------------------------------------------------------- reading
-
-
 class GuideCache:
     """One dataset's cache, memory-mapped: :meth:`embeddings` reads only the rows asked for."""
 
@@ -306,116 +299,3 @@ class GuideCache:
             pick = shard == k
             out[pick] = self.shards[k][at[pick]]
         return torch.from_numpy(out)
-
-
-# ----------------------------------------------------------------------------- build or load
-
-
-def ensure(
-    cfg: Config,
-    sets: Sequence[TrainingSet],
-    prompts: Sequence[dict[str, str]],
-    run_job: JobRunner,
-    workers: int = 1,
-) -> list[str]:
-    """The cache folder of every dataset: loaded when complete, else built with ``run_job``
-    (only the shards that are missing or truncated), saying why. Returns the folders."""
-    from gist_ray.core.assets import resolve_model_path
-    from gist_ray.models.spec import guide_settings, guide_spec
-
-    spec = guide_spec(cfg)
-    guide = model_identity(resolve_model_path(spec.name), spec.revision)
-    folders = []
-    for s, p in zip(sets, prompts):
-        t0 = time.perf_counter()
-        settings = {**guide_settings(cfg), "dtype": cfg.data.guide_cache_dtype}
-        fp = fingerprint(guide, settings, texts_hash(s.data, s.columns), p)
-        root, _ = cache_root(cfg, s.spec.source)
-        folder = folder_for(root, s.name, fp)
-        manifest = read_manifest(folder, fp)
-        if manifest is None:
-            _say_why_new(root, s.name, fp)
-            manifest = plan(folder, s.data, p, fp, workers, cfg.data.guide_cache_dtype)
-            todo = list(range(manifest["shards"]))
-        else:
-            problems = shard_problems(folder, manifest)
-            for k, why in problems.items():
-                log.warning("guide cache %s: shard %d is %s; rebuilding that shard", folder, k, why)
-            todo = sorted(problems)
-        if todo:
-            _run_with_progress(cfg, folder, manifest, todo, run_job, s.name)
-            left = shard_problems(folder, manifest)
-            if left:
-                k, why = next(iter(left.items()))
-                raise GistRayError(f"guide cache {folder}: shard {k} is still {why} after the job")
-        _remember(root, s.name, fp, folder)
-        verb = "built" if todo else "loaded"
-        log.info(
-            "guide cache of %r %s in %.1fs (%d unique texts, %d rows): %s",
-            s.name,
-            verb,
-            time.perf_counter() - t0,
-            manifest["unique_texts"],
-            manifest["rows"],
-            folder,
-        )
-        folders.append(str(folder))
-    return folders
-
-
-def _pointer(root: Path, name: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return root / f"{safe}.latest.json"
-
-
-def _say_why_new(root: Path, name: str, fp: dict[str, str]) -> None:
-    """Log why a new cache is built: first for this dataset, or what changed since the last."""
-    try:
-        last = json.loads(_pointer(root, name).read_text())
-    except (OSError, ValueError):
-        log.info("guide cache of %r: none yet under %s; building it", name, root)
-        return
-    old = last.get("fingerprint", {})
-    changed = [k for k in fp if old.get(k) != fp[k]]
-    what = "the dataset changed" if changed == ["texts"] else "changed: " + ", ".join(changed)
-    log.warning(
-        "guide cache of %r: %s since the cache at %s was built; building a new one",
-        name,
-        what,
-        last.get("folder"),
-    )
-
-
-def _remember(root: Path, name: str, fp: dict[str, str], folder: Path) -> None:
-    try:
-        fileio.write_json(_pointer(root, name), {"fingerprint": fp, "folder": str(folder)})
-    except OSError:  # only for the message of a later rebuild
-        pass
-
-
-def _run_with_progress(cfg, folder, manifest, todo, run_job, name) -> None:
-    total = sum(shard_size(manifest, k) for k in todo)
-    t0, done, last = time.perf_counter(), 0, 0.0
-    log.info(
-        "guide cache of %r: embedding %d unique texts in %d shard(s) into %s",
-        name,
-        total,
-        len(todo),
-        folder,
-    )
-    for texts in run_job(cfg, folder, todo):
-        done += texts
-        now = time.perf_counter()
-        if now - last >= 1.0 or done == total:
-            log.info(guide_job_line(name, done, total, now - t0))
-            last = now
-
-
-def guide_job_line(name: str, done: int, total: int, elapsed: float) -> str:
-    """The guide-cache job's progress, as the driver logs it after each finished shard."""
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate else 0.0
-    return (
-        f"guide cache of {name!r}: {done:,}/{total:,} unique texts "
-        f"({100 * done // max(total, 1)}%), {rate:,.0f} texts/s, ETA {fmt_eta(eta)}"
-    )

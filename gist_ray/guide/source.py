@@ -85,12 +85,12 @@ def local_guide_cache(
 ) -> list[str]:
     """The guide cache folders, loaded or built without Ray (``torchrun``, one process): rank 0
     embeds the missing shards in its own process, the other ranks wait, then all open them."""
-    from gist_ray.guide import cache as guide_cache
+    from gist_ray.guide import build
     from gist_ray.guide.embed import run_local
 
     folders = [None] * len(sets)
     if rank() == 0:
-        folders = guide_cache.ensure(cfg, sets, prompts, run_local)
+        folders = build.ensure(cfg, sets, prompts, run_local)
     if is_distributed():
         dist.broadcast_object_list(folders, src=0)
     return folders

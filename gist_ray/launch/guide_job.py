@@ -18,6 +18,7 @@ def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
     """Load or build every dataset's guide cache on the cluster (None when ``data.guide_cache``
     is off): checks its folder (writable; shared when the cluster has several nodes), then runs
     the missing shards as a Ray Data job (:func:`run_guide_job`)."""
+    from gist_ray.guide import build
     from gist_ray.guide import cache as guide_cache
     from gist_ray.models.prompts import guide_prompts
 
@@ -28,9 +29,7 @@ def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
         root, chosen = guide_cache.cache_root(cfg, s.spec.source)
         shared = cfg.ray.shared_storage or is_shared_storage(str(root))
         guide_cache.check_root(root, chosen, nodes, shared)
-    return guide_cache.ensure(
-        cfg, sets, guide_prompts(cfg, sets), run_guide_job, cfg.ray.num_workers
-    )
+    return build.ensure(cfg, sets, guide_prompts(cfg, sets), run_guide_job, cfg.ray.num_workers)
 
 
 def run_guide_job(cfg: Config, folder: Path, shards: list[int]):

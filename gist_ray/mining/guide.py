@@ -53,6 +53,7 @@ def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) ->
     computed, where every (prompt, text) is known: the folder training would build, so it loads
     it instead of running the guide again. Returns the cache folders written or already there."""
     from gist_ray.data.training import load_training_sets
+    from gist_ray.guide import build
     from gist_ray.guide import cache as guide_cache
     from gist_ray.models.prompts import guide_prompts
 
@@ -77,4 +78,4 @@ def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) ->
 
     if not chosen:
         return []
-    return guide_cache.ensure(cfg, [s for s, _ in chosen], [p for _, p in chosen], from_known)
+    return build.ensure(cfg, [s for s, _ in chosen], [p for _, p in chosen], from_known)

@@ -173,11 +173,14 @@ def run_gist_ray(a, out: Path) -> dict:
 
     StepLog.step = timed
     t_train = time.perf_counter()
-    summary = train_worker(cfg, LocalReporter(out), run_id, uri)
+    losses: list[float] = []
+    train_worker(
+        cfg, LocalReporter(out), run_id, uri, on_step=lambda _s, m: losses.append(m["loss"])
+    )
     peak = peak_rss_gib()
     hist = mlflow.MlflowClient(uri).get_metric_history(run_id, "step_time_s")
     times = [m.value for m in sorted(hist, key=lambda m: m.step)]
-    res = {"step_times": times, "losses": summary["losses"], "peak_rss_gib": peak}
+    res = {"step_times": times, "losses": losses, "peak_rss_gib": peak}
     res["train_s"] = time.perf_counter() - t_train  # with model loading and the cache build
     res["step_cpu_s"] = [b - c for b, c in zip(cpu[1:], cpu)]  # steps 2..N
     if a["eval"]:

@@ -202,3 +202,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def run_worker(cfg, reporter, *args, **kwargs) -> dict:
+    """``train_worker`` with this session's per-step losses added to its summary (``losses``),
+    collected through the loop's step hook (and any ``on_step`` given, still called)."""
+    from gist_ray.train.loop import train_worker
+
+    losses: list[float] = []
+    given = kwargs.pop("on_step", None)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        losses.append(metrics["loss"])
+        if given is not None:
+            given(step, metrics)
+
+    return {**train_worker(cfg, reporter, *args, on_step=on_step, **kwargs), "losses": losses}

@@ -9,6 +9,7 @@ and checked on its own against the sum it must compute.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -62,12 +63,12 @@ CASES += [(backend, 1, extra) for backend in ("reference", "chunked", "triton")
           for extra in ("mrl", "hard", "mrl+hard")]  # fmt: skip
 
 
-def _gather_grad_check(rank: int, world: int) -> float:
+def _gather_grad_check(rank: int, world: int, mode: str) -> float:
     """d/dx_r of Σ_j w_j · gathered_j with w different on every rank: the gradient of rank r's
     rows is the sum over ranks of their weights' block r."""
     x = torch.full((3, 2), float(rank), requires_grad=True)
     w = torch.arange(world * 6, dtype=torch.float32).view(world * 3, 2) * (rank + 1)
-    gathered = gdist.all_gather_with_grad(x)
+    gathered = gdist.all_gather_with_grad(x, backward=mode)
     assert torch.equal(gathered[rank * 3 : (rank + 1) * 3], x.detach())
     (gathered * w).sum().backward()
     block = torch.arange(world * 6, dtype=torch.float32).view(world * 3, 2)[rank * 3 : rank * 3 + 3]
@@ -82,15 +83,15 @@ def _worker(rank: int, world: int, init_file: str, out: str, seed: int) -> None:
     try:
         results = {}
         for mode in MODES:
-            gdist.GATHER_BACKWARD = mode
-            results[("gather_grad_err", mode)] = _gather_grad_check(rank, world)
+            gather = functools.partial(gdist.all_gather_with_grad, backward=mode)
+            results[("gather_grad_err", mode)] = _gather_grad_check(rank, world, mode)
             for backend, num_neg, settings in CASES:
                 model = _encoder()
                 x, gx = _batch(num_neg, seed)
                 b = B // world
                 rows = slice(rank * b, (rank + 1) * b)
                 loss, grads, stats = _loss_and_grads(
-                    model, [t[rows] for t in x], [t[rows] for t in gx], backend, True, settings
+                    model, [t[rows] for t in x], [t[rows] for t in gx], backend, gather, settings
                 )
                 # What training does: average the loss for logging and the gradients (DDP).
                 dist.all_reduce(loss)

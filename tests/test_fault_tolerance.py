@@ -48,14 +48,14 @@ def _reference_worker(rank: int, cfg_dict: dict, port: int, losses_file: str) ->
 
     from gist_ray.config import load_config_dict
     from gist_ray.train.checkpoint import LocalReporter
-    from gist_ray.train.loop import train_worker
+    from tests.conftest import run_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # like a Ray worker with one CPU
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         cfg = load_config_dict(cfg_dict)
-        result = train_worker(cfg, LocalReporter(cfg.output_dir))
+        result = run_worker(cfg, LocalReporter(cfg.output_dir))
         if rank == 0:
             Path(losses_file).write_text(json.dumps(result["losses"]))
     finally:

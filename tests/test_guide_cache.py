@@ -18,8 +18,7 @@ from gist_ray.guide import cache as guide_cache
 from gist_ray.guide.embed import run_local
 from gist_ray.models.prompts import guide_prompts
 from gist_ray.train.checkpoint import LocalReporter
-from gist_ray.train.loop import train_worker
-from tests.conftest import build_short_guide, make_sentences
+from tests.conftest import build_short_guide, make_sentences, run_worker
 
 
 @pytest.fixture()
@@ -73,11 +72,11 @@ def _ensure(cfg, runner=None):
 
 
 def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cache_env):
-    live = train_worker(
+    live = run_worker(
         _cfg(tiny_models, tiny_pairs_file, cache_env / "live", "data.guide_cache=false"),
         LocalReporter(cache_env / "live"),
     )
-    cached = train_worker(  # float32: the live guide's precision, so the same masks
+    cached = run_worker(  # float32: the live guide's precision, so the same masks
         _cfg(tiny_models, tiny_pairs_file, cache_env / "cached", "data.guide_cache_dtype=float32"),
         LocalReporter(cache_env / "cached"),
     )
@@ -85,7 +84,7 @@ def test_training_with_cache_equals_live_guide(tiny_models, tiny_pairs_file, cac
     torch.testing.assert_close(
         torch.tensor(cached["losses"]), torch.tensor(live["losses"]), rtol=1e-5, atol=1e-6
     )
-    half = train_worker(  # float16 (the default): a near-tie mask may flip, the loss stays close
+    half = run_worker(  # float16 (the default): a near-tie mask may flip, the loss stays close
         _cfg(tiny_models, tiny_pairs_file, cache_env / "half"), LocalReporter(cache_env / "half")
     )
     torch.testing.assert_close(

@@ -20,8 +20,14 @@ from gist_ray.models.encoder import export_model, load_encoder
 from gist_ray.models.lora import is_adapter_folder, merge_adapter, prepare_student
 from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import LocalReporter
-from gist_ray.train.loop import optimizer_step, train_worker, training_step
-from tests.conftest import build_tiny_bert, build_tiny_decoder, make_sentences, write_triplets
+from gist_ray.train.loop import optimizer_step, training_step
+from tests.conftest import (
+    build_tiny_bert,
+    build_tiny_decoder,
+    make_sentences,
+    run_worker,
+    write_triplets,
+)
 from tests.test_fault_tolerance import _reference_worker  # one gloo rank of train_worker
 
 INSTRUCTION = "Instruct: find the answer to the question\nQuery: "
@@ -178,14 +184,14 @@ def test_resume_from_a_lora_checkpoint_is_exact(decoder, guide, data, tmp_path):
     holds the adapter, optimizer, schedule and RNG (LoRA dropout replays)."""
     extra = ("train.max_steps=4", "train.checkpoint_every=2", "train.mini_batch_size=4")
     cfg = _cfg(decoder, guide, data, tmp_path / "run", *extra)
-    full = train_worker(cfg, LocalReporter(cfg.output_dir))
+    full = run_worker(cfg, LocalReporter(cfg.output_dir))
     ckpts = tmp_path / "run" / "checkpoints"
     final = ckpts / "checkpoint-0000004"
     assert is_adapter_folder(final / "model")
     assert not (final / "model" / "model.safetensors").exists(), "the base is not copied"
     uninterrupted = _adapter_weights(final / "model")
     shutil.rmtree(final)
-    resumed = train_worker(cfg, LocalReporter(cfg.output_dir))
+    resumed = run_worker(cfg, LocalReporter(cfg.output_dir))
     assert resumed["steps"] == 4 and len(resumed["losses"]) == 2
     torch.testing.assert_close(
         torch.tensor(resumed["losses"]), torch.tensor(full["losses"][2:]), rtol=0, atol=0
@@ -202,7 +208,7 @@ def trained(decoder, guide, data, tmp_path_factory):
     student loaded from it."""
     out = tmp_path_factory.mktemp("trained")
     cfg = _cfg(decoder, guide, data, out, "train.max_steps=3")
-    train_worker(cfg, LocalReporter(out))
+    run_worker(cfg, LocalReporter(out))
     return cfg, out / "checkpoints" / "checkpoint-0000003" / "model"
 
 
@@ -300,7 +306,7 @@ def test_global_pool_with_lora_equals_one_worker(decoder, guide, data, tmp_path)
     extra = ("train.max_steps=3", "model.lora.dropout=0", "train.mini_batch_size=2")
     no_dropout = _st_decoder(tmp_path, dropout=0.0)
     one = _cfg(no_dropout, guide, data, tmp_path / "one", *extra)
-    single = train_worker(one, LocalReporter(one.output_dir))
+    single = run_worker(one, LocalReporter(one.output_dir))
     two = _cfg(no_dropout, guide, data, tmp_path / "two", *extra, "ray.num_workers=2")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

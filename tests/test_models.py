@@ -98,7 +98,7 @@ def data(tmp_path_factory) -> Path:
 def _train_one_step(student_dir, guide_dir, data, out, train_len, *extra):
     """One real step through the training loop (one worker, no Ray); the exported model."""
     from gist_ray.models.encoder import export_model
-    from gist_ray.train.loop import train_worker
+    from tests.conftest import run_worker
 
     cfg = load_config(
         overrides=[
@@ -117,7 +117,7 @@ def _train_one_step(student_dir, guide_dir, data, out, train_len, *extra):
             *extra,
         ]
     )
-    result = train_worker(cfg, LocalReporter(out))
+    result = run_worker(cfg, LocalReporter(out))
     exported = export_model(out / "checkpoints" / "checkpoint-0000001" / "model", out)
     return cfg, result, exported
 

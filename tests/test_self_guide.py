@@ -22,9 +22,9 @@ from gist_ray.models.prompts import student_prompts
 from gist_ray.models.self_guide import SelfGuide
 from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import STATE_FILE, LocalReporter, TrainState
-from gist_ray.train.loop import optimizer_step, train_worker, unmasked
+from gist_ray.train.loop import optimizer_step, unmasked
 from gist_ray.train.optim import build_optimizer, build_scheduler
-from tests.conftest import build_tiny_bert, make_sentences
+from tests.conftest import build_tiny_bert, make_sentences, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_frozen_self_guide_is_the_student_at_step_0_and_cached(
         loading, "load_model", lambda spec, *a, **k: loaded.append(spec) or real(spec, *a, **k)
     )
     cfg = _cfg(student, tiny_pairs_file, cache_env / "a")
-    result = train_worker(cfg, LocalReporter(cfg.output_dir))
+    result = run_worker(cfg, LocalReporter(cfg.output_dir))
     # Only the student's folder is ever loaded: as the student, and once more by the guide-cache
     # build that embeds the texts with the step-0 student (no guide model anywhere).
     assert {s.name for s in loaded} == {str(student)}, "only the student is loaded"
@@ -114,11 +114,11 @@ def test_frozen_self_guide_is_the_student_at_step_0_and_cached(
     assert files, "the frozen self-guide is cached"
     # A second run loads that cache (no guide forward) and trains the same.
     second = _cfg(student, tiny_pairs_file, cache_env / "b")
-    again = train_worker(second, LocalReporter(second.output_dir))
+    again = run_worker(second, LocalReporter(second.output_dir))
     assert again["losses"] == result["losses"]
     # The student named as an ordinary guide is another cache entry: the fingerprint says self.
     other = _cfg(student, tiny_pairs_file, cache_env / "c", f"model.guide={student}")
-    train_worker(other, LocalReporter(cache_env / "c"))
+    run_worker(other, LocalReporter(cache_env / "c"))
     after = _cache_folders(tiny_pairs_file)
     assert len(after) == len(files) + 1
 
@@ -134,7 +134,7 @@ def test_guide_warmup_is_plain_infonce(student, tiny_pairs_file, cache_env):
         plain, stats = unmasked(GistLoss(margin=0.05, backend=backend))(emb, guide)
         torch.testing.assert_close(plain, infonce, rtol=1e-5, atol=1e-5)
         assert stats["mask_frac/all"] == 0
-    warm = train_worker(cfg, LocalReporter(cfg.output_dir))
+    warm = run_worker(cfg, LocalReporter(cfg.output_dir))
     assert abs(warm["losses"][0] - infonce.item()) < 1e-4
 
 
@@ -209,12 +209,12 @@ def test_resume_with_ema_is_exact(tiny_models, tiny_pairs_file, cache_env):
         "train.max_steps=4",
         "train.checkpoint_every=2",
     )
-    full = train_worker(cfg, LocalReporter(cfg.output_dir))
+    full = run_worker(cfg, LocalReporter(cfg.output_dir))
     final = cache_env / "run" / "checkpoints" / "checkpoint-0000004"
     ema = torch.load(final / STATE_FILE, weights_only=False)["parts"]["self_guide"]
     assert ema, "the checkpoint holds the EMA weights"
     shutil.rmtree(final)
-    resumed = train_worker(cfg, LocalReporter(cfg.output_dir))
+    resumed = run_worker(cfg, LocalReporter(cfg.output_dir))
     assert resumed["losses"] == full["losses"][2:]
     again = torch.load(final / STATE_FILE, weights_only=False)["parts"]["self_guide"]
     for k, v in ema.items():

@@ -146,8 +146,7 @@ def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tm
 
     from gist_ray.commands.train import train
     from gist_ray.train.checkpoint import LocalReporter
-    from gist_ray.train.loop import train_worker
-    from tests.conftest import build_tiny_bert
+    from tests.conftest import build_tiny_bert, run_worker
 
     student = build_tiny_bert(tmp_path / "student", hidden=32, seed=3, dropout=0.0)
     guide = build_tiny_bert(tmp_path / "guide", hidden=48, seed=4, dropout=0.0)
@@ -180,7 +179,7 @@ def test_two_ray_workers_train_like_one_process(ray_cluster, tiny_pairs_file, tm
     local_cfg = load_config(
         overrides=[*common, "ray.num_workers=1", f"output_dir={tmp_path / 'local'}"]
     )
-    local = train_worker(local_cfg, LocalReporter(tmp_path / "local"))
+    local = run_worker(local_cfg, LocalReporter(tmp_path / "local"))
     torch.testing.assert_close(
         torch.tensor(ray_losses), torch.tensor(local["losses"]), rtol=1e-5, atol=1e-6
     )

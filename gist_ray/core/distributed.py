@@ -19,9 +19,9 @@ import torch.distributed as dist
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# How the gather's backward reduces: "auto" (reduce-scatter, except all-to-all on gloo),
-# "reduce_scatter" or "all_to_all". Tests force each one on gloo.
-GATHER_BACKWARD = "auto"
+# How the gather's backward reduces: "auto" (reduce-scatter, except all-to-all on gloo, which
+# has no reduce-scatter), "reduce_scatter" or "all_to_all".
+GATHER_BACKWARDS = ("auto", "reduce_scatter", "all_to_all")
 
 
 def is_distributed() -> bool:
@@ -42,14 +42,15 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reduce_scatter_rows(grad: torch.Tensor) -> torch.Tensor:
+def reduce_scatter_rows(grad: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """Row block ``rank`` of the sum over ranks of ``grad`` (``[world * b, ...]`` on every rank).
 
     Summation order is fixed per rank (NCCL: its ring; all-to-all: rank 0 first), so the result
     is the same on every run."""
     world, grad = dist.get_world_size(), grad.contiguous()
     rows = grad.shape[0] // world
-    mode = GATHER_BACKWARD
+    if mode not in GATHER_BACKWARDS:
+        raise ValueError(f"gather backward {mode!r}: one of {', '.join(GATHER_BACKWARDS)}")
     if mode == "auto":
         mode = "all_to_all" if dist.get_backend() == dist.Backend.GLOO else "reduce_scatter"
     if mode == "reduce_scatter":
@@ -65,18 +66,19 @@ class _AllGather(torch.autograd.Function):
     """Concatenate every rank's tensor along dim 0; backward: :func:`reduce_scatter_rows`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, mode: str) -> torch.Tensor:
+        ctx.mode = mode
         return _gather_rows(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return reduce_scatter_rows(grad)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return reduce_scatter_rows(grad, ctx.mode), None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, backward: str = "auto") -> torch.Tensor:
     """All-gather ``x`` (same shape on every rank) along dim 0; identity on a single process."""
     if not is_distributed():
         return x
     if not x.requires_grad:
         return _gather_rows(x)
-    return _AllGather.apply(x)
+    return _AllGather.apply(x, backward)

@@ -29,7 +29,7 @@ from gist_ray.launch.resume import (
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection (gist_ray.train.faults) must reach the workers' processes.
+# Fault injection for the fault-tolerance tests (gist_ray.train.faults) reaches the workers.
 FORWARDED_ENV = ("GIST_RAY_FAULT_INJECT",)
 
 
@@ -82,16 +82,19 @@ def _ray_entry(payload: dict[str, Any]) -> None:
     """Runs on each Ray worker: rebuild the config and hand over to plain torch code."""
     from gist_ray.config import load_config_dict
     from gist_ray.core import log
+    from gist_ray.core.distributed import rank
+    from gist_ray.train import faults
     from gist_ray.train.loop import train_worker
 
     log.configure()
-
+    cfg = load_config_dict(payload["config"])
     train_worker(
-        load_config_dict(payload["config"]),
+        cfg,
         RayReporter(payload.get("score_key")),
         payload["run_id"],
         payload["tracking_uri"],
         guide_caches=payload.get("guide_caches"),
+        on_step=faults.from_env(cfg.output_dir, rank()),
     )
 
 

@@ -10,7 +10,7 @@ student rows, optionally gathers the candidate pool across workers, builds the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ def compute(
     contrast_anchors: bool,
     contrast_positives: bool,
     backend: str,
-    gather: bool,
+    gather: bool | Callable[[torch.Tensor], torch.Tensor],
     matryoshka_dims: Sequence[int] = (),
     matryoshka_weights: Sequence[float] | None = None,
     hardness_alpha: float = 0.0,
@@ -124,8 +124,9 @@ def compute(
         # The raw rows, once: every width is normalised from them after the gather (a row-wise
         # operation, so each rank gets the very rows one process would).
         offset = rank() * embeddings[0].shape[0]
-        cands = [all_gather_with_grad(x) for x in cands]
-        guide_cands = [all_gather_with_grad(x) for x in guide_cands]
+        gather_rows = all_gather_with_grad if gather is True else gather
+        cands = [gather_rows(x) for x in cands]
+        guide_cands = [gather_rows(x) for x in guide_cands]
     dims = list(matryoshka_dims) or [embeddings[0].shape[1]]
     problems = [
         Problem(
@@ -237,7 +238,7 @@ def gist_loss(
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
     backend: str = "auto",
-    gather: bool = False,
+    gather: bool | Callable[[torch.Tensor], torch.Tensor] = False,
     matryoshka_dims: Sequence[int] = (),
     matryoshka_weights: Sequence[float] | None = None,
     hardness_alpha: float = 0.0,
@@ -249,7 +250,9 @@ def gist_loss(
     ``anchor``/``positive``/``negatives[k]`` are student embeddings ``[b, d]``; the ``guide_*``
     twins are ``[b, d_g]`` and never receive gradient. With ``gather=True`` inside an initialised
     process group, every candidate set is all-gathered with gradient so each local query sees the
-    global pool. With ``return_stats=True`` also returns a dict of float statistics:
+    global pool (``gather`` may also be the gather itself: a function of a ``[b, ...]`` tensor
+    returning every rank's rows, e.g. :func:`~gist_ray.core.distributed.all_gather_with_grad`
+    with another ``backward``). With ``return_stats=True`` also returns a dict of float statistics:
     ``mask_frac/<segment>``, ``threshold_mean``, ``positive_rank_mean`` and ``no_negative_frac``
     (``float()`` of each costs a host sync; :class:`GistLoss` returns them as tensors), and
     ``loss/dim_<w>`` per Matryoshka width.

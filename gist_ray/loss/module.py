@@ -7,7 +7,7 @@ validated in ``__init__``, every call only passes embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ class GistLoss(nn.Module):
     ``mask_frac/all``, ``threshold_mean``, ``positive_rank_mean``, ``no_negative_frac``); reading
     them with ``float()`` is the caller's choice of when to sync. With ``gather=True`` (inside an
     initialised process group) every candidate set is all-gathered, so each local query sees the
-    global pool.
+    global pool; ``gather`` may also be the gather function itself (see :func:`gist_loss`).
 
     ``matryoshka_dims``/``matryoshka_weights``: the loss summed over truncated, re-normalised
     widths with one guide mask (the stats then also hold ``loss/dim_<w>``);
@@ -40,7 +40,7 @@ class GistLoss(nn.Module):
         contrast_anchors: bool = True,
         contrast_positives: bool = True,
         backend: str = "auto",
-        gather: bool = False,
+        gather: bool | Callable[[torch.Tensor], torch.Tensor] = False,
         matryoshka_dims: Sequence[int] = (),
         matryoshka_weights: Sequence[float] | None = None,
         hardness_alpha: float = 0.0,

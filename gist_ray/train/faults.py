@@ -1,13 +1,15 @@
-"""Test-only fault injection: ``GIST_RAY_FAULT_INJECT="RANK@STEP[,RANK@STEP...]"`` makes that
-rank SIGKILL its own process right after that optimizer step (before any later checkpoint), once:
-a marker under ``<output_dir>/.faults`` stops the replayed step from dying again. Unset in normal
-use; the launcher forwards the variable to Ray workers."""
+"""Fault injection for the fault-tolerance tests: ``GIST_RAY_FAULT_INJECT="RANK@STEP[,...]"``
+makes that rank SIGKILL its own process right after that optimizer step (before any later
+checkpoint), once: a marker under ``<output_dir>/.faults`` stops the replayed step from dying
+again. The variable is read once, where a Ray worker starts (the launcher forwards it to the
+workers), and becomes a step hook of the training loop; unset, there is no hook at all."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from gist_ray.core.log import ALL_RANKS, ROOT
@@ -17,11 +19,26 @@ log = logging.getLogger(__name__)
 ENV = "GIST_RAY_FAULT_INJECT"
 
 
-def maybe_fail(output_dir: str | Path, rank: int, step: int) -> None:
-    spec = os.environ.get(ENV, "")
-    if f"{rank}@{step}" not in {s.strip() for s in spec.split(",")}:
-        return
-    marker = Path(output_dir) / ".faults" / f"rank{rank}-step{step}"
+def from_env(output_dir: str | Path, rank: int) -> Callable[[int, dict[str, float]], None] | None:
+    """The step hook that kills this rank at the steps ``GIST_RAY_FAULT_INJECT`` names for it,
+    or None when it names none."""
+    steps = set()
+    for item in os.environ.get(ENV, "").split(","):
+        who, _, step = item.strip().partition("@")
+        if who == str(rank) and step.isdigit():
+            steps.add(int(step))
+    if not steps:
+        return None
+
+    def hook(step: int, _metrics: dict[str, float]) -> None:
+        if step in steps:
+            _fail_once(Path(output_dir), rank, step)
+
+    return hook
+
+
+def _fail_once(output_dir: Path, rank: int, step: int) -> None:
+    marker = output_dir / ".faults" / f"rank{rank}-step{step}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)

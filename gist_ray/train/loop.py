@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -29,7 +30,6 @@ from gist_ray.models.encoder import Encoder, describe, load_encoder
 from gist_ray.models.lora import prepare_student
 from gist_ray.models.prompts import student_prompts
 from gist_ray.models.spec import ModelSpec
-from gist_ray.train import faults
 from gist_ray.train.checkpoint import Checkpointer, Reporter, TrainState
 from gist_ray.train.evaluation import TrainingEval, eval_due
 from gist_ray.train.gradcache import backward_with_replay, embed_without_graph
@@ -38,6 +38,9 @@ from gist_ray.train.progress import StepLog
 
 log = logging.getLogger(__name__)
 
+# Called after every optimizer step with the step number and its metrics (train_worker's on_step).
+StepHook = Callable[[int, dict[str, float]], None]
+
 
 def train_worker(
     cfg: Config,
@@ -45,10 +48,13 @@ def train_worker(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     guide_caches: list[str] | None = None,
+    on_step: StepHook | None = None,
 ) -> dict[str, Any]:
     """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary.
     ``guide_caches``: the datasets' guide cache folders the driver prepared (None: load or
-    build them here)."""
+    build them here). ``on_step(step, metrics)`` is called after every optimizer step, once the
+    step's checkpoint (if any) is written: how callers watch the run (per-step losses, fault
+    injection) without the loop knowing them."""
     device = worker_device(cfg)
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     sets = load_training_sets(cfg)
@@ -100,7 +106,7 @@ def train_worker(
         len(sets),
         device,
     )
-    losses: list[float] = []  # this session's per-step losses, returned for tests and tools
+    final_loss = None
     while state.step < total:
         t0 = time.perf_counter()
         d, idx = batches.local(state.step, rank(), world_size())
@@ -115,7 +121,7 @@ def train_worker(
         metrics.update(samples_per_s=cfg.train.batch_size / dt, step_time_s=dt)
         if len(sets) > 1:  # which dataset this step trained on, and its loss
             metrics[f"loss/{metric_safe(sets[d].name)}"] = metrics["loss"]
-        losses.append(metrics["loss"])
+        final_loss = metrics["loss"]
         step_log.step(state, metrics)
         validate = validates and eval_due(cfg, state.step, total)
         if eval_due(cfg, state.step, total) and not validates:  # before the checkpoint
@@ -128,11 +134,11 @@ def train_worker(
             report = {"step": state.step, "loss": metrics["loss"]}
             checkpointer.save(state, student, report, validate=validate)
             step_log.committed(state)
-        faults.maybe_fail(cfg.output_dir, rank(), state.step)  # test-only; no-op unless asked
+        if on_step is not None:
+            on_step(state.step, metrics)
     return {
         "steps": state.step,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
+        "final_loss": final_loss,
         "run_id": state.run_id,
         "world_size": world_size(),
         "pid": os.getpid(),

@@ -21,8 +21,7 @@ from gist_ray.mining.guide import guide_embeddings_for
 from gist_ray.mining.select import Rule
 from gist_ray.models.prompts import guide_prompts
 from gist_ray.train.checkpoint import LocalReporter
-from gist_ray.train.loop import train_worker
-from tests.conftest import make_sentences
+from tests.conftest import make_sentences, run_worker
 from tests.mining.test_search_select import reference
 
 ROWS = 64
@@ -147,7 +146,7 @@ def test_mine_then_train_on_it(tiny_models, data, tmp_path, caplog):
         "negative_3",
     ]
     caplog.clear()
-    result = train_worker(train, LocalReporter(tmp_path / "train"))
+    result = run_worker(train, LocalReporter(tmp_path / "train"))
     assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert "guide cache of 'pairs-mined' loaded" in caplog.text, "mine wrote the file's cache"
     # ... and it holds what the guide computes for those texts

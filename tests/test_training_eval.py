@@ -73,11 +73,11 @@ def test_validation_of_a_checkpoint_logs_its_step_once(setup, tmp_path):
 
     import mlflow
 
-    from gist_ray.train.checkpoint import META_FILE, MODEL_DIR
+    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR, META_FILE
 
     cfg, student = setup
     folder = tmp_path / "checkpoint-0000004"
-    student.save(folder / MODEL_DIR)
+    student.save(folder / CHECKPOINT_MODEL_DIR)
     (folder / META_FILE).write_text(json.dumps({"step": 4}))
 
     class Checkpoint:  # what Ray hands the function: a folder behind as_directory()

@@ -163,7 +163,7 @@ def evaluate(
         }
     print(format_table(result))
     if output:
-        write_json(output, result)
+        write_results(output, result)
         print(f"\nresults: {Path(output).resolve()}")
     else:
         log.info("results: the table above only; --output FILE also writes them as JSON")
@@ -205,7 +205,7 @@ def _sections(ev: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
     return [x for x in out if x[0] in ev]
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_results(path: str | Path, obj: Any) -> None:
     """Write the results as JSON, atomically; NaN becomes null."""
     path = Path(path)
     if path.parent and not path.parent.is_dir():

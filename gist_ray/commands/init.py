@@ -189,7 +189,9 @@ def _scalar(value: str | float) -> str:
     return json.dumps(plain)
 
 
-def render(source: str, rows: int, columns: list[Column], mapping: Mapping, name: str) -> str:
+def render_config(
+    source: str, rows: int, columns: list[Column], mapping: Mapping, name: str
+) -> str:
     """The starter config's text: only the keys a new user should look at, each explained."""
     d = Config()
     seq, tokens = _seq_length(columns, mapping)
@@ -266,7 +268,7 @@ def write_starter(data: str, output: str | Path = DEFAULT_OUTPUT, force: bool = 
     from gist_ray.core.log import quiet_progress_bars
 
     quiet_progress_bars()  # datasets' "Generating train split" bar
-    from gist_ray.data.training import _load_source, load_pairs
+    from gist_ray.data.training import load_pairs, load_source
 
     out = Path(output)
     if out.exists() and not force:
@@ -275,7 +277,7 @@ def write_starter(data: str, output: str | Path = DEFAULT_OUTPUT, force: bool = 
         raise ConfigError(f"-o {out} is a folder; give a file name such as {DEFAULT_OUTPUT}")
     local = Path(data).expanduser()
     source = str(local.resolve()) if local.exists() else data
-    ds, _ = _load_source(source, "train")
+    ds, _ = load_source(source, "train")
     if len(ds) == 0:
         raise DataError(f"{data} has no rows; training needs at least one")
     columns = describe_columns(ds)
@@ -290,5 +292,5 @@ def write_starter(data: str, output: str | Path = DEFAULT_OUTPUT, force: bool = 
         load_pairs(source, mapping.roles)
     except DataError as e:
         problem = str(e)
-    fileio.write_text(out, render(source, len(ds), columns, mapping, out.name))
+    fileio.write_text(out, render_config(source, len(ds), columns, mapping, out.name))
     return Starter(out, len(ds), mapping, problem)

@@ -153,7 +153,7 @@ def positive_scores(c: Corpus, anchors: list[str], a: torch.Tensor, corpus: torc
     return torch.stack([(corpus[c.own[t]] @ a[r]).min() for r, t in enumerate(anchors)])
 
 
-def fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: Path):
+def output_fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: Path):
     """What fixes the output: the data (texts and the file itself), the guide's embeddings
     (its files, settings and prompts), the rule, the output's format."""
     h = hashlib.sha256()
@@ -185,7 +185,7 @@ def mine_set(
     rule: Rule,
     backend: str,
 ) -> Summary:
-    fp = fingerprint(cfg, s, emb, out)
+    fp = output_fingerprint(cfg, s, emb, out)
     done = output.finished(out, fp, key)
     if done is not None:
         log.info("%s is already mined from the same data, guide and settings", out)
@@ -222,7 +222,7 @@ def mine_set(
             fmt_eta(elapsed / n * (len(todo) - n)),
         )
     table = parts.read()
-    summary = finish(s, c, table, out, fp, rule, time.perf_counter() - t0, backend)
+    summary = finish_output(s, c, table, out, fp, rule, time.perf_counter() - t0, backend)
     parts.remove()
     return summary
 
@@ -265,7 +265,7 @@ def mine_part(
     return pa.table(cols)
 
 
-def finish(
+def finish_output(
     s: TrainingSet,
     c: Corpus,
     table: pa.Table,
@@ -317,13 +317,16 @@ def finish(
 def source_rows(s: TrainingSet) -> datasets.Dataset:
     """The dataset's rows as its source has them (every column, the user's column names), less
     its own negatives, which the mined ones replace; the built-in data as anchor, positive."""
-    from gist_ray.data.training import _NEG, _load_source  # the reader and names training uses
+    from gist_ray.data.training import (  # the reader and names training uses
+        NEGATIVE_COLUMN,
+        load_source,
+    )
 
     n = len(s.column_texts()["anchor"])
     src = s.spec.source
     if src.strip().lower() == insuranceqa.NAME and not Path(src).exists():
         return datasets.Dataset.from_dict({k: s.column_texts()[k] for k in ("anchor", "positive")})
-    ds, _ = _load_source(src, "train")
+    ds, _ = load_source(src, "train")
     ds = ds.select(range(n))  # training reads the first max_examples rows
     columns = s.spec.columns or {}
     negatives = [v for k, v in columns.items() if k.startswith("negative")]
@@ -332,7 +335,7 @@ def source_rows(s: TrainingSet) -> datasets.Dataset:
         negatives = [
             col
             for col in ds.column_names
-            if col not in used and (col == "negative" or _NEG.fullmatch(col))
+            if col not in used and (col == "negative" or NEGATIVE_COLUMN.fullmatch(col))
         ]
     return ds.remove_columns(negatives)
 

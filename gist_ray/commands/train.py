@@ -111,10 +111,11 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run the whole ``train`` command; returns paths, run id and metrics."""
     from gist_ray.eval.metrics import evaluate_model
     from gist_ray.launch import cluster, guide_job, resources, resume, trainer
-    from gist_ray.models.encoder import MODEL_DIR, export_model, load_encoder
+    from gist_ray.models.encoder import export_model, load_encoder
     from gist_ray.models.lora import merge_adapter
     from gist_ray.models.spec import user_spec
     from gist_ray.tracking import datasets, results, runs
+    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR
 
     t0 = time.perf_counter()
     check_job_paths(cfg, runs.resolve_tracking_uri(cfg.mlflow.tracking_uri))
@@ -148,16 +149,19 @@ def train(cfg: Config) -> dict[str, Any]:
             if run.complete
             else trainer.run_training(cfg, run.run_id, tracking_uri, guide_caches)
         )
-        trained = load_encoder(user_spec(cfg, str(final_ckpt / MODEL_DIR)), frozen=True)
+        trained = load_encoder(user_spec(cfg, str(final_ckpt / CHECKPOINT_MODEL_DIR)), frozen=True)
         merged = cfg.model.lora.rank > 0 and cfg.model.lora_export == "merged"
         if merged:  # evaluate and export the model the user gets: the adapter merged in
             merge_adapter(trained.model)
         after = evaluate_model(trained, evalset, cfg.loss.matryoshka_dims) if evalset else {}
         card = _model_card(cfg, inputs, trained, before, after)
         model_dir = export_model(
-            final_ckpt / MODEL_DIR, cfg.output_dir, card, trained.model if merged else None
+            final_ckpt / CHECKPOINT_MODEL_DIR,
+            cfg.output_dir,
+            card,
+            trained.model if merged else None,
         )
-        final = results.finish(
+        final = results.log_results(
             cfg, tracking_uri, run.run_id, model_dir, inputs.steps, before, after, evalset
         )
         wall = time.perf_counter() - t0
@@ -213,7 +217,7 @@ def _check_inputs(cfg: Config) -> _Inputs:
 
 
 def _model_card(cfg: Config, inputs: _Inputs, trained, before, after) -> str:
-    from gist_ray.models.card import CardInfo, render
+    from gist_ray.models.card import CardInfo, render_card
     from gist_ray.models.encoder import describe
 
     model = describe(trained)
@@ -229,7 +233,7 @@ def _model_card(cfg: Config, inputs: _Inputs, trained, before, after) -> str:
         before=before,
         after=after,
     )
-    return render(cfg, info)
+    return render_card(cfg, info)
 
 
 def _print_summary(cfg, evalset, before, after, model_dir, run_id, tracking_uri, final, wall):

@@ -73,7 +73,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if hub == MPNET_HUB:
         parts = mpnet_parts()
         return str(assemble_mpnet(parts)) if parts else hub
-    if _looks_like_path(name_or_path):
+    if _is_model_path(name_or_path):
         raise ModelError(f"model path {name_or_path!r} does not exist; {_alias_hint()}")
     return name_or_path
 
@@ -82,7 +82,7 @@ def _alias_hint() -> str:
     return "give an existing model folder, a hub name, or a built-in alias: minilm, mpnet"
 
 
-def _looks_like_path(s: str) -> bool:
+def _is_model_path(s: str) -> bool:
     # Hub ids are `name` or `org/name`; anything else with a separator is meant as a path.
     if s.startswith((".", "/", "~")) or "\\" in s:
         return True

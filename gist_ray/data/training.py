@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 BUILTIN = insuranceqa.NAME
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_NEG = re.compile(r"negative_([1-9][0-9]*)")
+NEGATIVE_COLUMN = re.compile(r"negative_([1-9][0-9]*)")
 _ROLES_HINT = "allowed: anchor, positive, negative, negative_1, negative_2, ..."
 _KINDS_HINT = "give a .json, .jsonl, .csv or .parquet file, a save_to_disk folder, a hub dataset"
 
@@ -64,7 +64,7 @@ def load_pairs(
         label = BUILTIN
         roles = {c: c for c in ds.column_names}
     else:
-        ds, label = _load_source(source, split)
+        ds, label = load_source(source, split)
         ds, roles = _select_roles(ds, columns, label)
         if max_examples is not None and len(ds) > max_examples:
             ds = ds.select(range(max_examples))
@@ -99,7 +99,7 @@ def _builtin(seed: int, max_examples: int | None) -> datasets.Dataset:
 # ----------------------------------------------------------------------------- sources
 
 
-def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
+def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
     path = Path(source).expanduser()
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
@@ -130,7 +130,7 @@ def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
                 raise DataError(f"{source}: no split {split!r}; splits are: {', '.join(ds)}")
             ds = ds[split]
         return ds, source
-    if _looks_like_path(source):
+    if _is_local_source(source):
         raise DataError(f"{source} does not exist; {_KINDS_HINT} or '{BUILTIN}'")
     try:
         return datasets.load_dataset(source, split=split), source
@@ -141,7 +141,7 @@ def _load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
         ) from e
 
 
-def _looks_like_path(s: str) -> bool:
+def _is_local_source(s: str) -> bool:
     # Hub dataset ids are `name` or `org/name` without a file extension.
     p = Path(s)
     return (
@@ -175,7 +175,9 @@ def _select_roles(
     """Pick the role columns, check them, and rename them to anchor/positive/negative_k."""
     columns = dict(columns or {})
     unknown = [
-        k for k in columns if k not in ("anchor", "positive", "negative") and not _NEG.fullmatch(k)
+        k
+        for k in columns
+        if k not in ("anchor", "positive", "negative") and not NEGATIVE_COLUMN.fullmatch(k)
     ]
     if unknown:
         raise DataError(f"unknown column role(s) {', '.join(map(repr, unknown))}; {_ROLES_HINT}")
@@ -183,11 +185,15 @@ def _select_roles(
         if not isinstance(src, str) or not src:
             raise DataError(f"column mapping for {role!r} must be a column name, got {src!r}")
     present = ds.column_names
-    if any(k == "negative" or _NEG.fullmatch(k) for k in columns):
+    if any(k == "negative" or NEGATIVE_COLUMN.fullmatch(k) for k in columns):
         negs = {k: v for k, v in columns.items() if k.startswith("negative")}
     else:  # pick up the source's own negative columns
         used = {columns.get("anchor", "anchor"), columns.get("positive", "positive")}
-        negs = {c: c for c in present if (c == "negative" or _NEG.fullmatch(c)) and c not in used}
+        negs = {
+            c: c
+            for c in present
+            if (c == "negative" or NEGATIVE_COLUMN.fullmatch(c)) and c not in used
+        }
     if "negative" in negs and "negative_1" in negs:
         raise DataError(f"{label}: both 'negative' and 'negative_1' given; use one of them")
     numbered = sorted((1 if k == "negative" else int(k.split("_")[1]), v) for k, v in negs.items())
@@ -318,5 +324,7 @@ def load_training_sets(cfg: Config) -> list[TrainingSet]:
 
 def loss_columns(ds: datasets.Dataset) -> list[str]:
     """The text columns in loss order: anchor, positive, negative_1..k."""
-    negatives = sorted((c for c in ds.column_names if _NEG.fullmatch(c)), key=lambda c: int(c[9:]))
+    negatives = sorted(
+        (c for c in ds.column_names if NEGATIVE_COLUMN.fullmatch(c)), key=lambda c: int(c[9:])
+    )
     return ["anchor", "positive", *negatives]

@@ -93,7 +93,9 @@ def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:
     with tempfile.TemporaryDirectory(prefix="gist-ray-best-") as tmp:
         best.to_directory(tmp)
         folder = save_best(
-            cfg.output_dir, {**info, "run_id": run_id}, copy_from(Path(tmp) / ckpt.MODEL_DIR)
+            cfg.output_dir,
+            {**info, "run_id": run_id},
+            copy_from(Path(tmp) / ckpt.CHECKPOINT_MODEL_DIR),
         )
     log.info(
         "best checkpoint: step %d, %s %.4f -> %s",

@@ -40,7 +40,7 @@ def _base_model(name: str) -> str | None:
     return hub or (name if name.count(_HUB_ID) == 1 and not name.startswith((".", "/")) else None)
 
 
-def render(cfg: Config, info: CardInfo) -> str:
+def render_card(cfg: Config, info: CardInfo) -> str:
     """The model card text."""
     m, t, lo = cfg.model, cfg.train, cfg.loss
     specs = train_datasets(cfg.data)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 
-MODEL_DIR = "model"  # <output_dir>/model: the exported model
+EXPORT_DIR = "model"  # <output_dir>/model: the exported model
 
 
 class Encoder(nn.Module):
@@ -185,7 +185,7 @@ def export_model(
     """Copy a checkpoint's model folder to ``<output_dir>/model`` with the model card
     ``README.md`` (atomically); return it. ``model``: save this model instead (e.g. the
     checkpoint's with its LoRA adapter merged in)."""
-    target = Path(output_dir) / MODEL_DIR
+    target = Path(output_dir) / EXPORT_DIR
     with fileio.atomic_dir(target) as tmp:
         if model is None:
             shutil.copytree(checkpoint_model, tmp, dirs_exist_ok=True)

@@ -84,7 +84,7 @@ def best_step(client, run_id: str, metric: str, final_step: int) -> tuple[int | 
     return step, value, base
 
 
-def finish(
+def log_results(
     cfg: Config,
     tracking_uri: str,
     run_id: str,

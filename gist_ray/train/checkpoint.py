@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STAGING = "checkpoints-staging"  # rank 0 builds checkpoints here before reporting them
 STATE_FILE = "state.pt"
-MODEL_DIR = "model"
+CHECKPOINT_MODEL_DIR = "model"  # <checkpoint>/model: the student as saved at that step
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
@@ -95,7 +95,7 @@ def save_checkpoint(directory: str | Path, student, state: dict[str, Any]) -> Pa
 
     ``state`` must hold ``step``, ``identity`` and ``mlflow_run_id`` (copied into meta.json)."""
     with fileio.atomic_dir(directory) as tmp:
-        student.save(tmp / MODEL_DIR)
+        student.save(tmp / CHECKPOINT_MODEL_DIR)
         torch.save({"format": FORMAT_VERSION, **state}, tmp / STATE_FILE)
         meta = {
             "format": FORMAT_VERSION,
@@ -178,7 +178,7 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
             "delete it or use another mlflow.run_name"
         ) from e
     _check_format(state, str(state_path))
-    return directory / MODEL_DIR, state
+    return directory / CHECKPOINT_MODEL_DIR, state
 
 
 # ----------------------------------------------------------------------------- during training

@@ -74,13 +74,13 @@ def validate_checkpoint(
     from gist_ray.eval.sets import load_eval_for
     from gist_ray.models.encoder import load_encoder
     from gist_ray.models.spec import user_spec
-    from gist_ray.train.checkpoint import META_FILE, MODEL_DIR
+    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR, META_FILE
 
     console_log.configure()
     cfg = load_config_dict(config)
     with checkpoint.as_directory() as folder:
         step = int(json.loads((Path(folder) / META_FILE).read_text())["step"])
-        model = load_encoder(user_spec(cfg, str(Path(folder) / MODEL_DIR)), frozen=True)
+        model = load_encoder(user_spec(cfg, str(Path(folder) / CHECKPOINT_MODEL_DIR)), frozen=True)
         evalset = load_eval_for(cfg)
         found = evaluate_model(model, evalset, cfg.loss.matryoshka_dims)
         metrics = {f"eval/{k}": v for k, v in found.items()}

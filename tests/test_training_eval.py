@@ -1,4 +1,5 @@
-"""Rank 0's periodic eval (no Ray): when it runs, what it logs, and the best model it keeps."""
+"""Eval during training: when it runs, what it logs, and the best model it keeps (the local
+reporter's validator and Ray Train's validation function, one path)."""
 
 import json
 from pathlib import Path
@@ -32,6 +33,16 @@ def setup(tmp_path, tiny_models, monkeypatch):
     return cfg, student
 
 
+def _checkpoint(root: Path, student, step: int) -> Path:
+    """A checkpoint folder as the loop writes it: the student's model and the step."""
+    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR, META_FILE
+
+    folder = root / f"checkpoint-{step:07d}"
+    student.save(folder / CHECKPOINT_MODEL_DIR)
+    (folder / META_FILE).write_text(json.dumps({"step": step}))
+    return folder
+
+
 def test_eval_due_on_every_but_not_the_last_step():
     cfg = load_config(overrides=["eval.every=2"])
     assert [s for s in range(1, 8) if ev.eval_due(cfg, s, 6)] == [2, 4]
@@ -40,14 +51,17 @@ def test_eval_due_on_every_but_not_the_last_step():
     assert not any(ev.eval_due(no_source, s, 6) for s in range(1, 7))
 
 
-def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
+def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup, tmp_path):
     cfg, student = setup
+    ckpts = tmp_path / "checkpoints"
     evaluator = ev.TrainingEval(cfg, run_id="run-a")
     out = Path(cfg.output_dir)
-    assert evaluator(student, 2) == {"ndcg@10": 0.5, "recall@10": 1.0}
+    assert evaluator(_checkpoint(ckpts, student, 2)) == {"ndcg@10": 0.5, "recall@10": 1.0}
     assert read_best(out, "run-a")["step"] == 2
     assert (out / "best-model" / "modules.json").is_file()
-    assert evaluator(student, 4)["ndcg@10"] == 0.4  # worse: best stays at step 2
+    assert (
+        evaluator(_checkpoint(ckpts, student, 4))["ndcg@10"] == 0.4
+    )  # worse: best stays at step 2
     assert read_best(out, "run-a") == {
         "step": 2,
         "metric": "ndcg@10",
@@ -58,9 +72,9 @@ def test_best_model_saved_only_on_improvement_and_kept_across_resume(setup):
     assert ev.TrainingEval(cfg, run_id="run-a").best["value"] == 0.5
     assert ev.TrainingEval(cfg, run_id="run-b").best is None
     resumed = ev.TrainingEval(cfg, run_id="run-a")
-    resumed(student, 6)  # 0.7 > 0.5
+    resumed(_checkpoint(ckpts, student, 6))  # 0.7 > 0.5
     assert read_best(out, "run-a")["step"] == 6
-    resumed(student, 8)  # 0.7 again: ties keep the earlier step
+    resumed(_checkpoint(ckpts, student, 8))  # 0.7 again: ties keep the earlier step
     assert read_best(out, "run-a")["step"] == 6
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
 
@@ -113,6 +127,43 @@ def test_matryoshka_widths_are_evaluated(tmp_path, tiny_models):
                                  f"output_dir={tmp_path / 'out'}",
                                  "loss.matryoshka_dims=[32, 8]"])  # fmt: skip
     student = load_encoder(ModelSpec(str(tiny_models["student"]), max_seq_length=16))
-    metrics = ev.TrainingEval(cfg, run_id="r")(student, 1)
+    metrics = ev.TrainingEval(cfg, run_id="r")(_checkpoint(tmp_path / "checkpoints", student, 1))
     assert {"ndcg@10", "dim_32/ndcg@10", "dim_8/ndcg@10", "dim_8/recall@10"} <= set(metrics)
     assert metrics["dim_32/ndcg@10"] == pytest.approx(metrics["ndcg@10"])
+
+
+def test_a_run_without_ray_validates_through_its_reporter(setup, tiny_models, tiny_pairs_file):
+    """The training loop never evaluates itself: every eval.every steps it writes a checkpoint
+    marked for validation, and the local reporter's validator evaluates that checkpoint (not
+    the last step: the driver evaluates the exported model)."""
+    from gist_ray.train.checkpoint import LocalReporter
+    from tests.conftest import run_worker
+
+    base, _ = setup
+    cfg = load_config(
+        overrides=[
+            f"model.student={tiny_models['student']}",
+            f"model.guide={tiny_models['guide']}",
+            "model.max_seq_length=16",
+            f"data.train={tiny_pairs_file}",
+            "data.max_examples=0",
+            "data.guide_cache=false",
+            f"eval.source={base.eval.source}",
+            "eval.every=2",
+            "train.batch_size=8",
+            "train.max_steps=5",
+            "train.checkpoint_every=100",
+            f"output_dir={base.output_dir}",
+        ]
+    )
+    seen = []
+    validator = ev.TrainingEval(cfg, run_id="local")
+
+    def validate(folder):
+        seen.append(Path(folder).name)
+        return validator(folder)
+
+    run_worker(cfg, LocalReporter(cfg.output_dir, validator=validate))
+    assert seen == ["checkpoint-0000002", "checkpoint-0000004"]
+    assert read_best(cfg.output_dir, "local")["step"] == 2  # scripted: 0.5 then 0.4
+    assert (Path(cfg.output_dir) / "best-model" / "modules.json").is_file()

@@ -40,7 +40,6 @@ class RayReporter:
 
     def __init__(self, score_key: str | None = None) -> None:
         self.score_key = score_key
-        self.validates = score_key is not None
 
     def report(
         self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
@@ -58,7 +57,7 @@ class RayReporter:
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
             checkpoint_dir_name=Path(checkpoint_dir).name,
-            validation=validate and self.validates,
+            validation=validate and self.score_key is not None,
         )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has copied it to storage
         ray.train.get_all_reported_checkpoints(

@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -185,11 +186,9 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
 
 
 class Reporter(Protocol):
-    """Where a worker sends metrics and checkpoints (Ray Train, or a local folder)."""
-
-    # True: a checkpoint reported with ``validate`` is evaluated beside training (Ray Train's
-    # validation); False: the training loop evaluates in line
-    validates: bool
+    """Where a worker sends metrics and checkpoints (Ray Train, or a local folder). A checkpoint
+    reported with ``validate`` is evaluated by the reporter's validation (eval during
+    training); the loop itself never evaluates."""
 
     def report(
         self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
@@ -199,12 +198,15 @@ class Reporter(Protocol):
 
 
 class LocalReporter:
-    """Keeps checkpoints under ``<output_dir>/checkpoints`` (runs without Ray)."""
+    """Keeps checkpoints under ``<output_dir>/checkpoints`` (runs without Ray). With a
+    ``validator`` (e.g. :class:`gist_ray.train.evaluation.TrainingEval`), rank 0 has each
+    checkpoint reported with ``validate`` evaluated, as Ray Train's validation task does."""
 
-    validates = False
-
-    def __init__(self, output_dir: str | Path) -> None:
+    def __init__(
+        self, output_dir: str | Path, validator: Callable[[Path], object] | None = None
+    ) -> None:
         self.root = Path(output_dir) / "checkpoints"
+        self.validator = validator
 
     def report(
         self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
@@ -213,6 +215,8 @@ class LocalReporter:
             target = self.root / Path(checkpoint_dir).name
             if Path(checkpoint_dir).resolve() != target.resolve():
                 fileio.copy_dir(checkpoint_dir, target)
+            if validate and self.validator is not None:
+                self.validator(target)
 
     def latest_checkpoint(self) -> str | None:
         found = sorted(self.root.glob("checkpoint-*")) if self.root.is_dir() else []

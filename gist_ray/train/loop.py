@@ -31,7 +31,7 @@ from gist_ray.models.lora import prepare_student
 from gist_ray.models.prompts import student_prompts
 from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import Checkpointer, Reporter, TrainState
-from gist_ray.train.evaluation import TrainingEval, eval_due
+from gist_ray.train.evaluation import eval_due
 from gist_ray.train.gradcache import backward_with_replay, embed_without_graph
 from gist_ray.train.optim import build_optimizer, build_scheduler
 from gist_ray.train.progress import StepLog
@@ -86,12 +86,6 @@ def train_worker(
     checkpointer = Checkpointer(cfg, reporter)
     checkpointer.restore(state, student)
     step_log = StepLog(cfg, state, total, tracking_uri)
-    # Every eval.every steps a checkpoint is validated beside training (Ray Train's validation,
-    # no barrier); without Ray rank 0 evaluates in line and keeps the best model.
-    validates = getattr(reporter, "validates", False)
-    evaluator = None
-    if rank() == 0 and cfg.eval.source and cfg.eval.every and not validates:
-        evaluator = TrainingEval(cfg, state.run_id)
     loss_fn = GistLoss.from_config(cfg.loss, gather=is_distributed())
     warmup_loss = unmasked(loss_fn)
 
@@ -123,13 +117,9 @@ def train_worker(
             metrics[f"loss/{metric_safe(sets[d].name)}"] = metrics["loss"]
         final_loss = metrics["loss"]
         step_log.step(state, metrics)
-        validate = validates and eval_due(cfg, state.step, total)
-        if eval_due(cfg, state.step, total) and not validates:  # before the checkpoint
-            if evaluator is not None:
-                scores = evaluator(student, state.step)
-                step_log.add(state, {f"eval/{k}": v for k, v in scores.items()})
-            if is_distributed():
-                dist.barrier()  # the other ranks wait for rank 0's eval
+        # Every eval.every steps a checkpoint is validated by the reporter (Ray Train's
+        # validation beside training, or the local reporter's validator on rank 0).
+        validate = eval_due(cfg, state.step, total)
         if checkpointer.due(state.step, total) or validate:
             report = {"step": state.step, "loss": metrics["loss"]}
             checkpointer.save(state, student, report, validate=validate)

@@ -68,11 +68,6 @@ class StepLog:
         if self.mlflow:
             state.pending.append((step, dict(metrics)))
 
-    def add(self, state: TrainState, metrics: dict[str, float]) -> None:
-        """More metrics of step ``state.step`` for MLflow (e.g. a periodic eval's)."""
-        if self.mlflow:
-            state.pending.append((state.step, dict(metrics)))
-
     def committed(self, state: TrainState) -> None:
         """A checkpoint covering every pending step is committed: log them to MLflow."""
         if self.mlflow and state.pending:

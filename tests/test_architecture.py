@@ -81,3 +81,18 @@ def test_the_kernels_import_nothing_above_the_loss():
             for name in names:
                 if name.startswith("gist_ray"):
                     assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+def test_every_package_is_installed():
+    """A package folder missing from pyproject's list imports from a checkout (and an editable
+    install) but not from a wheel: `pip install .` would ship a package that cannot import."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gist_ray").rglob("__init__.py")
+    }
+    assert folders - listed == set(), "packages pyproject.toml does not install"
+    assert "gist_ray.kernels" in listed  # from the top-level kernels/ folder (package-dir)

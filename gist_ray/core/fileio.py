@@ -3,6 +3,9 @@
 Writes are atomic: everything is built under a temporary name beside its target and renamed into
 place when complete, so a crash never leaves a half-written file or folder that looks valid
 (a model, a checkpoint, a cache, a results file). A reader sees the old version or the new one.
+What is renamed into place has the mode a plain ``open()`` or ``mkdir()`` would give it under
+the process's umask, not the temporary file's private 0600 / 0700 (a serving process running as
+another user must be able to read the model).
 """
 
 from __future__ import annotations
@@ -19,6 +22,39 @@ from typing import Any
 from gist_ray.core.errors import DataError
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (Linux >= 4.7);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Add to ``path`` (and, for a folder, everything in it) the permission bits a plain
+    ``open()`` / ``mkdir()`` would have given under the umask: files made by ``tempfile`` or by
+    libraries that write through it (safetensors' 0600 weights) become readable as the umask
+    allows. Bits already set stay; nothing is made more private."""
+    allowed = ~umask()
+    paths = [Path(path)]
+    if paths[0].is_dir():
+        paths += list(paths[0].rglob("*"))
+    for p in paths:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o7777
+        wanted = mode | ((0o777 if p.is_dir() else 0o666) & allowed)
+        if wanted != mode:
+            os.chmod(p, wanted)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix, so writers that infer the format
@@ -29,6 +65,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
     )
     os.close(fd)
+    honour_umask(name)
     tmp = Path(name)
     try:
         yield tmp
@@ -55,6 +92,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        honour_umask(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)

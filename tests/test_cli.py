@@ -263,6 +263,7 @@ def test_train_runs_in_the_repository_root(tiny_models, tiny_pairs_file, tmp_pat
     shadow Hugging Face's ``kernels`` (transformers imports it to load any model)."""
     import os
     import shutil
+    import tempfile
 
     root = Path(__file__).resolve().parents[1]
     sets = [
@@ -281,10 +282,17 @@ def test_train_runs_in_the_repository_root(tiny_models, tiny_pairs_file, tmp_pat
     before = set(root.iterdir())
     exe = shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    proc = subprocess.run(
-        [*exe.split(), "train", *sum((["--set", s] for s in sets), [])],
-        capture_output=True, text=True, timeout=600, env=env, cwd=root,
-    )  # fmt: skip
+    temp = Path(tempfile.mkdtemp(prefix="grt-"))  # short: Ray's socket paths live under it
+    env["TMPDIR"] = str(temp)
+    try:
+        proc = subprocess.run(
+            [*exe.split(), "train", *sum((["--set", s] for s in sets), [])],
+            capture_output=True, text=True, timeout=600, env=env, cwd=root,
+        )  # fmt: skip
+        left = sorted(p.name for p in temp.iterdir())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert set(root.iterdir()) - before == set(), "the run wrote into the checkout"
+    assert not [n for n in left if n.startswith("gist-ray-ray-")], f"Ray's temp folder: {left}"

@@ -167,3 +167,11 @@ def test_a_run_without_ray_validates_through_its_reporter(setup, tiny_models, ti
     assert seen == ["checkpoint-0000002", "checkpoint-0000004"]
     assert read_best(cfg.output_dir, "local")["step"] == 2  # scripted: 0.5 then 0.4
     assert (Path(cfg.output_dir) / "best-model" / "modules.json").is_file()
+    # Each checkpoint once, under checkpoints/; the staging folder is gone once empty.
+    out = Path(cfg.output_dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint-0000002",
+        "checkpoint-0000004",
+        "checkpoint-0000005",
+    ]
+    assert not (out / "checkpoints-staging").exists()

@@ -104,6 +104,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def move_dir(src: str | Path, dst: str | Path) -> Path:
+    """Move a complete folder ``src`` to ``dst`` (replacing it): a rename on one file system,
+    else an atomic copy and the source removed."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            os.replace(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, dst)
+    except OSError:  # another file system
+        copy_dir(src, dst)
+        shutil.rmtree(src, ignore_errors=True)
+    return dst
+
+
 def copy_dir(src: str | Path, dst: str | Path) -> Path:
     """Copy folder ``src`` to ``dst`` atomically (replacing ``dst``)."""
     with atomic_dir(dst) as tmp:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from gist_ray.core.errors import GistRayError
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
+_STARTED: list[str] = []  # temporary folders of the local Ray clusters this process started
 
 
 # An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (the GCS, the Ray Client
@@ -100,6 +102,7 @@ def connect(cfg: Config) -> None:
     _settle_auth_mode()
     # A fresh temp dir: a stale ray_current_cluster file from an earlier `ray stop` confuses init.
     tmp = tempfile.mkdtemp(prefix="gist-ray-ray-")
+    _STARTED.append(tmp)  # removed by shutdown(): the cluster is ours
     ray.init(num_cpus=cfg.ray.num_cpus, _temp_dir=tmp, log_to_driver=True)
     _relay_worker_output()
 
@@ -182,10 +185,13 @@ def _relay_worker_output() -> None:
 
 def shutdown() -> None:
     """Disconnect from Ray (stopping the local cluster we started), so its last words land in
-    the log file before it closes."""
+    the log file before it closes; then remove that cluster's temporary folder (sessions, logs,
+    sockets: Ray's own lines are already in <output_dir>/gist-ray.log)."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    while _STARTED:
+        shutil.rmtree(_STARTED.pop(), ignore_errors=True)
 
 
 def alive_nodes() -> int:

@@ -214,7 +214,7 @@ class LocalReporter:
         if checkpoint_dir and rank() == 0:
             target = self.root / Path(checkpoint_dir).name
             if Path(checkpoint_dir).resolve() != target.resolve():
-                fileio.copy_dir(checkpoint_dir, target)
+                fileio.move_dir(checkpoint_dir, target)  # no second copy left in staging
             if validate and self.validator is not None:
                 self.validator(target)
 
@@ -248,6 +248,15 @@ class Checkpointer:
         self.staging = Path(cfg.output_dir) / STAGING
         if rank() == 0:  # a worker killed mid-save leaves a half-written folder here
             shutil.rmtree(self.staging, ignore_errors=True)
+
+    def close(self) -> None:
+        """After the last step: the staging folder goes once it is empty (every checkpoint
+        reported has left it)."""
+        if rank() == 0:
+            try:
+                self.staging.rmdir()
+            except OSError:  # absent, or still holding something
+                pass
 
     def due(self, step: int, total: int) -> bool:
         return step % self.cfg.train.checkpoint_every == 0 or step == total

@@ -126,6 +126,7 @@ def train_worker(
             step_log.committed(state)
         if on_step is not None:
             on_step(state.step, metrics)
+    checkpointer.close()
     return {
         "steps": state.step,
         "final_loss": final_loss,

@@ -42,8 +42,11 @@ def _faults(spec: str):
         os.environ.pop("GIST_RAY_FAULT_INJECT", None)
 
 
-def _reference_worker(rank: int, cfg_dict: dict, port: int, losses_file: str) -> None:
-    """One rank of the uninterrupted reference: train_worker under plain torch.distributed."""
+def _reference_worker(
+    rank: int, cfg_dict: dict, port: int, losses_file: str, world: int = 2
+) -> None:
+    """One rank of the uninterrupted reference: train_worker under plain torch.distributed, in a
+    fresh process with one thread (``world`` = 1: the same conditions for a single process)."""
     import torch.distributed as dist
 
     from gist_ray.config import load_config_dict
@@ -52,7 +55,7 @@ def _reference_worker(rank: int, cfg_dict: dict, port: int, losses_file: str) ->
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # like a Ray worker with one CPU
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = load_config_dict(cfg_dict)
         result = run_worker(cfg, LocalReporter(cfg.output_dir))

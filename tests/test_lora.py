@@ -302,22 +302,25 @@ def test_bad_lora_settings(overrides, needle):
 @pytest.mark.slow
 def test_global_pool_with_lora_equals_one_worker(decoder, guide, data, tmp_path):
     """Two gloo workers with half the batch each (candidates gathered) train the adapter like
-    one worker with the whole batch (dropout off: the ranks' streams differ by design)."""
+    one worker with the whole batch (dropout off: the ranks' streams differ by design). Both
+    runs are fresh processes with one thread each, so nothing this test process ran before
+    changes either side's arithmetic."""
     extra = ("train.max_steps=3", "model.lora.dropout=0", "train.mini_batch_size=2")
     no_dropout = _st_decoder(tmp_path, dropout=0.0)
     one = _cfg(no_dropout, guide, data, tmp_path / "one", *extra)
-    single = run_worker(one, LocalReporter(one.output_dir))
     two = _cfg(no_dropout, guide, data, tmp_path / "two", *extra, "ray.num_workers=2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    losses = tmp_path / "losses.json"
-    torch.multiprocessing.spawn(
-        _reference_worker, args=(two.to_dict(), port, str(losses)), nprocs=2
-    )
+    losses = {}
+    for name, cfg, world in (("one", one, 1), ("two", two, 2)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        losses[name] = tmp_path / f"losses-{name}.json"
+        torch.multiprocessing.spawn(
+            _reference_worker, args=(cfg.to_dict(), port, str(losses[name]), world), nprocs=world
+        )
     torch.testing.assert_close(
-        torch.tensor(json.loads(losses.read_text())),
-        torch.tensor(single["losses"]),
+        torch.tensor(json.loads(losses["two"].read_text())),
+        torch.tensor(json.loads(losses["one"].read_text())),
         rtol=1e-5,
         atol=1e-6,
     )

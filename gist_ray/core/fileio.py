@@ -93,15 +93,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         honour_umask(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename folder ``src`` to ``dst`` on one file system; an existing ``dst`` is moved aside
+    first and deleted after, so ``dst`` is always either the old folder or the new one."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
 
 
 def move_dir(src: str | Path, dst: str | Path) -> Path:
@@ -110,13 +116,7 @@ def move_dir(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(src, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)
+        _replace_dir(src, dst)
     except OSError:  # another file system
         copy_dir(src, dst)
         shutil.rmtree(src, ignore_errors=True)

@@ -65,8 +65,10 @@ PICKABLE = {"sm90": ("sm_90a",), "sm80": ("sm_80",)}  # plan family -> archs (pl
 # GEMM operands: under TMA, tensor descriptors with the blocks TileConfig.descriptors gives them.
 OPERANDS = {"L": "block_m", "GL": "block_m", "C": "block_n", "GC": "block_n"}
 FP32_PTRS = ("RL", "RC", "LIMIT", "POS", "LSE_PART", "T_OUT", "POS_OUT", "LSE", "W")
-# 16-byte aligned / multiples of 16 (gist_function.aligned)
-ALIGNED = ("L", "GL", "C", "GC", "d", "d_g", "stride_l", "stride_gl", "stride_c", "stride_gc")
+# 16-byte aligned / multiples of 16 (gist_function.aligned; the backward's P buffer and its row
+# stride, gist_function._backward)
+ALIGNED = ("L", "GL", "C", "GC", "d", "d_g", "stride_l", "stride_gl", "stride_c", "stride_gc",
+           "P", "stride_p")  # fmt: skip
 
 
 @dataclass
@@ -85,6 +87,8 @@ class Variant:
     spill_stores: int | None = None
     spill_loads: int | None = None
     smem: int | None = None
+    scalar_stores: int | None = None  # st.global without .v2/.v4 in the PTX
+    vector_stores: int | None = None
     compile_s: float | None = None
     error: str | None = None
 
@@ -147,6 +151,14 @@ def _ptxas(arch: str, ptx: str) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
 
 
+def global_stores(ptx: str) -> tuple[int, int]:
+    """(scalar, vector) global store instructions of a kernel's PTX: the backward's P tile
+    must leave as 16-byte ``st.global.v4`` stores, not one ``st.global.b16`` per entry."""
+    ops = re.findall(r"\bst\.global(?:\.[a-z0-9]+)+", ptx)
+    vector = sum(".v2." in op or ".v4." in op or ".v8." in op for op in ops)
+    return len(ops) - vector, vector
+
+
 def compile_variant(v: Variant) -> Variant:
     import triton
     from gist_ray.kernels import gist_kernels
@@ -164,7 +176,9 @@ def compile_variant(v: Variant) -> Variant:
             target=GPUTarget("cuda", ARCHS[v.arch], 32),
             options=TileConfig(v.block_m, v.block_n, v.block_k, v.num_warps, v.num_stages).options,
         )
-        log = _ptxas(v.arch, compiled.asm["ptx"])
+        ptx = compiled.asm["ptx"]
+        v.scalar_stores, v.vector_stores = global_stores(ptx)
+        log = _ptxas(v.arch, ptx)
         v.registers = int(re.search(r"Used (\d+) registers", log).group(1))
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
         v.spill_stores, v.spill_loads = int(spills.group(1)), int(spills.group(2))
@@ -185,7 +199,7 @@ def run(archs: list[str], jobs: int) -> list[Variant]:
 
 def summary(results: list[Variant]) -> str:
     lines = [f"{'plan':<12}{'kernel':<14}{'arch':<8}{'dtype':<6}{'tile':<17}"
-             f"{'regs':>5}{'spill':>7}{'smem KiB':>9}{'compile s':>10}"]  # fmt: skip
+             f"{'regs':>5}{'spill':>7}{'smem KiB':>9}{'st s/v':>8}{'compile s':>10}"]  # fmt: skip
     for v in results:
         tile = f"{v.block_m}x{v.block_n}x{v.block_k}/{v.num_warps}w{v.num_stages}s"
         if v.error:
@@ -194,7 +208,8 @@ def summary(results: list[Variant]) -> str:
             continue
         lines.append(
             f"{v.plan:<12}{v.kernel:<14}{v.arch:<8}{v.dtype:<6}{tile:<17}{v.registers:>5}"
-            f"{v.spill_stores:>7}{v.smem / 1024:>9.1f}{v.compile_s:>10.1f}"
+            f"{v.spill_stores:>7}{v.smem / 1024:>9.1f}"
+            f"{f'{v.scalar_stores}/{v.vector_stores}':>8}{v.compile_s:>10.1f}"
         )
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from gist_ray.loss.plan import Problem, hardness_factors, inv_norm, mask_bits_shape, mask_limit
+from gist_ray.loss.plan import Problem, hardness_factors, mask_bits_shape, mask_limit
 
 from .gist_kernels import gist_diag_kernel, gist_fwd_kernel, gist_prob_kernel
 
@@ -115,6 +115,11 @@ FP32_PRECISION = "tf32x3"  # ~fp32 accuracy on tensor cores; 16-bit tiles use th
 P_ELEMS = 1 << 27
 INTERPRET_CHUNK = 64
 MIN_SPLIT_TILES = 4  # column tiles per forward program, at least
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and z); x allows 2**31 - 1
+NORM_BLOCK_ELEMS = 1 << 24  # guide elements per norm call: bounds any fp32 temporary (64 MiB)
+# bf16/fp16 x bf16/fp16 -> fp32 GEMMs (torch >= 2.8, CUDA): the backward's dL accumulates its
+# chunks in float32 without upcasting P and C.
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -165,9 +170,25 @@ def column_splits(b: int, n: int, cfg: TileConfig, device: torch.device) -> tupl
     # Under the interpreter every tile may be its own split: small tests still cross splits.
     max_splits = max(1, col_tiles // (1 if INTERPRETED else MIN_SPLIT_TILES))
     waves = max(1, row_blocks * max_splits // sms)
-    splits = min(max_splits, max(1, triton.cdiv(waves * sms, row_blocks)))
+    splits = min(max_splits, max(1, triton.cdiv(waves * sms, row_blocks)), MAX_GRID_Y)
     per = triton.cdiv(col_tiles, splits) * cfg.block_n
     return triton.cdiv(max(n, 1), per), per
+
+
+def forward_grid(b: int, n: int, cfg: TileConfig, device: torch.device) -> tuple[tuple, int]:
+    """The forward's grid (row blocks, column splits) and columns per split. The splits are the
+    grid's y dimension, capped at :data:`MAX_GRID_Y` (a split then walks more column tiles);
+    row blocks go on x."""
+    splits, per = column_splits(b, n, cfg, device)
+    return (triton.cdiv(b, cfg.block_m), splits), per
+
+
+def prob_grid(b: int, width: int, cfg: TileConfig) -> tuple[int, int]:
+    """The backward kernel's grid over a ``b × width`` chunk: row blocks on x, column tiles on
+    y (at most ``P_ELEMS / BLOCK_N``-ish: a chunk is at most 2**16 columns)."""
+    grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(width, cfg.block_n))
+    assert grid[1] <= MAX_GRID_Y, grid
+    return grid
 
 
 def check(p: Problem) -> torch.dtype:
@@ -231,38 +252,70 @@ def aligned(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _setup(p: Problem):
-    """dtype, device, tile plan, flags, guide inverse norms and the kernels' view of ``p``
-    (aligned operands; the backward's GEMMs keep using ``p`` itself)."""
+def inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """``1 / max(‖x_i‖, 1e-12)`` per row in float32 (as ``plan.inv_norm``) without a float32
+    copy of ``x``: squares are summed in float32 by the reduction itself, at most
+    :data:`NORM_BLOCK_ELEMS` elements per call. Every call sees the same ``[rows, d]`` shape
+    (the last block is the window ending at the last row, overlapping the one before), so
+    every row is reduced the same way wherever it sits: a duplicate row gets the same norm
+    bit for bit (the ties of ``t_i`` rely on it)."""
+    n, d = x.shape
+    rows = max(1, NORM_BLOCK_ELEMS // max(d, 1))
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    for lo in range(0, n, rows):
+        lo = max(0, min(lo, n - rows))
+        out[lo : lo + rows] = torch.linalg.vector_norm(x[lo : lo + rows], dim=-1,
+                                                       dtype=torch.float32)  # fmt: skip
+    return out.clamp_min_(1e-12).reciprocal_()
+
+
+def guide_norms(p: Problem) -> torch.Tensor:
+    """The guide rows' inverse norms, ``guide_left`` then ``guide_cands``, in one float32
+    vector: computed once by the forward and saved for the backward."""
+    return torch.cat([inv_norms(x) for x in (*p.guide_left, *p.guide_cands)])
+
+
+def _split_norms(p: Problem, norms: torch.Tensor) -> tuple[list, list]:
+    sizes = [x.shape[0] for x in (*p.guide_left, *p.guide_cands)]
+    parts = list(norms.split(sizes))
+    return parts[: len(p.guide_left)], parts[len(p.guide_left) :]
+
+
+def _setup(p: Problem, norms: torch.Tensor | None = None):
+    """dtype, device, tile plan, flags, guide inverse norms (``norms``, the forward's, or
+    computed now) and the kernels' view of ``p`` (aligned operands; the backward's GEMMs keep
+    using ``p`` itself)."""
     dtype = check(p)
     dev = p.left[0].device
     plan = pick_plan(dtype, dev)
-    rl = [inv_norm(x) for x in p.guide_left]
-    rc = [inv_norm(x) for x in p.guide_cands]
     kp = replace(
         p, left=tuple(map(aligned, p.left)), cands=tuple(map(aligned, p.cands)),
         guide_left=tuple(map(aligned, p.guide_left)),
         guide_cands=tuple(map(aligned, p.guide_cands)),
     )  # fmt: skip
-    return dtype, dev, plan, _flags(dtype, plan), rl, rc, kp
+    if norms is None or not norms.numel():
+        norms = guide_norms(p)
+    rl, rc = _split_norms(p, norms)
+    return dtype, dev, plan, _flags(dtype, plan), rl, rc, kp, norms
 
 
 def forward(problems: Sequence[Problem]):
-    """``(loss, masked, above, threshold, lse, bits)`` of the problems, one per Matryoshka width
-    (chunked.forward has the contract): the first width's launches compute the guide tiles and
-    store the mask bits; the other widths' launches load the bits instead of recomputing the
-    guide (they recompute it only when the bits do not fit)."""
+    """``(loss, masked, above, threshold, lse, bits, norms)`` of the problems, one per
+    Matryoshka width (chunked.forward has the contract of the first six; ``norms``: the guide's
+    inverse norms, :func:`guide_norms`, for the backward): the first width's launches compute
+    the guide tiles and store the mask bits; the other widths' launches load the bits instead
+    of recomputing the guide (they recompute it only when the bits do not fit)."""
     p = problems[0]
-    dtype, dev, plan, flags, rl, rc, kp = _setup(p)
+    dtype, dev, plan, flags, rl, rc, kp, norms = _setup(p)
     b, n, inv_tau, cfg = p.rows, p.pool, 1.0 / p.temperature, plan.fwd
     threshold, pos = _diagonal(kp, cfg, flags, rl, rc)
     limit = mask_limit(threshold, p.margin, p.strategy).contiguous()
-    splits, per = column_splits(b, n, cfg, dev)
+    grid, per = forward_grid(b, n, cfg, dev)
+    splits = grid[1]
     parts = splits * len(p.segments)
     masked_part = torch.empty(parts, b, dtype=torch.int32, device=dev)
     bits = torch.empty(mask_bits_shape(len(p.segments), b, n, dev), dtype=torch.uint8, device=dev)
     store = bits.numel() > 0
-    grid = (triton.cdiv(b, cfg.block_m), splits)
     losses, aboves, lses = [], [], []
     for w, q in enumerate(problems):
         kq = kp if w == 0 else _student_view(q, kp)
@@ -287,7 +340,8 @@ def forward(problems: Sequence[Problem]):
         losses.append(lses[-1] - pos)
         aboves.append(above_part.sum(0, dtype=torch.int64))
     lse = torch.stack(lses)
-    return torch.stack(losses), masked.contiguous(), torch.stack(aboves), threshold, lse, bits
+    return (torch.stack(losses), masked.contiguous(), torch.stack(aboves), threshold, lse, bits,
+            norms)  # fmt: skip
 
 
 def _student_view(q: Problem, kp: Problem) -> Problem:
@@ -315,24 +369,45 @@ def backward(
     grad: torch.Tensor,
     lse: torch.Tensor,
     bits: torch.Tensor,
+    norms: torch.Tensor | None = None,
     chunk: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients of ``Σ_w Σ_i grad[w, i] · loss[w, i]`` w.r.t. every width's ``left`` and
-    ``cands`` (width after width); ``lse`` ``[widths, b]`` and ``bits`` come from
-    :func:`forward` on the same problems (every width reads the same bits)."""
+    ``cands`` (width after width); ``lse`` ``[widths, b]``, ``bits`` and ``norms`` come from
+    :func:`forward` on the same problems (every width reads the same bits; ``norms`` None or
+    empty: computed again)."""
+    if norms is None or not norms.numel():
+        norms = guide_norms(problems[0])
     dleft, dcands = [], []
     for w, q in enumerate(problems):
-        dl, dc = _backward(q, grad[w], lse[w], bits, chunk)
+        dl, dc = _backward(q, grad[w], lse[w], bits, norms, chunk)
         dleft += dl
         dcands += dc
     return dleft, dcands
 
 
+def add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` float32 and the product never rounded to ``a``'s dtype:
+    16-bit operands go through cuBLAS's fp32-output GEMM where torch has it (CUDA, torch >=
+    2.8), else they are upcast (the interpreter's CPU tensors)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _MM_OUT_DTYPE and a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 def _backward(
-    p: Problem, grad: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor, chunk: int | None = None
+    p: Problem,
+    grad: torch.Tensor,
+    lse: torch.Tensor,
+    bits: torch.Tensor,
+    norms: torch.Tensor,
+    chunk: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One width of :func:`backward`."""
-    dtype, dev, plan, flags, rl, rc, kp = _setup(p)
+    dtype, dev, plan, flags, rl, rc, kp, _ = _setup(p, norms)
     b, n, inv_tau = p.rows, p.pool, 1.0 / p.temperature
     d, d_g = kp.left[0].shape[1], kp.guide_left[0].shape[1]
     load = bits.numel() > 0
@@ -349,11 +424,16 @@ def _backward(
     if chunk is None:
         auto = max(256, min(1 << 16, P_ELEMS // max(b, 1)) // 256 * 256)  # whole tiles
         chunk = INTERPRET_CHUNK if INTERPRETED else auto
+    if chunk % cfg.block_n:
+        raise ValueError(f"chunk must be a multiple of the tile width {cfg.block_n}, got {chunk}")
     groups: dict[int, list[int]] = {}
     for j, seg in enumerate(p.segments):
         groups.setdefault(seg.cand, []).append(j)
     biggest = max(len(g) for g in groups.values())
-    prob = torch.empty(biggest * b * min(chunk, n), dtype=dtype, device=dev)
+    # One row stride for every chunk, the last (narrower) one included, a multiple of 16: the
+    # kernel's P stores are then 16-byte vector stores (docs/kernel.md "Backward").
+    stride_p = -(-min(chunk, n) // 16) * 16
+    prob = torch.empty(biggest * b, stride_p, dtype=dtype, device=dev)
     dleft = [torch.zeros(x.shape, dtype=torch.float32, device=dev) for x in p.left]
     dcands = [torch.empty_like(c) for c in p.cands]
     for ci, members in groups.items():
@@ -362,21 +442,21 @@ def _backward(
         stacked = lefts[0] if len(lefts) == 1 else torch.cat(lefts)
         for lo in range(0, n, chunk):
             width = min(chunk, n - lo)
-            pbuf = prob[: len(members) * b * width].view(len(members) * b, width)
+            rows = prob[: len(members) * b]
+            grid = prob_grid(b, width, cfg)
             for r, j in enumerate(members):
                 seg = p.segments[j]
-                pr = pbuf[r * b : (r + 1) * b]
+                pr = rows[r * b : (r + 1) * b]  # the kernel writes all stride_p columns
                 plane, stride = _words(bits, j)
-                grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(width, cfg.block_n))
                 hard_off, hard_diag = hardness_factors(p, seg)
                 _launch(
                     gist_prob_kernel, grid, cfg, *_operands(kp, seg, cfg, flags), rl[seg.left],
                     rc[ci], limit, lse, w, plane, pr, b, n, d, d_g, lo, lo + width, p.offset,
-                    seg.diag, inv_tau, hard_off, hard_diag, stride, pr.stride(0), LOAD_BITS=load,
+                    seg.diag, inv_tau, hard_off, hard_diag, stride, stride_p, LOAD_BITS=load,
                     **flags,
                 )  # fmt: skip
-                dleft[seg.left] += torch.mm(pr, C[lo : lo + width])
+                add_mm(dleft[seg.left], pr[:, :width], C[lo : lo + width])
             out = dcands[ci][lo : lo + width]
-            torch.mm(pbuf.T, stacked, out=out)
+            torch.mm(rows[:, :width].T, stacked, out=out)
             out.mul_(wmax)
     return [(g * wmax).to(dtype) for g in dleft], dcands

@@ -329,8 +329,8 @@ def gist_diag_kernel(
 
 
 @_jit(
-    ["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code", "stride_bits", "stride_p"],
-    ["RL", "RC", "LIMIT", "LSE", "W", "BITS", "P"],
+    ["b", "n", "chunk_lo", "chunk_hi", "offset", "diag_code", "stride_bits"],
+    ["RL", "RC", "LIMIT", "LSE", "W", "BITS"],
 )
 def gist_prob_kernel(
     L, GL, C, GC, stride_l, stride_gl, stride_c, stride_gc,
@@ -346,6 +346,11 @@ def gist_prob_kernel(
     dropped ones, over the segment columns
     ``chunk_lo .. chunk_hi``, stored in P's dtype. The one-hot is subtracted in float32, before
     the only rounding (the difference is small exactly on the rows that matter).
+
+    ``P`` is 16-byte aligned and ``stride_p`` a multiple of 16 whatever the chunk's width (the
+    launcher allocates every chunk at the full width), and each row is stored out to
+    ``stride_p`` (columns past ``chunk_hi`` get 0: dropped): the store mask is then constant over
+    16 columns and the stores are vector stores (a mask ending at ``chunk_hi`` made them scalar).
 
     ``LSE`` must be finite (the launcher replaces -inf by 0; such rows have no kept entry)."""
     row0 = tl.program_id(0) * BLOCK_M
@@ -416,5 +421,8 @@ def gist_prob_kernel(
     else:
         prob = tl.exp(s * (inv_tau * hard_off) - lse[:, None])
     prob = prob * w[:, None]
-    ptrs = P + (rows * stride_p)[:, None] + (cols - chunk_lo)[None, :]
-    tl.store(ptrs, prob.to(P.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # Chunk-relative columns from the program id alone: divisible by BLOCK_N (``cols -
+    # chunk_lo`` would inherit chunk_lo's unknown alignment).
+    p_cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ptrs = P + (rows * stride_p)[:, None] + p_cols[None, :]
+    tl.store(ptrs, prob.to(P.dtype.element_ty), mask=row_ok[:, None] & (p_cols < stride_p)[None, :])

@@ -2,7 +2,8 @@
 
 ``gist_ray::gist_rows`` runs a tiled backend's forward (the Triton kernels on CUDA, ``chunked``
 on the CPU; docs/loss.md "Backends") and returns, per local row, the loss, the masked counts, the
-above counts and the threshold, plus the log-sum-exp and the mask bits its backward needs.
+above counts and the threshold, plus the log-sum-exp, the mask bits and (Triton) the guide's
+inverse norms its backward needs.
 ``gist_ray::gist_rows_backward`` is that backward. As custom ops with fake (meta) functions they
 are opaque to ``torch.compile``: a compiled training step keeps the loss in one graph instead of
 breaking around an ``autograd.Function``, and nothing in them syncs the host on CUDA.
@@ -28,10 +29,12 @@ PROBLEM = (
 )
 N_TENSOR_LISTS = 4  # left, cands, guide_left, guide_cands
 torch.library.define(
-    "gist_ray::gist_rows", f"({PROBLEM}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "gist_ray::gist_rows",
+    f"({PROBLEM}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
-    "gist_ray::gist_rows_backward", f"(Tensor grad, Tensor lse, Tensor bits, {PROBLEM}) -> Tensor[]"
+    "gist_ray::gist_rows_backward",
+    f"(Tensor grad, Tensor lse, Tensor bits, Tensor norms, {PROBLEM}) -> Tensor[]",
 )
 gist_rows = torch.ops.gist_ray.gist_rows.default
 gist_rows_backward = torch.ops.gist_ray.gist_rows_backward.default
@@ -79,36 +82,50 @@ def _triton():
 
 @torch.library.impl("gist_ray::gist_rows", "CompositeExplicitAutograd")
 def _forward(*args):
-    """``(loss, masked, above, threshold, lse, bits)``: ``loss``, ``above``, ``lse``
-    ``[widths, b]``, the mask's ``masked``, ``threshold`` and ``bits`` once (:func:`tiled`)."""
+    """``(loss, masked, above, threshold, lse, bits, norms)``: ``loss``, ``above``, ``lse``
+    ``[widths, b]``, the mask's ``masked``, ``threshold`` and ``bits`` once (:func:`tiled`);
+    ``norms``: the guide rows' float32 inverse norms the Triton backward reuses (empty for
+    ``chunked``, which works a chunk at a time in float32 anyway)."""
     problems, backend = _unpack(args)
-    return (_triton() if backend == "triton" else chunked).forward(problems)
+    if backend == "triton":
+        return _triton().forward(problems)
+    return (*chunked.forward(problems), args[0][0].new_empty(0, dtype=torch.float32))
+
+
+def _norms_size(guide_left, guide_cands, backend: str) -> int:
+    if resolve(backend, guide_left[0].device) != "triton":
+        return 0
+    return sum(x.shape[0] for x in (*guide_left, *guide_cands))
 
 
 @torch.library.register_fake("gist_ray::gist_rows")
 def _forward_fake(*args):
     left, cands, seg_left = args[0], args[1], args[4]
     nw, b, dev = len(left) // 2, left[0].shape[0], left[0].device
+    norms = _norms_size(args[2], args[3], args[-1])
     rows = left[0].new_empty(nw, b, dtype=torch.float32)
     bits = mask_bits_shape(len(seg_left), b, cands[0].shape[0], dev)
     return (
         rows, left[0].new_empty(b, len(seg_left), dtype=torch.int64),
         left[0].new_empty(nw, b, dtype=torch.int64), left[0].new_empty(b, dtype=torch.float32),
         torch.empty_like(rows), left[0].new_empty(bits, dtype=torch.uint8),
+        left[0].new_empty(norms, dtype=torch.float32),
     )  # fmt: skip
 
 
 @torch.library.impl("gist_ray::gist_rows_backward", "CompositeExplicitAutograd")
-def _backward_impl(grad, lse, bits, *args):
+def _backward_impl(grad, lse, bits, norms, *args):
     """``[d left..., d cands...]`` (every width's) of ``Σ_w Σ_i grad[w, i] · loss[w, i]``."""
     problems, backend = _unpack(args)
-    run = _triton().backward if backend == "triton" else chunked.backward
-    dleft, dcands = run(problems, grad, lse, bits)
+    if backend == "triton":
+        dleft, dcands = _triton().backward(problems, grad, lse, bits, norms)
+    else:
+        dleft, dcands = chunked.backward(problems, grad, lse, bits)
     return [*dleft, *dcands]
 
 
 @torch.library.register_fake("gist_ray::gist_rows_backward")
-def _backward_fake(grad, lse, bits, left, cands, *args):
+def _backward_fake(grad, lse, bits, norms, left, cands, *args):
     return [torch.empty_like(x) for x in (*left, *cands)]
 
 
@@ -116,16 +133,16 @@ def _setup_context(ctx, inputs, output) -> None:
     lists = inputs[:N_TENSOR_LISTS]
     ctx.args = inputs[N_TENSOR_LISTS:]
     ctx.sizes = [len(x) for x in lists]
-    ctx.save_for_backward(output[4], output[5], *(t for x in lists for t in x))
+    ctx.save_for_backward(output[4], output[5], output[6], *(t for x in lists for t in x))
 
 
-def _backward(ctx, grad, _masked, _above, _threshold, _lse, _bits):
-    lse, bits, *flat = ctx.saved_tensors
+def _backward(ctx, grad, _masked, _above, _threshold, _lse, _bits, _norms):
+    lse, bits, norms, *flat = ctx.saved_tensors
     lists, start = [], 0
     for size in ctx.sizes:
         lists.append(flat[start : start + size])
         start += size
-    grads = gist_rows_backward(grad, lse, bits, *lists, *ctx.args)
+    grads = gist_rows_backward(grad, lse, bits, norms, *lists, *ctx.args)
     n_left = ctx.sizes[0]
     no_grad = [[None] * size for size in ctx.sizes[2:]]
     return grads[:n_left], grads[n_left:], *no_grad, *([None] * len(ctx.args))
@@ -140,7 +157,7 @@ def tiled(problems: Sequence[Problem], backend: str = "auto") -> list[BackendOut
     settings, whose mask is computed once and reused by every width. Every output carries the
     mask's ``masked`` and ``threshold``; ``loss`` and ``above`` are the width's own."""
     p = problems[0]
-    loss, masked, above, threshold, _, _ = gist_rows(
+    loss, masked, above, threshold, *_ = gist_rows(
         [x for q in problems for x in q.left], [x for q in problems for x in q.cands],
         list(p.guide_left), list(p.guide_cands), [s.left for s in p.segments],
         [s.cand for s in p.segments], [s.diag for s in p.segments],

@@ -180,7 +180,7 @@ def _run_kernels(p: plan.Problem, grad: torch.Tensor) -> list[torch.Tensor]:
     from gist_ray.kernels import gist_function
 
     out = gist_function.forward([p])
-    dleft, dcands = gist_function.backward([p], grad[None], out[4], out[5])
+    dleft, dcands = gist_function.backward([p], grad[None], out[4], out[5], out[6])
     return [*out, *dleft, *dcands]
 
 

@@ -189,8 +189,9 @@ def compile_variant(v: Variant) -> Variant:
     return v
 
 
-def run(archs: list[str], jobs: int) -> list[Variant]:
-    todo = variants(archs)
+def run(archs: list[str], jobs: int, kernels=None, dtypes=None) -> list[Variant]:
+    todo = [v for v in variants(archs) if (not kernels or v.kernel in kernels)
+            and (not dtypes or v.dtype in dtypes)]  # fmt: skip
     if jobs <= 1:
         return [compile_variant(v) for v in todo]
     with ProcessPoolExecutor(jobs) as pool:
@@ -219,13 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", action="append", choices=list(ARCHS), help="repeatable")
     ap.add_argument("--json", help="write every variant's record here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--kernel", action="append", choices=list(KERNELS), help="only these")
+    ap.add_argument("--dtype", action="append", choices=list(DTYPES), help="only these")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter never compiles)")
         return 2
     archs = args.arch or list(ARCHS)
     start = time.perf_counter()
-    results = run(archs, args.jobs)
+    results = run(archs, args.jobs, args.kernel, args.dtype)
     elapsed = time.perf_counter() - start
     print(summary(results))
     failed = [v for v in results if v.error]

@@ -11,11 +11,14 @@ entries as bits when they fit (``plan.mask_bits_shape``).
 
 Backward: per candidate tensor and column chunk, :func:`gist_prob_kernel` forms
 ``w·(P - onehot)`` of every segment reading that tensor (AP and PP share the positives) into a
-``segments·b × chunk`` buffer, and cuBLAS GEMMs turn it into ``dL += P·C`` (float32
-accumulator) and ``dC = Pᵀ·L`` (one GEMM over the stacked segments, written once in the
-candidates' dtype). A fused dL/dC kernel would need a ``[BLOCK_M, d]`` float32 accumulator per
-program: at d = 768 that does not fit in registers, and its second recompute of every tile would
-cost more than the GEMMs. Memory stays O(b·chunk + (b + N)(d + d_g) + the mask bits).
+``segments·b × chunk`` buffer (one row stride for every chunk, so the kernel's stores are
+vector stores), and cuBLAS GEMMs turn it into ``dL += P·C`` (each chunk's product in float32,
+summed in a float32 accumulator: :func:`add_mm`) and ``dC = Pᵀ·L`` (one GEMM over the stacked
+segments, written once in the candidates' dtype). The guide's inverse norms come from the
+forward (:func:`guide_norms`, saved by the op). A fused dL/dC kernel would need a
+``[BLOCK_M, d]`` float32 accumulator per program: at d = 768 that does not fit in registers,
+and its second recompute of every tile would cost more than the GEMMs. Memory stays
+O(b·chunk + (b + N)(d + d_g) + the mask bits).
 
 Tile shapes: one fixed plan per dtype and GPU family (:data:`PLANS`); every variant the
 launchers can pick is compiled for sm_90a and sm_80 without a GPU by :mod:`.compile_check`. A

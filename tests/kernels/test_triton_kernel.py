@@ -223,3 +223,177 @@ def test_pointer_operands_match_reference(monkeypatch, bits):
     pointers = replace(gist_function.INTERPRET_PLAN, tma=False)
     monkeypatch.setattr(gist_function, "INTERPRET_PLAN", pointers)
     H.check_problem(triton_backend, _case(b=37, world=2, rank=1, k=1, d=40, d_g=24, margin=0.05))
+
+
+# ----------------------------------------------- launch arithmetic, seams, P, norms, accumulation
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["gpu-plans", "interpreter-plan"])
+def test_forward_grid_stays_within_cuda_limits(monkeypatch, interpreted):
+    """Pure launch arithmetic, no tensor: at any pool size the forward's column splits (the
+    grid's y) stay <= 65,535 (CUDA's gridDim.y limit), cover the pool exactly once in whole
+    tiles, and keep the kernel's int32 column arithmetic (``split * per + per``) in range. The
+    backward's grid over a chunk stays within it too."""
+    from gist_ray.kernels import gist_function as gf
+
+    monkeypatch.setattr(gf, "INTERPRETED", interpreted)
+    monkeypatch.setattr(gf, "_num_sms", lambda device: 132)
+    plans = [gf.INTERPRET_PLAN] if interpreted else list(gf.PLANS.values())
+    guarded = 0  # cases whose splits, uncapped, would pass the limit
+    per_split = 1 if interpreted else gf.MIN_SPLIT_TILES
+    for p in plans:
+        cfg = p.fwd
+        for b in (1, 33, 8192, 65536):
+            for n in (1, 1000, 4_000_000, 100_000_000, 2**31 - 2**20):
+                (rows, splits), per = gf.forward_grid(b, n, cfg, torch.device("cuda"))
+                assert rows == -(-b // cfg.block_m) and rows < 2**31
+                assert 1 <= splits <= gf.MAX_GRID_Y, (p.name, b, n, splits)
+                assert per % cfg.block_n == 0 and (splits - 1) * per < n <= splits * per
+                assert splits * per + per < 2**31
+                guarded += -(-n // cfg.block_n) // per_split > gf.MAX_GRID_Y
+        for b in (1, 8192):
+            chunk = max(256, min(1 << 16, gf.P_ELEMS // b) // 256 * 256)
+            assert gf.prob_grid(b, chunk, p.bwd)[1] <= gf.MAX_GRID_Y
+    assert guarded > 0
+
+
+def _seam_case(**kw) -> H.Case:
+    """b = 37 local rows of a pool of 148 (rank 2 of 4): under the interpreter 2 row blocks, 5
+    column tiles and so 5 forward splits, and 3 backward chunks of 64."""
+    return _case(b=37, world=4, rank=2, **kw)
+
+
+def test_seams_cross_splits_and_chunks():
+    """The sizes of the seam tests below really cross several forward splits and backward
+    chunks (and row blocks), then match the reference (fp32 and bf16, mask from the bits and
+    recomputed)."""
+    from gist_ray.kernels import gist_function as gf
+
+    case = _seam_case(k=1, margin=0.05)
+    n = case.b * case.world
+    cfg = gf.INTERPRET_PLAN.fwd
+    (rows, splits), _ = gf.forward_grid(case.b, n, cfg, torch.device("cpu"))
+    assert rows >= 2 and splits >= 2 and -(-n // gf.INTERPRET_CHUNK) >= 2
+    H.check_problem(triton_backend, case)
+    H.check_problem(triton_backend, replace(case, dtype=torch.bfloat16, strategy="relative"))
+
+
+def test_seams_recomputed_mask(monkeypatch):
+    monkeypatch.setattr(plan, "MASK_BITS_FRACTION", 0.0)
+    H.check_problem(triton_backend, _seam_case(k=2, margin=0.1, dtype=torch.float16))
+
+
+def _strided(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x``'s first ``width`` columns as a view into a wider (zero-padded) buffer, the way a
+    Matryoshka width reaches the kernels: rows at the wide stride, no copy."""
+    buf = x.new_zeros(x.shape[0], x.shape[1] + 32)
+    buf[:, : x.shape[1]] = x
+    return buf[:, :width]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_views_match_reference(dtype):
+    """Student and guide operands as strided views (row stride wider than the width, as a
+    Matryoshka width's ``x[:, :w]``) across split and chunk seams: the launcher passes them
+    as they are (no copy; TMA descriptors take the stride) and the result equals the
+    reference's on the same values, and bit for bit what contiguous copies give."""
+    from gist_ray.kernels.gist_function import aligned
+
+    case = _seam_case(k=1, d=48, d_g=32, margin=0.05, dtype=dtype)
+    p = H.make_problem(case, H.make_inputs(case, H.fresh_seed()))
+    fields = ("left", "cands", "guide_left", "guide_cands")
+    views = replace(p, **{f: tuple(_strided(x, x.shape[1]) for x in getattr(p, f)) for f in fields})
+    for x in (x for f in fields for x in getattr(views, f)):
+        assert not x.is_contiguous() and aligned(x) is x  # passed to the kernels as it is
+    grad = torch.randn(case.b)
+    dense = replace(p, **{f: tuple(x.contiguous() for x in getattr(p, f)) for f in fields})
+    for got, want in zip(_run_kernels(views, grad), _run_kernels(dense, grad), strict=True):
+        assert torch.equal(got, want)
+    out = triton_backend(views)
+    ref = plan_reference(p)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=H.TOL[dtype], atol=H.TOL[dtype])
+    assert torch.equal(out.masked, ref.masked)
+
+
+def plan_reference(p: plan.Problem) -> plan.BackendOutput:
+    from gist_ray.loss.reference import reference_backend
+
+    return reference_backend(p)
+
+
+def test_matryoshka_widths_as_strided_views():
+    """Matryoshka widths 48/32/16 across split and chunk seams against independent reference
+    losses (the front end's narrower widths)."""
+    H.check_matryoshka("triton", _seam_case(k=1, d=48, margin=0.05), [48, 32, 16],
+                       [1.0, 0.5, 2.0])  # fmt: skip
+
+
+def test_backward_sums_chunks_in_float32(monkeypatch):
+    """bf16, 5 backward chunks: dL's chunks (``P_chunk @ C_chunk``) are summed in float32
+    (:func:`gist_function.add_mm`). The accumulator equals the exact sum of the very P chunks
+    the kernel produced to float32 rounding, where rounding each chunk's product to bf16 (the
+    former ``dleft += pr @ C``) is off by bf16 rounding; and the gradients match the
+    reference."""
+    from gist_ray.kernels import gist_function as gf
+
+    case = _case(b=32, world=5, rank=2, k=0, d=64, d_g=32, margin=0.05, dtype=torch.bfloat16,
+                 contrast_anchors=False, contrast_positives=False)  # fmt: skip
+    p = H.make_problem(case, H.make_inputs(case, H.fresh_seed()))
+    grad = torch.randn(case.b)
+    out = gf.forward([p])
+    real = gf.add_mm
+
+    def per_chunk_bf16(acc, a, b):
+        acc += torch.mm(a, b)  # a bf16 product, rounded before the float32 sum
+
+    errors = {}
+    for name, add in (("fp32", real), ("bf16", per_chunk_bf16)):
+        seen = []
+
+        def record(acc, a, b, add=add, seen=seen):
+            seen.append((acc, a.double() @ b.double()))
+            add(acc, a, b)
+
+        monkeypatch.setattr(gf, "add_mm", record)
+        gf.backward([p], grad[None], out[4], out[5], out[6], chunk=32)
+        assert len(seen) == 5  # one product per chunk, AP only
+        acc = seen[-1][0]
+        exact = sum(prod for _, prod in seen)
+        errors[name] = ((acc.double() - exact).norm() / exact.norm()).item()
+    monkeypatch.setattr(gf, "add_mm", real)
+    assert errors["fp32"] < 1e-6 < 1e-4 < errors["bf16"], errors
+    # Through the op (3 chunks of 64), every segment (the harness needs every column used).
+    H.check_problem(triton_backend, replace(case, contrast_anchors=True, contrast_positives=True))
+
+
+def test_guide_norms_once_and_blockwise(monkeypatch):
+    """The guide's inverse norms: computed once per forward and backward pair (saved by the
+    op, not recomputed), block by block with every block the same shape, so rows far apart
+    and in different blocks get bit-identical norms; and they equal ``plan.inv_norm``."""
+    from gist_ray.kernels import gist_function as gf
+
+    x = torch.randn(50, 40).to(torch.bfloat16)
+    x[47] = x[3]  # a duplicate in the last (overlapping) block
+    monkeypatch.setattr(gf, "NORM_BLOCK_ELEMS", 7 * 40)  # 7 rows per call: 8 calls
+    got = gf.inv_norms(x)
+    assert got.dtype == torch.float32 and got[47] == got[3]
+    torch.testing.assert_close(got, plan.inv_norm(x), rtol=1e-6, atol=0)
+
+    calls = []
+    real = gf.guide_norms
+    monkeypatch.setattr(gf, "guide_norms", lambda p: calls.append(1) or real(p))
+    case = _case(b=20, world=2, rank=1, k=1, margin=0.05)
+    H.check_problem(triton_backend, case)
+    assert len(calls) == 1  # the forward's; the backward reused them
+
+
+def test_op_schema_with_the_triton_backend():
+    """``torch.library.opcheck`` on the op with the kernels (its fake function's norms output
+    and the backward that takes them)."""
+    from tests.loss.test_op import _op_args
+
+    args = list(_op_args(_case(b=12, k=1, d=16, d_g=16)))
+    args[-1] = "triton"
+    from gist_ray.loss.op import gist_rows
+
+    torch.library.opcheck(gist_rows, tuple(args))

@@ -337,7 +337,7 @@ def forward(problems: Sequence[Problem]):
                 STORE_BITS=store and w == 0, LOAD_BITS=store and w > 0,
                 HARD=(hard_off, hard_diag) != (1.0, 1.0), **flags,
             )  # fmt: skip
-        if w == 0:
+        if w == 0:  # the mask's counts (the widths that load its bits write zeros)
             masked = masked_part.view(len(p.segments), splits, b).sum(1, dtype=torch.int64).T
         lses.append(torch.logsumexp(lse_part, dim=0))  # all -inf stays -inf (no NaN)
         losses.append(lses[-1] - pos)

@@ -189,7 +189,8 @@ def gist_fwd_kernel(
     """One segment, one (row block, column split): online max/sum over the split's tiles.
 
     Writes row ``part_row0 + split`` of the partial buffers: the split's lse (``-inf`` if every
-    entry was dropped), its masked count and its count of kept logits above ``POS``; with
+    entry was dropped), its masked count (0 with ``LOAD_BITS``: the widest width counted) and
+    its count of kept logits above ``POS``; with
     ``STORE_BITS`` also the dropped entries' bits (``BITS`` points at this segment's words).
     With ``LOAD_BITS`` (a narrower Matryoshka width) the mask comes from those bits and no
     guide tile is computed. With ``HARD`` the logits are hardness-weighted (:func:`_harden`)
@@ -222,10 +223,13 @@ def gist_fwd_kernel(
             )  # fmt: skip
             start = _start_tile(g, limit, rows, n0, offset, diag_code, BLOCK_M, BLOCK_N)
         # Everything the mask decides is read off the start tile, before the student GEMM: the
-        # student epilogue below then holds only its logits and three running reductions.
+        # student epilogue below then holds only its logits and three running reductions. A
+        # width that loads the bits counts nothing (the launcher keeps the first width's
+        # counts): fewer live values next to the accumulator.
         dropped = start == float("-inf")
-        n_masked += tl.sum(dropped.to(tl.int32), axis=1)
-        n_masked -= _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N)
+        if not LOAD_BITS:
+            n_masked += tl.sum(dropped.to(tl.int32), axis=1)
+            n_masked -= _uncounted(rows, n0, hi, offset, diag_code, BLOCK_N)
         if STORE_BITS:
             ptrs, ok = _words_ptrs(BITS, rows, n0, n, stride_bits, BLOCK_N)
             tl.store(ptrs, _pack_words(dropped, BLOCK_M, BLOCK_N), mask=row_ok[:, None] & ok)

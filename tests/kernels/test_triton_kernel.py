@@ -321,11 +321,46 @@ def plan_reference(p: plan.Problem) -> plan.BackendOutput:
     return reference_backend(p)
 
 
-def test_matryoshka_widths_as_strided_views():
-    """Matryoshka widths 48/32/16 across split and chunk seams against independent reference
-    losses (the front end's narrower widths)."""
+def test_matryoshka_across_seams():
+    """Matryoshka widths 48/32/16 through the front end, across split and chunk seams, against
+    independent reference losses."""
     H.check_matryoshka("triton", _seam_case(k=1, d=48, margin=0.05), [48, 32, 16],
                        [1.0, 0.5, 2.0])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matryoshka_widths_as_strided_views_at_the_launchers(dtype):
+    """The launchers' own Matryoshka path with every width's student operands as strided
+    views ``x[:, :w]`` of the widest tensors (no copy reaches the kernels; the narrower widths
+    load the widest one's mask bits), across split and chunk seams: each width's loss and
+    gradients equal ``reference`` on the same views."""
+    from gist_ray.kernels import gist_function as gf
+
+    from gist_ray.loss.reference import reference_backend
+
+    case = _seam_case(k=1, d=64, d_g=32, margin=0.05, dtype=dtype)
+    p = H.make_problem(case, H.make_inputs(case, H.fresh_seed()))
+    widths = [64, 32, 16]
+    problems = [replace(p, left=tuple(x[:, :w] for x in p.left),
+                        cands=tuple(x[:, :w] for x in p.cands)) for w in widths]  # fmt: skip
+    for q in problems[1:]:
+        for x in (*q.left, *q.cands):
+            assert not x.is_contiguous() and gf.aligned(x) is x
+    grad = torch.randn(len(widths), case.b)
+    out = gf.forward(problems)
+    assert out[5].numel()  # the bits were stored and loaded
+    dleft, dcands = gf.backward(problems, grad, out[4], out[5], out[6])
+    tol = H.TOL[dtype]
+    for w, q in enumerate(problems):
+        leaves = replace(q, left=tuple(x.detach().clone().requires_grad_() for x in q.left),
+                         cands=tuple(x.detach().clone().requires_grad_() for x in q.cands))
+        ref = reference_backend(leaves)
+        (ref.loss * grad[w]).sum().backward()
+        H.assert_close(out[0][w], ref.loss, tol, f"loss of width {widths[w]}")
+        nl, nc = len(q.left), len(q.cands)
+        got = [*dleft[w * nl : (w + 1) * nl], *dcands[w * nc : (w + 1) * nc]]
+        for g, x in zip(got, (*leaves.left, *leaves.cands), strict=True):
+            H.assert_close(g, x.grad, tol, f"gradient at width {widths[w]}")
 
 
 def test_backward_sums_chunks_in_float32(monkeypatch):

@@ -352,8 +352,11 @@ def test_matryoshka_widths_as_strided_views_at_the_launchers(dtype):
     dleft, dcands = gf.backward(problems, grad, out[4], out[5], out[6])
     tol = H.TOL[dtype]
     for w, q in enumerate(problems):
-        leaves = replace(q, left=tuple(x.detach().clone().requires_grad_() for x in q.left),
-                         cands=tuple(x.detach().clone().requires_grad_() for x in q.cands))
+        leaves = replace(
+            q,
+            left=tuple(x.detach().clone().requires_grad_() for x in q.left),
+            cands=tuple(x.detach().clone().requires_grad_() for x in q.cands),
+        )
         ref = reference_backend(leaves)
         (ref.loss * grad[w]).sum().backward()
         H.assert_close(out[0][w], ref.loss, tol, f"loss of width {widths[w]}")

@@ -147,12 +147,23 @@ def header(a: argparse.Namespace, plan: list[tuple[str, float]], budget: float) 
         "argv": sys.argv, "args": {k: str(v) for k, v in vars(a).items() if k != "child"},
         "host": socket.gethostname(), "python": platform.python_version(),
         "platform": platform.platform(), "versions": versions, "nvidia_smi": smi,
-        "git": _run(["git", "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+        **_git(),
         "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET",
                                                "TRITON_CACHE_DIR", "GPU_CHECK_FAULT")},
         "budget_s": budget, "stages": [{"name": n, "timeout_s": t} for n, t in plan],
     }  # fmt: skip
+
+
+def _git() -> dict:
+    """The commit and whether tracked files differ from it (None: not a git checkout, as a
+    device machine's copy of the working tree may be)."""
+    commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    if not commit or " " in commit:
+        return {"git": None, "git_dirty": None}
+    return {
+        "git": commit,
+        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+    }
 
 
 def child_env(a: argparse.Namespace) -> dict[str, str]:
@@ -200,8 +211,9 @@ def run_stage(a: argparse.Namespace, name: str, timeout: float, log: Log) -> dic
     log.raw(f"----- stage {name} log -----\n{text}\n----- end of stage {name} log -----\n")
     timed_out = timed_out or (result.get("state") != "done" and wall >= timeout - 5)
     if rc == 0 and result.get("state") == "done":
-        bad = [c for c, v in cases.items() if not v.get("ok")]
-        status = "ok" if not bad else "failed"
+        failed = [c for c, v in cases.items() if not v.get("ok") and not v.get("skipped")]
+        skipped = [c for c, v in cases.items() if v.get("skipped")]
+        status = "failed" if failed else "partial" if skipped else "ok"
     elif result.get("state") == "error":  # the stage raised outside a case (it saved why)
         status = "error"
     else:

@@ -37,6 +37,7 @@ from gpu_stages.common import (
     train_backend,
     triton_rows,
 )
+from gpu_stages.tiny_bert import dtype_probe
 
 
 def run(ctx: Ctx) -> None:
@@ -53,6 +54,10 @@ def run(ctx: Ctx) -> None:
     mid = dict(b=36, d=48, d_g=32) if smoke else dict(b=1024, d=256, d_g=384)  # fmt: skip
     for name, dtype in DTYPES.items():
         ctx.case(f"seams {name}", lambda t=dtype: _seams(replace(seam, dtype=t)))
+    ctx.case(
+        "determinism bf16 (two runs, bit for bit)", lambda: _determinism(replace(seam, dtype=bf16))
+    )
+    ctx.case("dtype training feeds the loss", lambda: dtype_probe(dev, ctx.out, train_backend(ctx)))
     padded = H.Case(b=30, world=2, rank=1, k=1, d=40, d_g=27, margin=0.05, dtype=bf16, device=dev)
     if not smoke:
         padded = replace(padded, b=300, world=4, rank=2, d=200, d_g=300)
@@ -121,12 +126,6 @@ def run(ctx: Ctx) -> None:
             )
         ),
     )
-    ctx.case(
-        "determinism bf16 (two runs, bit for bit)", lambda: _determinism(replace(seam, dtype=bf16))
-    )
-    from gpu_stages.tiny_bert import dtype_probe
-
-    ctx.case("dtype training feeds the loss", lambda: dtype_probe(dev, ctx.out, train_backend(ctx)))
     ctx.put("kernels", compiled_kernels())
 
 

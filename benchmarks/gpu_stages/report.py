@@ -52,7 +52,7 @@ def targets(merged: dict) -> list[dict]:
             "N >= 2,000,000 at b = 8,192 on 80 GB",
             n,
             None if n is None else n >= 2_000_000,
-            gpu and mx.get("b") == TARGET_B and gib >= 75,
+            gpu and mx.get("b") == TARGET_B and 75 <= gib <= 100,
             f"b={mx.get('b')}, {gib} GiB, stopped by {mx.get('stopped_by')}",
         )
     )
@@ -79,11 +79,14 @@ def summary_lines(merged: dict) -> list[str]:
              f"triton {v.get('triton')}  elapsed {merged.get('elapsed_s')} s"]  # fmt: skip
     for name, st in merged.get("stages", {}).items():
         cases = st.get("cases", {})
-        bad = [c for c, x in cases.items() if not x.get("ok")]
+        bad = [c for c, x in cases.items() if not x.get("ok") and not x.get("skipped")]
+        skipped = [c for c, x in cases.items() if x.get("skipped")]
         line = f"{name:<12}{st.get('status', '?'):<9}{st.get('wall_s', '-')!s:>6} s  "
-        line += f"{len(cases) - len(bad)}/{len(cases)} cases ok"
+        line += f"{len(cases) - len(bad) - len(skipped)}/{len(cases)} cases ok"
         if bad:
             line += "; FAILED: " + ", ".join(bad)
+        if skipped:
+            line += f"; {len(skipped)} skipped (time)"
         if st.get("error"):
             line += f"; error: {st['error'][:150]}"
         if st.get("heavy_imports"):

@@ -106,7 +106,7 @@ class Log:
     """Lines to the console and to gpu_check.log."""
 
     def __init__(self, path: Path) -> None:
-        self.file = path.open("a", encoding="utf-8")
+        self.file = path.open("w", encoding="utf-8")  # one run per output folder
         self.start = time.monotonic()
 
     def __call__(self, line: str) -> None:
@@ -222,6 +222,7 @@ def run_stage(a: argparse.Namespace, name: str, timeout: float, log: Log) -> dic
         tb = a.out / "tracebacks" / f"{name}.txt"
         tb.write_text(f"stage {name}: {status}, exit status {rc}, {wall:.1f} s\n\n{text[-20000:]}")
         result.setdefault("traceback_file", str(tb.relative_to(a.out)))
+    if status in ("timeout", "crashed", "error"):
         log(f"{name}: {status} (exit status {rc}); last lines of its log:")
         for line in text.splitlines()[-25:]:
             log(f"    {line}")
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     for sub in ("stages", "tracebacks"):
         (a.out / sub).mkdir(parents=True, exist_ok=True)
     plan = stage_plan(a)
+    for name, _ in plan:  # a rerun into the same folder: no stale traceback of these stages
+        for old in (a.out / "tracebacks").glob(f"{name}*.txt"):
+            old.unlink()
     budget = a.budget_s or (SMOKE_BUDGET_S if a.smoke else BUDGET_S)
     log = Log(a.out / "gpu_check.log")
     head = header(a, plan, budget)
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     path = a.out / "gpu_check.json"
     write_json(path, merged)
     start = time.monotonic()
+    # Stopped from outside (`timeout`, SIGTERM): the running stage is killed with its process
+    # group and the JSON says so.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for name, timeout in plan:
         left = budget - (time.monotonic() - start)
         if left < MIN_STAGE_S:
@@ -287,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: skipped, {left:.0f} s of the budget left")
         else:
             log(f"{name}: start (timeout {min(timeout, left):.0f} s)")
-            merged["stages"][name] = run_stage(a, name, min(timeout, left), log)
+            try:
+                merged["stages"][name] = run_stage(a, name, min(timeout, left), log)
+            except (SystemExit, KeyboardInterrupt):
+                merged["stages"][name] = {"status": "interrupted"}
+                write_json(path, merged)
+                log(f"{name}: interrupted; stopping")
+                raise
             st = merged["stages"][name]
             log(f"{name}: {st['status']} in {st['wall_s']} s")
         merged["targets"] = targets(merged)

@@ -1,363 +1,318 @@
-"""One short GPU check of the Triton GIST kernels: speed, correctness, references, size.
+"""The GPU check of the Triton GIST kernels: one run on a device machine that cannot be wasted.
 
-    timeout 540 python3 benchmarks/gpu_check.py --out gpu_check.json   (or benchmarks/gpu_check.sh)
+    python benchmarks/gpu_check.py                 # on a CUDA machine; results in $OUT (or --out)
+    python benchmarks/gpu_check.py --smoke --out DIR   # CPU, Triton interpreter, tiny sizes (CI)
 
-Needs torch and triton only: it imports gist_ray.loss, gist_ray.kernels and the test harness
-(tests/loss/harness.py) from this checkout, no install, and records that neither pulled in Ray,
-MLflow or datasets. The JSON is rewritten after every stage, so a kill keeps what finished;
-stages are skipped once ``--budget-s`` (default 480 s) is spent. Stages, most important first:
+How it is built (docs/gpu.md has the full description and the device command line):
 
-1. speed: bf16, b = 8192 query rows against N = 65,536 candidates per segment, segments AP, AA,
-   PP, AN1, d = 768, d_g = 1024, forward + backward through the custom op. FLOPs counted
-   minimally: ``2·b·(4N)·(3d + d_g)`` (student and guide tiles once, dL and dC once; the
-   backward's recompute of the student tile is not useful work), against a bf16 cuBLAS rate
-   measured in the same run (target >= 40 %). Also: any host sync inside the loss
-   (``torch.cuda.set_sync_debug_mode("error")``).
-2. correctness on CUDA, through the harness the CPU tests use: triton against reference in
-   fp32 / fp16 / bf16 (gathered-style problem: b < N, column offset, odd sizes), duplicate-text
-   ties (t_i through the same MMA path as g), 16-bit gradients on confident rows against
-   float64 (<= 2× the autocast recipe), the backward that recomputes the mask.
-3. references: a materialised fp32 implementation and a materialised bf16 one (bf16 GEMMs, fp32
-   masked log-sum-exp: what autocast gives) at the largest N both fit, and the speed-up of
-   triton there (targets >= 5× fp32, >= 2× bf16).
-4. size: the largest N per segment whose forward + backward fits at b = 8192 (target:
-   N >= 2,000,000 candidates).
+* ``header.json`` is written before anything runs: versions, ``nvidia-smi``, arguments, time.
+* Each stage (``gpu_stages/<stage>.py``) runs in its own Python process with its own timeout,
+  so a CUDA fault, a hang or an out-of-memory kill loses that stage only. A stage writes its
+  results after every case; this driver merges them into ``gpu_check.json`` (atomically, temp
+  name then rename) after every stage, with the targets against the measured values.
+* A stage that hangs dumps every thread's Python traceback (``faulthandler``) before it is
+  stopped; a crash (abort, segfault) dumps its traceback too. Each stage's log is
+  ``stages/<stage>.log``, the whole run's ``gpu_check.log``, every failure's traceback
+  ``tracebacks/<stage>[__<case>].txt``, all under the output folder.
+* Stages, in order: smoke → correctness → speed → references → max_n → train_step, at most
+  400 s in all (per-stage timeouts sum within it), so a rerun fits while the machine is warm.
+
+This driver imports neither torch nor gist_ray (it only starts processes), and no stage imports
+Ray, MLflow or datasets (the GPU machine has none of them); ``--block`` hides them from the
+stages to prove it (tests/test_gpu_check.py). ``GPU_CHECK_FAULT=<stage>:abort|hang|raise`` is a
+test-only fault injection: that stage aborts, hangs or raises when it starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import datetime
+import importlib.metadata
 import json
-import math
+import os
+import platform
+import signal
+import socket
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]  # gpu_stages, then gist_ray and tests from this checkout
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-from loss_bench import kernels_shim  # noqa: E402
+from gpu_stages import STAGES, write_json  # noqa: E402  (imports nothing heavy)
+from gpu_stages.report import summary_lines, targets  # noqa: E402
 
-kernels_shim()
-from gist_ray.loss.op import tiled_backend  # noqa: E402
-from gist_ray.loss.plan import Problem, build_segments  # noqa: E402
-
-START = time.perf_counter()
-DEV = "cuda"  # "cpu" only for --smoke (a dry run under TRITON_INTERPRET=1, tiny sizes)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BUDGET_S = 400  # the whole run on a GPU; the stages' timeouts sum within it
+SMOKE_BUDGET_S = 1500  # under the interpreter on a small shared CPU machine
+MIN_STAGE_S = 15  # a stage that would get less than this is skipped
+PACKAGES = ("torch", "triton", "transformers", "sentence-transformers", "tokenizers", "numpy")
 
 
-def elapsed() -> float:
-    return time.perf_counter() - START
-
-
-def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def free() -> None:
-    gc.collect()
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
-
-
-def triton_rows(p: Problem):
-    return tiled_backend(p, backend="triton")
-
-
-def big_problem(b: int, n: int, d: int, d_g: int, dtype=torch.bfloat16) -> Problem:
-    """Random unit student rows, random guide rows; segments AP, AA, PP, AN1 over 3 distinct
-    candidate tensors of n rows (built in place, no copies)."""
-
-    def unit(rows: int, dim: int) -> torch.Tensor:
-        x = torch.randn(rows, dim, device=DEV, dtype=dtype)
-        return x.div_(x.float().norm(dim=1, keepdim=True).to(dtype))
-
-    segs, sources = build_segments(1, True, True)
-    cands = tuple(unit(n, d).requires_grad_() for _ in sources)
-    guide_cands = tuple(unit(n, d_g) for _ in sources)
-    left = tuple(cands[j][:b].detach().clone().requires_grad_() for j in (1, 0))
-    guide_left = (guide_cands[1][:b].clone(), guide_cands[0][:b].clone())
-    return Problem(left, cands, guide_left, guide_cands, segs, 0, 0.01, 0.0, "absolute")
-
-
-def minimal_flops(b: int, n_total: int, d: int, d_g: int) -> float:
-    return 2.0 * b * n_total * (3 * d + d_g)
-
-
-def time_fwd_bwd(fn, p: Problem, reps: int) -> dict:
-    def once() -> tuple[float, float]:
-        for x in (*p.left, *p.cands):
-            x.grad = None
-        sync()
-        t0 = time.perf_counter()
-        loss = fn(p).loss.mean()
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        return t1 - t0, time.perf_counter() - t1
-
-    once()  # warm-up: compilation
-    runs = sorted((once() for _ in range(reps)), key=sum)
-    fwd, bwd = runs[len(runs) // 2]
-    return {"fwd_s": round(fwd, 4), "bwd_s": round(bwd, 4), "total_s": round(fwd + bwd, 4)}
-
-
-def matmul_tflops(m: int, k: int, n: int) -> float:
-    """bf16 cuBLAS rate on [m, k] × [k, n] and on a square 8192³ (the better of the two)."""
-    best = 0.0
-    for mm, kk, nn in ((m, k, n), (8192, 8192, 8192)):
-        x = torch.randn(mm, kk, device=DEV, dtype=torch.bfloat16)
-        y = torch.randn(nn, kk, device=DEV, dtype=torch.bfloat16)
-        for _ in range(3):
-            x @ y.T
-        sync()
-        t = time.perf_counter()
-        for _ in range(10):
-            x @ y.T
-        sync()
-        best = max(best, 2 * mm * kk * nn * 10 / (time.perf_counter() - t) / 1e12)
-        del x, y
-    return best
-
-
-def host_syncs(p: Problem) -> str:
-    """Run forward + backward with CUDA sync debugging set to raise on any host sync."""
-    if DEV != "cuda":
-        return "n/a on cpu"
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        triton_rows(p).loss.sum().backward()
-        return "none"
-    except RuntimeError as e:
-        return f"sync: {str(e)[:300]}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def materialised(p: Problem, dtype: torch.dtype):
-    """What a plain PyTorch user writes: every b × N matrix in ``dtype`` (bf16 GEMMs give bf16
-    logits), masks, float32 masked log-sum-exp minus the positive's logit."""
-    rows = torch.arange(p.rows, device=p.left[0].device)
-    t = None
-    scores = []
-    for seg in p.segments:
-        gl, gc = p.guide_left[seg.left].to(dtype), p.guide_cands[seg.cand].to(dtype)
-        g = (gl @ gc.T).float() / (gl.float().norm(dim=1)[:, None] * gc.float().norm(dim=1))
-        if t is None:
-            t = g[rows, p.offset + rows].clone()
-        s = (p.left[seg.left].to(dtype) @ p.cands[seg.cand].to(dtype).T).float() / p.temperature
-        drop = g > (t - p.margin)[:, None]
-        del g
-        if seg.diag == 1:
-            drop[rows, p.offset + rows] = False
-        if seg.diag == 2:
-            drop[rows, p.offset + rows] = True
-        scores.append(s.masked_fill_(drop, -math.inf))
-    pos = scores[0][rows, p.offset + rows]
-    return torch.logsumexp(torch.cat(scores, 1), 1) - pos
-
-
-class _Rows:
-    def __init__(self, loss):
-        self.loss = loss
-
-
-def reference_rows(dtype: torch.dtype):
-    return lambda p: _Rows(materialised(p, dtype))
-
-
-def stage_speed(a) -> dict:
-    b, n, d, d_g = a.b, a.n, a.d, a.d_guide
-    mm = matmul_tflops(b, d_g, n) if DEV == "cuda" else float("nan")
-    p = big_problem(b, n, d, d_g)
-    t = time_fwd_bwd(triton_rows, p, a.reps)
-    rate = minimal_flops(b, 4 * n, d, d_g) / t["total_s"] / 1e12
-    syncs = host_syncs(p)
-    del p
-    free()
-    return {"b": b, "n_per_segment": n, "segments": 4, "d": d, "d_g": d_g, **t,
-            "tflops_minimal": round(rate, 1), "bf16_matmul_tflops": round(mm, 1),
-            "fraction_of_matmul": round(rate / mm, 3), "target_met": rate / mm >= 0.40,
-            "host_syncs": syncs}  # fmt: skip
-
-
-def stage_correctness(a) -> dict:
-    import tests.loss.harness as H
-
-    cases = []
-    small = {"b": 30, "d": 40, "d_g": 48} if a.smoke else {"b": 300, "d": 200, "d_g": 300}
-
-    def record(name: str, fn) -> None:
-        t = time.perf_counter()
-        try:
-            out = fn()
-            cases.append({"case": name, "ok": True, "s": round(time.perf_counter() - t, 1),
-                          **({"errors": out} if isinstance(out, dict) else {})})  # fmt: skip
-        except Exception as e:  # report and go on
-            cases.append({"case": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
-
-    for name, dtype in DTYPES.items():
-        case = H.Case(world=4, rank=2, k=1, margin=0.05, dtype=dtype, device=DEV, **small)
-        record(f"problem {name}", lambda c=case: H.check_problem(triton_rows, c) and None)
-        record(f"front end {name}", lambda c=case: H.check_front_end("triton", c) and None)
-    for name in ("bf16", "fp16"):
-        record(f"confident rows {name}",
-               lambda n=name: H.check_confident_rows("triton", DTYPES[n], DEV))  # fmt: skip
-    for name in ("fp32", "bf16"):
-        case = H.Case(b=small["b"], world=2, rank=1, k=2, dtype=DTYPES[name], device=DEV)
-        record(f"ties {name}", lambda c=case: H.check_ties(triton_rows, c))
-
-    def recompute():
-        import gist_ray.loss.plan as plan
-
-        old, plan.MASK_BITS_FRACTION = plan.MASK_BITS_FRACTION, 0.0
-        try:
-            case = H.Case(world=2, rank=1, k=1, dtype=torch.bfloat16, device=DEV, **small)
-            H.check_problem(triton_rows, case)
-        finally:
-            plan.MASK_BITS_FRACTION = old
-
-    record("backward recomputes the mask", recompute)
-    return {"ok": all(c["ok"] for c in cases), "cases": cases}
-
-
-def stage_references(a) -> dict:
-    b, d, d_g = a.b, a.d, a.d_guide
-    for n in (a.n, a.n // 2, a.n // 4, a.n // 8, a.n // 16):
-        try:
-            p32 = big_problem(b, n, d, d_g, torch.float32)
-            ref32 = time_fwd_bwd(reference_rows(torch.float32), p32, 1)
-            del p32
-            free()
-            p = big_problem(b, n, d, d_g)
-            ref16 = time_fwd_bwd(reference_rows(torch.bfloat16), p, 1)
-            tri = time_fwd_bwd(triton_rows, p, 2)
-        except torch.OutOfMemoryError:
-            free()
-            continue
-        free()
-        s32, s16 = ref32["total_s"] / tri["total_s"], ref16["total_s"] / tri["total_s"]
-        return {"b": b, "n_per_segment": n, "fp32_reference_s": ref32["total_s"],
-                "bf16_reference_s": ref16["total_s"], "triton_s": tri["total_s"],
-                "speedup_vs_fp32": round(s32, 2), "speedup_vs_bf16": round(s16, 2),
-                "target_met": s32 >= 5 and s16 >= 2}  # fmt: skip
-    return {"error": "no reference fitted"}
-
-
-def stage_max_n(a) -> dict:
-    b, d, d_g = a.b, a.d, a.d_guide
-
-    def fits(n: int) -> tuple[bool, float]:
-        ok, secs = False, 0.0
-        try:
-            p = big_problem(b, n, d, d_g)
-            sync()
-            t = time.perf_counter()
-            triton_rows(p).loss.mean().backward()
-            sync()
-            ok, secs = True, time.perf_counter() - t
-        except torch.OutOfMemoryError:
-            pass
-        free()  # after the except clause: its traceback no longer pins the tensors
-        return ok, secs
-
-    good, bad, tried, n = 0, None, [], a.n_start
-    while bad is None and elapsed() < a.budget_s and n <= a.n_cap:
-        ok, secs = fits(n)
-        tried.append({"n": n, "fits": ok, "s": round(secs, 2)})
-        good, bad, n = (n, None, n * 2) if ok else (good, n, n)
-    for _ in range(3):  # refine between the last fit and the first miss
-        if bad is None or elapsed() > a.budget_s:
-            break
-        mid = (good + bad) // 2 // 4096 * 4096
-        ok, secs = fits(mid)
-        tried.append({"n": mid, "fits": ok, "s": round(secs, 2)})
-        good, bad = (mid, bad) if ok else (good, mid)
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if DEV == "cuda" else 0
-    return {"b": b, "d": d, "d_g": d_g, "segments": 4, "largest_n_fit": good,
-            "first_n_failed": bad, "device_gib": round(total, 1),
-            "target_met": good >= 2_000_000, "tried": tried}  # fmt: skip
-
-
-def summary_lines(s: dict) -> list[str]:
-    head = f"device {s['device']}  torch {s['torch']}  triton {s['triton']}  "
-    lines = [head + f"elapsed {s.get('elapsed_s', 0):.0f} s  heavy imports {s['heavy_imports']}"]
-    sp = s.get("speed", {})
-    if isinstance(sp, dict) and "tflops_minimal" in sp:
-        lines.append(f"speed   {sp['tflops_minimal']} TFLOP/s minimal = "
-                     f"{sp['fraction_of_matmul']:.0%} of bf16 matmul {sp['bf16_matmul_tflops']}"
-                     f" (target 40%: {sp['target_met']})  fwd {sp['fwd_s']} s bwd {sp['bwd_s']}"
-                     f" s  host syncs: {sp['host_syncs']}")  # fmt: skip
-    c = s.get("correctness", {})
-    if isinstance(c, dict) and "cases" in c:
-        bad = [x["case"] for x in c["cases"] if not x["ok"]]
-        lines.append(f"correct {len(c['cases']) - len(bad)}/{len(c['cases'])} cases ok"
-                     + (f"; FAILED: {', '.join(bad)}" if bad else ""))  # fmt: skip
-    r = s.get("references", {})
-    if isinstance(r, dict) and "speedup_vs_fp32" in r:
-        lines.append(f"refs    N={r['n_per_segment']}: {r['speedup_vs_fp32']}× fp32, "
-                     f"{r['speedup_vs_bf16']}× bf16 materialised (targets 5×, 2×)")  # fmt: skip
-    m = s.get("max_n", {})
-    if isinstance(m, dict) and "largest_n_fit" in m:
-        lines.append(f"size    largest N per segment at b={m['b']}: {m['largest_n_fit']:,} "
-                     f"(×4 segments; target 2,000,000: {m['target_met']})")  # fmt: skip
-    for key in ("speed", "correctness", "references", "max_n"):
-        if isinstance(s.get(key), str):
-            lines.append(f"{key}: {s[key][:200]}")
-    return lines
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--b", type=int, default=8192)
-    ap.add_argument("--n", type=int, default=65536)
+    ap.add_argument("--out", type=Path, help="output folder (default: $OUT, else ./gpu_check_out)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU dry run: Triton interpreter, tiny sizes, every stage and code path",
+    )
+    ap.add_argument(
+        "--stages",
+        default=",".join(s.name for s in STAGES),
+        help="comma-separated subset, run in the fixed order",
+    )
+    ap.add_argument("--budget-s", type=float, help=f"whole run (default {BUDGET_S} s on a GPU)")
+    ap.add_argument(
+        "--timeout",
+        action="append",
+        default=[],
+        metavar="STAGE=SECONDS",
+        help="override one stage's timeout (repeatable)",
+    )
+    ap.add_argument(
+        "--block",
+        default="",
+        help="comma-separated modules the stages must not find (e.g. "
+        "ray,mlflow,datasets: the GPU machine has none of them)",
+    )
+    ap.add_argument("--b", type=int, default=8192, help="speed/references/max_n: query rows")
+    ap.add_argument("--n", type=int, default=65536, help="speed: candidates per segment")
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--d-guide", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=480, help="start no stage after this")
-    ap.add_argument("--n-start", type=int, default=262144, help="size search: first N")
-    ap.add_argument("--n-cap", type=int, default=1 << 23, help="size search: stop here")
-    ap.add_argument("--smoke", action="store_true", help="CPU dry run (TRITON_INTERPRET=1)")
-    ap.add_argument("--stages", default="speed,correctness,references,max_n",
-                    help="comma-separated subset, in this order")  # fmt: skip
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
-    global DEV
+    ap.add_argument("--n-start", type=int, default=262144, help="max_n: first N tried")
+    ap.add_argument("--n-cap", type=int, default=1 << 23, help="max_n: never beyond this")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # run one stage (this script's children)
+    ap.add_argument("--child-timeout", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
     if a.smoke:
-        DEV = "cpu"
         a.b, a.n, a.d, a.d_guide, a.reps, a.n_start, a.n_cap = 40, 96, 40, 48, 1, 64, 256
-    import triton
+    a.out = (a.out or Path(os.environ.get("OUT") or "gpu_check_out")).resolve()
+    return a
 
-    s: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)",
-               "torch": torch.__version__, "triton": triton.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
-    stages = [("speed", stage_speed), ("correctness", stage_correctness),
-              ("references", stage_references), ("max_n", stage_max_n)]  # fmt: skip
-    for name, fn in stages:
-        if name not in a.stages.split(","):
-            continue
-        if elapsed() > a.budget_s:
-            s[name] = "skipped: time budget"
+
+def stage_args(a: argparse.Namespace) -> list[str]:
+    """The arguments every child gets (its stage and timeout are added)."""
+    args = ["--out", str(a.out), "--b", str(a.b), "--n", str(a.n), "--d", str(a.d),
+            "--d-guide", str(a.d_guide), "--reps", str(a.reps), "--n-start", str(a.n_start),
+            "--n-cap", str(a.n_cap), "--block", a.block]  # fmt: skip
+    return args + (["--smoke"] if a.smoke else [])
+
+
+class Log:
+    """Lines to the console and to gpu_check.log."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("w", encoding="utf-8")  # one run per output folder
+        self.start = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        text = f"[{time.monotonic() - self.start:6.1f}s] {line}"
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def raw(self, text: str) -> None:
+        self.file.write(text)
+        self.file.flush()
+
+
+def _run(cmd: list[str], timeout: float = 20) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return (proc.stdout.strip() or proc.stderr.strip())[:2000]
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unavailable: {type(e).__name__}: {e}"[:300]
+
+
+def header(a: argparse.Namespace, plan: list[tuple[str, float]], budget: float) -> dict:
+    """Everything known before a stage runs, without importing torch (no CUDA context here:
+    the stages get the whole device)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    smi = "n/a (smoke)" if a.smoke else _run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,compute_cap",
+         "--format=csv,noheader"])  # fmt: skip
+    return {
+        "script": "benchmarks/gpu_check.py",
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "smoke (CPU, TRITON_INTERPRET=1)" if a.smoke else "gpu",
+        "argv": sys.argv, "args": {k: str(v) for k, v in vars(a).items() if k != "child"},
+        "host": socket.gethostname(), "python": platform.python_version(),
+        "platform": platform.platform(), "versions": versions, "nvidia_smi": smi,
+        **_git(),
+        "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET",
+                                               "TRITON_CACHE_DIR", "GPU_CHECK_FAULT")},
+        "budget_s": budget, "stages": [{"name": n, "timeout_s": t} for n, t in plan],
+    }  # fmt: skip
+
+
+def _git() -> dict:
+    """The commit and whether tracked files differ from it (None: not a git checkout, as a
+    device machine's copy of the working tree may be)."""
+    commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    if not commit or " " in commit:
+        return {"git": None, "git_dirty": None}
+    return {
+        "git": commit,
+        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+    }
+
+
+def child_env(a: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONFAULTHANDLER"] = "1"
+    if a.smoke:
+        env["TRITON_INTERPRET"] = "1"  # before triton is imported in the child
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_stage(a: argparse.Namespace, name: str, timeout: float, log: Log) -> dict:
+    """One stage in its own process group; its status from the exit and its own JSON."""
+    stage_json = a.out / "stages" / f"{name}.json"
+    stage_log = a.out / "stages" / f"{name}.log"
+    stage_json.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name,
+           "--child-timeout", str(timeout), *stage_args(a)]  # fmt: skip
+    start = time.monotonic()
+    with stage_log.open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(a),
+                                cwd=ROOT, start_new_session=True)  # fmt: skip
+        timed_out = False
+        try:
+            # The child dumps its tracebacks and exits by itself at `timeout` (faulthandler);
+            # this is the backstop for a process that cannot even do that.
+            rc = proc.wait(timeout + 10)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill(proc)
+            rc = proc.wait()
+        except BaseException:  # the driver itself is stopped: take the stage down with it
+            _kill(proc)
+            raise
+    wall = time.monotonic() - start
+    result = _read_json(stage_json)
+    cases = result.get("cases", {})
+    text = stage_log.read_text(encoding="utf-8", errors="replace")
+    log.raw(f"----- stage {name} log -----\n{text}\n----- end of stage {name} log -----\n")
+    timed_out = timed_out or (result.get("state") != "done" and wall >= timeout - 5)
+    if rc == 0 and result.get("state") == "done":
+        failed = [c for c, v in cases.items() if not v.get("ok") and not v.get("skipped")]
+        skipped = [c for c, v in cases.items() if v.get("skipped")]
+        status = "failed" if failed else "partial" if skipped else "ok"
+    elif result.get("state") == "error":  # the stage raised outside a case (it saved why)
+        status = "error"
+    else:
+        status = "timeout" if timed_out else "crashed"
+    if status in ("timeout", "crashed"):
+        tb = a.out / "tracebacks" / f"{name}.txt"
+        tb.write_text(f"stage {name}: {status}, exit status {rc}, {wall:.1f} s\n\n{text[-20000:]}")
+        result.setdefault("traceback_file", str(tb.relative_to(a.out)))
+    if status in ("timeout", "crashed", "error"):
+        log(f"{name}: {status} (exit status {rc}); last lines of its log:")
+        for line in text.splitlines()[-25:]:
+            log(f"    {line}")
+    return {**result, "status": status, "exit_status": rc, "wall_s": round(wall, 1),
+            "timeout_s": round(timeout, 1)}  # fmt: skip
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stage_plan(a: argparse.Namespace) -> list[tuple[str, float]]:
+    chosen = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - {s.name for s in STAGES})
+    if unknown:
+        names = ", ".join(s.name for s in STAGES)
+        raise SystemExit(f"gpu_check: --stages: unknown {', '.join(unknown)}; allowed: {names}")
+    overrides = {}
+    for item in a.timeout:
+        name, _, secs = item.partition("=")
+        try:
+            overrides[name] = float(secs)
+        except ValueError:
+            raise SystemExit(f"gpu_check: --timeout {item!r}: expected STAGE=SECONDS") from None
+    return [(s.name, overrides.get(s.name, s.smoke_s if a.smoke else s.gpu_s))
+            for s in STAGES if s.name in chosen]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.child:
+        from gpu_stages.child import run_child
+
+        return run_child(a)
+    for sub in ("stages", "tracebacks"):
+        (a.out / sub).mkdir(parents=True, exist_ok=True)
+    plan = stage_plan(a)
+    for name, _ in plan:  # a rerun into the same folder: no stale traceback of these stages
+        for old in (a.out / "tracebacks").glob(f"{name}*.txt"):
+            old.unlink()
+    budget = a.budget_s or (SMOKE_BUDGET_S if a.smoke else BUDGET_S)
+    log = Log(a.out / "gpu_check.log")
+    head = header(a, plan, budget)
+    write_json(a.out / "header.json", head)
+    log(f"gpu_check ({head['mode']}) -> {a.out}; stages {', '.join(n for n, _ in plan)}; "
+        f"budget {budget:.0f} s")  # fmt: skip
+    merged = {"header": head, "stages": {}, "targets": [], "complete": False}
+    path = a.out / "gpu_check.json"
+    write_json(path, merged)
+    start = time.monotonic()
+    # Stopped from outside (`timeout`, SIGTERM): the running stage is killed with its process
+    # group and the JSON says so.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for name, timeout in plan:
+        left = budget - (time.monotonic() - start)
+        if left < MIN_STAGE_S:
+            why = f"time budget ({left:.0f} s left)"
+            merged["stages"][name] = {"status": "skipped", "reason": why}
+            log(f"{name}: skipped, {left:.0f} s of the budget left")
         else:
+            log(f"{name}: start (timeout {min(timeout, left):.0f} s)")
             try:
-                s[name] = fn(a)
-            except Exception as e:  # report and go on: one JSON with whatever worked
-                s[name] = f"error: {type(e).__name__}: {e} | {traceback.format_exc()[-800:]}"
-            free()
-        s["heavy_imports"] = [m for m in ("ray", "mlflow", "datasets") if m in sys.modules]
-        s["elapsed_s"] = round(elapsed(), 1)
-        print(f"[{elapsed():6.1f}s] {name}: {json.dumps(s[name])[:600]}", flush=True)
-        if a.out:
-            a.out.write_text(json.dumps(s, indent=2) + "\n")
-    print("\n".join(["", "=" * 100, *summary_lines(s), "=" * 100]))
+                merged["stages"][name] = run_stage(a, name, min(timeout, left), log)
+            except (SystemExit, KeyboardInterrupt):
+                merged["stages"][name] = {"status": "interrupted"}
+                write_json(path, merged)
+                log(f"{name}: interrupted; stopping")
+                raise
+            st = merged["stages"][name]
+            log(f"{name}: {st['status']} in {st['wall_s']} s")
+        merged["targets"] = targets(merged)
+        merged["elapsed_s"] = round(time.monotonic() - start, 1)
+        write_json(path, merged)
+    merged["complete"] = True
+    merged["summary"] = summary_lines(merged)
+    write_json(path, merged)
+    log("\n".join(["", "=" * 100, *merged["summary"], "=" * 100]))
+    ok = all(s.get("status") == "ok" for s in merged["stages"].values())
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,10 @@
 """A quick check of a loss backend against the ``reference`` oracle on one small problem.
 
 Training runs it once per process before it trusts the Triton kernel (gist_ray.loss.select);
-a device check can run it on any backend, device and dtype. The problem is fixed by its seed
+a device check can run it on any backend, device and dtype. :func:`probe_isolated` runs it in a
+fresh Python process: on a GPU a kernel fault such as an illegal address breaks the CUDA context
+of the process it happens in for good, so the process that is to train on must not be the one
+that finds it. The problem is fixed by its seed
 and built on the CPU (the same inputs on every machine), then moved to the device:
 
 * ``rows`` local query rows of a pool of ``world × rows`` candidates, the local rows being rank
@@ -22,12 +25,19 @@ gradients are rounded to the input dtype (the tolerances the backends' own tests
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gist_ray.loss.op import tiled_backend
 from gist_ray.loss.plan import BackendOutput, Problem, build_segments
 from gist_ray.loss.reference import reference_backend
 
@@ -168,3 +178,39 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     lines = str(e).strip().splitlines()
     text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def probe_isolated(
+    backend: str, device: torch.device | str, dtype: torch.dtype, *, dim: int = 64,
+    timeout_s: float = 300.0,
+) -> str | None:  # fmt: skip
+    """:func:`probe` of the tiled backend named ``backend`` (``"triton"``, ``"chunked"``; a
+    fresh process knows no registered kernel) in a new Python process with this one's
+    environment. A crash, a fault or a hang of the kernel costs that process only: it is then
+    the reason (``"the check's process exited with code -11: ..."``, ``"... did not finish in
+    300 s"``)."""
+    root = str(Path(__file__).resolve().parents[2])  # the folder gist_ray is imported from
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    name = str(dtype).removeprefix("torch.")
+    code = "from gist_ray.loss.probe import _main; _main()"
+    cmd = [sys.executable, "-c", code, backend, str(device), name, str(dim)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return f"the check's process did not finish in {timeout_s:g} s"
+    out = done.stdout.strip().splitlines()
+    if done.returncode == 0 and out:
+        return json.loads(out[-1])["reason"]
+    err = done.stderr.strip().splitlines()
+    text = f"the check's process exited with code {done.returncode}" + (
+        f": {err[-1]}" if err else ""
+    )
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _main() -> None:
+    """``python -c ... BACKEND DEVICE DTYPE DIM``: print ``{"reason": ...}`` (probe_isolated)."""
+    backend, device, dtype, dim = sys.argv[1:5]
+    fn = functools.partial(tiled_backend, backend=backend)
+    print(json.dumps({"reason": probe(fn, device, getattr(torch, dtype), dim=int(dim))}))

@@ -20,7 +20,7 @@ import torch
 
 from gist_ray.core.errors import GistRayError
 from gist_ray.loss.op import tiled_backend
-from gist_ray.loss.probe import probe
+from gist_ray.loss.probe import probe, probe_isolated
 
 COMPUTE_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32", "float16")
 
@@ -88,5 +88,10 @@ def choose_backend(
 @functools.cache
 def check_kernel(kernel: str, device: torch.device, dtype: torch.dtype, dim: int) -> str | None:
     """:func:`~gist_ray.loss.probe.probe` of the tiled backend ``kernel``, once per process
-    for each device, dtype and width: None when it agrees with the reference, else why not."""
+    for each device, dtype and width: None when it agrees with the reference, else why not. A
+    built-in kernel on CUDA is checked in a process of its own
+    (:func:`~gist_ray.loss.probe.probe_isolated`): a fault there leaves this process's CUDA
+    context usable for the fallback."""
+    if device.type == "cuda" and kernel in ("triton", "chunked"):
+        return probe_isolated(kernel, device, dtype, dim=dim)
     return probe(functools.partial(tiled_backend, backend=kernel), device, dtype, dim=dim)

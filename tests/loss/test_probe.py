@@ -12,7 +12,7 @@ import torch
 import tests.loss.faulty as faulty
 from gist_ray.loss.op import tiled_backend
 from gist_ray.loss.plan import mask_limit
-from gist_ray.loss.probe import MARGIN, probe, problem
+from gist_ray.loss.probe import MARGIN, probe, probe_isolated, problem
 from gist_ray.loss.reference import reference_backend
 
 
@@ -60,3 +60,16 @@ def test_no_pair_of_the_problem_is_near_its_mask_limit():
     assert gaps.min() >= 1 / 80 - 1e-9
     masked = reference_backend(p).masked.sum(1)
     assert masked.sum() > 0 and (masked < 4 * p.pool - 3).all()
+
+
+def test_a_check_in_its_own_process():
+    """What training runs on CUDA: the check in a fresh process (a kernel fault there cannot
+    break the training process's CUDA context); here the interpreter's kernel and chunked pass,
+    a kernel that raises there is the reason, and a process that dies gives its last line."""
+    assert probe_isolated("triton", "cpu", torch.bfloat16, dim=32) is None
+    assert probe_isolated("chunked", "cpu", torch.float32, dim=32) is None
+    # a kernel registered here is unknown there: the op's lookup fails inside the check
+    assert probe_isolated("no-such-kernel", "cpu", torch.float32) == "KeyError: 'no-such-kernel'"
+    reason = probe_isolated("chunked", "cpu", torch.float64)  # probe() refuses: exit code 1
+    assert reason is not None and "\n" not in reason
+    assert reason.startswith("the check's process exited with code 1: ValueError: dtype")

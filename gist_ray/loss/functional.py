@@ -51,7 +51,8 @@ def validate_loss_args(
     if not margin >= 0:
         raise ValueError(f"loss.margin must be >= 0, got {margin}")
     _one_of("loss.margin_strategy", "strategy", margin_strategy, STRATEGIES)
-    _one_of("loss.backend", "backend", backend, BACKENDS + kernel_names())
+    registered = tuple(k for k in kernel_names() if k not in BACKENDS)  # op.register_kernel
+    _one_of("loss.backend", "backend", backend, BACKENDS + registered)
     if isinstance(compute_dtype, str):
         _one_of("loss.compute_dtype", "dtype", compute_dtype, COMPUTE_DTYPES)
     elif compute_dtype is not None and compute_dtype not in DTYPES:

@@ -8,16 +8,28 @@ bfloat16, which the run records."""
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import tests.loss.faulty as faulty
-from gist_ray.config import load_config
+from gist_ray.config import Config, load_config
 from gist_ray.core.errors import GistRayError
+from gist_ray.loss.op import register_kernel
 from gist_ray.tracking.runs import start_run
-from gist_ray.train.checkpoint import LocalReporter
-from gist_ray.train.loss_choice import TAG_BACKEND, TAG_DTYPE, TAG_FALLBACK, LossTarget
+from gist_ray.train.checkpoint import LocalReporter, TrainState
+from gist_ray.train.loss_choice import (
+    TAG_BACKEND,
+    TAG_DTYPE,
+    TAG_FALLBACK,
+    LossTarget,
+    worker_loss,
+)
+from gist_ray.train.progress import StepLog
 from tests.conftest import run_worker
 
 BATCH, STEPS = 8, 2
@@ -126,3 +138,49 @@ def test_auto_on_the_cpu_is_float32_and_chunked(tiny_models, tiny_pairs_file, tm
     run_worker(cfg, LocalReporter(cfg.output_dir), run_id=run_id, tracking_uri=uri)
     tags = _tags(uri, run_id)
     assert (tags[TAG_DTYPE], tags[TAG_BACKEND]) == ("float32", "chunked")
+
+
+class _FailsOnRankOne(faulty.Recording):
+    def forward(self, problems):
+        if dist.get_rank() == 1:
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return super().forward(problems)
+
+
+def _two_ranks(rank: int, init_file: str, uri: str, run_id: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        register_kernel("test-fails-on-rank-1", _FailsOnRankOne)
+        cfg = Config()
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([param], lr=1.0)
+        state = TrainState(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), run_id)
+        step_log = StepLog(cfg, state, 1, uri)
+        target = LossTarget(device="cuda", kernel="test-fails-on-rank-1")
+        loss_fn = worker_loss(cfg, torch.device("cpu"), 32, step_log, gather=True, target=target)
+        # both ranks train on, each on its own backend, through the same gathered pool
+        g = torch.Generator().manual_seed(rank)
+        emb = [torch.randn(4, 32, generator=g, requires_grad=True) for _ in range(2)]
+        loss, _ = loss_fn(emb, [torch.randn(4, 16, generator=g) for _ in range(2)])
+        loss.backward()
+        torch.save({"backend": loss_fn.backend, "loss": loss.item()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_tag_names_every_rank_that_fell_back(tmp_path):
+    """Two gloo ranks, the kernel failing on rank 1 only: rank 1 trains on chunked, rank 0 on
+    the kernel, and rank 0's tag says which rank fell back."""
+    uri, run_id = _run(tmp_path)
+    out = str(tmp_path / "result")
+    mp.start_processes(
+        _two_ranks, args=(tempfile.mktemp(dir=tmp_path), uri, run_id, out), nprocs=2,
+        join=True, start_method="spawn",
+    )  # fmt: skip
+    ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    assert [r["backend"] for r in ranks] == ["test-fails-on-rank-1", "chunked"]
+    assert all(math.isfinite(r["loss"]) for r in ranks)
+    tags = _tags(uri, run_id)
+    assert tags[TAG_FALLBACK] == "chunked on rank 1: see their console lines"
+    assert tags[TAG_BACKEND] == "test-fails-on-rank-1"  # rank 0's

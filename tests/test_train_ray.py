@@ -90,6 +90,11 @@ def test_mlflow_run_holds_params_and_metrics(trained):
     assert run.data.params["train.batch_size"] == "8"
     assert run.data.params["loss.temperature"] == "0.01"
     assert run.data.tags["world_size"] == "2"
+    # the loss as it ran on the CPU workers: float32 rows, chunked, no kernel to check
+    assert run.data.params["loss.compute_dtype"] == "auto"
+    assert run.data.tags["gist_ray.loss_compute_dtype"] == "float32"
+    assert run.data.tags["gist_ray.loss_backend"] == "chunked"
+    assert "gist_ray.loss_backend_fallback" not in run.data.tags
     history = client.get_metric_history(result["run_id"], "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor(m.value)) for m in history)

@@ -154,7 +154,9 @@ class LossConfig:
     margin_strategy: str = "absolute"
     contrast_anchors: bool = True
     contrast_positives: bool = True
-    backend: str = "auto"
+    backend: str = "auto"  # auto: triton on CUDA (checked first; chunked if it fails), else chunked
+    # the student's rows are cast to it before the gather: auto = bfloat16 on CUDA, float32 on CPU
+    compute_dtype: str = "auto"
     # Matryoshka: the loss at each of these widths (strictly decreasing; empty = off), one guide
     # mask for all; weights: one per width (None = all 1)
     matryoshka_dims: list[int] = field(default_factory=list)

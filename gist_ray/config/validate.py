@@ -26,7 +26,13 @@ from gist_ray.core.errors import ConfigError
 
 # The loss is a layer below the config: its allowed values live with its code. The allowed
 # values of the layers above (models, eval, mining) live here, and those layers import them.
-from gist_ray.loss import BACKENDS, HARDNESS_MODES, STRATEGIES, validate_matryoshka
+from gist_ray.loss import (
+    BACKENDS,
+    COMPUTE_DTYPES,
+    HARDNESS_MODES,
+    STRATEGIES,
+    validate_matryoshka,
+)
 
 
 def _check_prompts(key: str, value: Any) -> None:
@@ -120,6 +126,12 @@ def validate(cfg: Config) -> Config:
         lo.margin_strategy,
     )
     check(lo.backend in BACKENDS, "loss.backend", f"one of {', '.join(BACKENDS)}", lo.backend)
+    check(
+        lo.compute_dtype in COMPUTE_DTYPES,
+        "loss.compute_dtype",
+        f"one of {', '.join(COMPUTE_DTYPES)} (auto = bfloat16 on CUDA, float32 on CPU)",
+        lo.compute_dtype,
+    )
     _validate_mine(cfg.mine, check)
     try:  # the loss's own checks; their messages name the key
         validate_matryoshka(lo.matryoshka_dims, lo.matryoshka_weights)

@@ -1,11 +1,13 @@
 """The maths of the GIST loss front end, shared by :class:`~gist_ray.loss.GistLoss` and
 :func:`gist_loss` (definition: docs/loss.md).
 
-:func:`compute` checks the embeddings, brings them to one compute dtype, L2-normalises the
-student rows, optionally gathers the candidate pool across workers, builds the segment plan
-(:mod:`gist_ray.loss.plan`, no concatenated copies) and hands it to a backend: ``reference``
-(materialised oracle) or a tiled one through the custom op of :mod:`gist_ray.loss.op`
-(``chunked`` on the CPU, the Triton kernels of :mod:`gist_ray.kernels` on CUDA).
+:func:`compute` checks the embeddings, brings them to one compute dtype (the student's, or
+the one asked for: :mod:`gist_ray.loss.select`; cast before the gather, so the gather moves rows
+of that dtype), L2-normalises the student rows, optionally gathers the candidate pool across
+workers, builds the segment plan (:mod:`gist_ray.loss.plan`, no concatenated copies) and hands
+it to a backend: ``reference`` (materialised oracle) or a tiled one through the custom op of
+:mod:`gist_ray.loss.op` (``chunked`` on the CPU, the Triton kernels of :mod:`gist_ray.kernels`
+on CUDA).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gist_ray.core.distributed import all_gather_with_grad, rank
-from gist_ray.loss.op import tiled
+from gist_ray.loss.op import kernel_names, tiled
 from gist_ray.loss.plan import (
     DIAG_NONE,
     HARDNESS_MODES,
@@ -26,6 +28,7 @@ from gist_ray.loss.plan import (
     build_segments,
 )
 from gist_ray.loss.reference import reference_backend
+from gist_ray.loss.select import COMPUTE_DTYPES, compute_dtype_for
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,6 +43,7 @@ def validate_loss_args(
     matryoshka_weights: Sequence[float] | None = None,
     hardness_alpha: float = 0.0,
     hardness_mode: str = "hard_negatives",
+    compute_dtype: str | torch.dtype | None = None,
 ) -> None:
     """One-line ValueErrors naming the config key."""
     if not temperature > 0:
@@ -47,7 +51,13 @@ def validate_loss_args(
     if not margin >= 0:
         raise ValueError(f"loss.margin must be >= 0, got {margin}")
     _one_of("loss.margin_strategy", "strategy", margin_strategy, STRATEGIES)
-    _one_of("loss.backend", "backend", backend, BACKENDS)
+    registered = tuple(k for k in kernel_names() if k not in BACKENDS)  # op.register_kernel
+    _one_of("loss.backend", "backend", backend, BACKENDS + registered)
+    if isinstance(compute_dtype, str):
+        _one_of("loss.compute_dtype", "dtype", compute_dtype, COMPUTE_DTYPES)
+    elif compute_dtype is not None and compute_dtype not in DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        raise ValueError(f"loss.compute_dtype: unknown dtype {compute_dtype}; allowed: {allowed}")
     validate_matryoshka(matryoshka_dims, matryoshka_weights)
     if not hardness_alpha >= 0:
         raise ValueError(f"loss.hardness_alpha must be >= 0, got {hardness_alpha}")
@@ -102,6 +112,7 @@ def compute(
     matryoshka_weights: Sequence[float] | None = None,
     hardness_alpha: float = 0.0,
     hardness_mode: str = "hard_negatives",
+    compute_dtype: str | torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss (mean over local rows) and its statistics as 0-dim tensors (no host sync).
 
@@ -110,9 +121,13 @@ def compute(
     assumed valid (see :func:`validate_loss_args`). With ``matryoshka_dims`` the loss is
     ``Σ_w weight_w · loss_w`` over the student truncated to each width and re-normalised; the
     guide mask does not depend on the width and is computed once (``reference`` computes every
-    width independently: the oracle); ``loss/dim_<w>`` reports each width's loss."""
-    dtype = check_inputs(embeddings, guide_embeddings)
+    width independently: the oracle); ``loss/dim_<w>`` reports each width's loss.
+    ``compute_dtype``: None = the student's dtype, else a dtype or a ``loss.compute_dtype``
+    setting (``"auto"``: bf16 on CUDA, fp32 elsewhere), to which the student's rows are cast
+    before anything else (the gather included)."""
+    dtype = loss_dtype(check_inputs(embeddings, guide_embeddings), embeddings[0], compute_dtype)
     validate_matryoshka(matryoshka_dims, None, embeddings[0].shape[1])
+    embeddings = [x.to(dtype) for x in embeddings]  # a no-op when already in it
     guide = [g.detach().to(dtype) for g in guide_embeddings]  # backends normalise per tile
     k = len(embeddings) - 2
     segments, sources = build_segments(k, contrast_anchors, contrast_positives, hardness_mode)
@@ -155,6 +170,18 @@ def compute(
     for w, value in zip(dims, losses):
         stats[f"loss/dim_{w}"] = value.detach()
     return sum(c * value for c, value in zip(weights, losses)), stats
+
+
+def loss_dtype(
+    student: torch.dtype, anchor: torch.Tensor, compute_dtype: str | torch.dtype | None
+) -> torch.dtype:
+    """The compute dtype: the ``student``'s without ``compute_dtype``, else the one it names on
+    ``anchor``'s device (:func:`~gist_ray.loss.select.compute_dtype_for`)."""
+    if compute_dtype is None:
+        return student
+    if isinstance(compute_dtype, str):
+        return compute_dtype_for(compute_dtype, anchor.device)
+    return compute_dtype
 
 
 def _unit(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -243,6 +270,7 @@ def gist_loss(
     matryoshka_weights: Sequence[float] | None = None,
     hardness_alpha: float = 0.0,
     hardness_mode: str = "hard_negatives",
+    compute_dtype: str | torch.dtype | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """GISTEmbed loss, mean over the local query rows (functional form of ``GistLoss``).
@@ -261,11 +289,14 @@ def gist_loss(
     ``matryoshka_weights`` (default all 1): the loss is ``Σ_w weight_w · GIST(student
     truncated to its first w dims and re-normalised)``, the guide mask computed once for every
     width. ``hardness_alpha`` (α >= 0; 0 = off) weights the guide's unmasked negatives selected
-    by ``hardness_mode`` with the logit ``s/τ + α·sg(s)`` (docs/loss.md).
+    by ``hardness_mode`` with the logit ``s/τ + α·sg(s)`` (docs/loss.md). ``compute_dtype``
+    (None = the student's dtype; a dtype; or ``"auto"``, ``"bfloat16"``, ``"float32"``,
+    ``"float16"``, ``auto`` being bf16 on CUDA and fp32 elsewhere): the student's rows are cast
+    to it before the gather (docs/loss.md "Precision").
     """
     validate_loss_args(
         temperature, margin, margin_strategy, backend, matryoshka_dims, matryoshka_weights,
-        hardness_alpha, hardness_mode,
+        hardness_alpha, hardness_mode, compute_dtype,
     )  # fmt: skip
     negatives, guide_negatives = list(negatives), list(guide_negatives)
     if len(negatives) != len(guide_negatives):
@@ -278,7 +309,7 @@ def gist_loss(
         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives,
         backend=backend, gather=gather, matryoshka_dims=matryoshka_dims,
         matryoshka_weights=matryoshka_weights, hardness_alpha=hardness_alpha,
-        hardness_mode=hardness_mode,
+        hardness_mode=hardness_mode, compute_dtype=compute_dtype,
     )  # fmt: skip
     if not return_stats:
         return loss

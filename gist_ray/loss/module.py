@@ -30,6 +30,9 @@ class GistLoss(nn.Module):
     ``matryoshka_dims``/``matryoshka_weights``: the loss summed over truncated, re-normalised
     widths with one guide mask (the stats then also hold ``loss/dim_<w>``);
     ``hardness_alpha``/``hardness_mode``: hardness weighting after the guide mask (docs/loss.md).
+    ``compute_dtype``: None (the student's dtype), a dtype, or a ``loss.compute_dtype`` setting
+    (``auto`` = bf16 on CUDA, fp32 elsewhere); the student's rows are cast to it before the
+    gather (docs/loss.md "Precision").
     """
 
     def __init__(
@@ -45,11 +48,12 @@ class GistLoss(nn.Module):
         matryoshka_weights: Sequence[float] | None = None,
         hardness_alpha: float = 0.0,
         hardness_mode: str = "hard_negatives",
+        compute_dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
         validate_loss_args(
             temperature, margin, margin_strategy, backend, matryoshka_dims, matryoshka_weights,
-            hardness_alpha, hardness_mode,
+            hardness_alpha, hardness_mode, compute_dtype,
         )  # fmt: skip
         self.temperature, self.margin, self.margin_strategy = temperature, margin, margin_strategy
         self.contrast_anchors, self.contrast_positives = contrast_anchors, contrast_positives
@@ -57,12 +61,15 @@ class GistLoss(nn.Module):
         self.matryoshka_dims = tuple(matryoshka_dims)
         self.matryoshka_weights = None if matryoshka_weights is None else tuple(matryoshka_weights)
         self.hardness_alpha, self.hardness_mode = hardness_alpha, hardness_mode
+        self.compute_dtype = compute_dtype
 
     @classmethod
-    def from_config(cls, cfg: Any, gather: bool = False) -> GistLoss:
+    def from_config(cls, cfg: Any, gather: bool = False, **overrides: Any) -> GistLoss:
         """From any object with the loss settings as attributes (e.g. ``Config.loss``); the
-        Matryoshka and hardness settings are optional there (default: off)."""
-        return cls(
+        Matryoshka and hardness settings are optional there (default: off), ``compute_dtype``
+        too (default: the student's dtype). ``overrides``: keyword arguments that replace the
+        config's (e.g. the backend and dtype decided for a device: gist_ray.loss.select)."""
+        settings: dict[str, Any] = dict(
             temperature=cfg.temperature, margin=cfg.margin, margin_strategy=cfg.margin_strategy,
             contrast_anchors=cfg.contrast_anchors, contrast_positives=cfg.contrast_positives,
             backend=cfg.backend, gather=gather,
@@ -70,7 +77,9 @@ class GistLoss(nn.Module):
             matryoshka_weights=getattr(cfg, "matryoshka_weights", None),
             hardness_alpha=getattr(cfg, "hardness_alpha", 0.0),
             hardness_mode=getattr(cfg, "hardness_mode", "hard_negatives"),
+            compute_dtype=getattr(cfg, "compute_dtype", None),
         )  # fmt: skip
+        return cls(**{**settings, **overrides})
 
     def forward(
         self, embeddings: Sequence[torch.Tensor], guide_embeddings: Sequence[torch.Tensor]
@@ -82,6 +91,7 @@ class GistLoss(nn.Module):
             contrast_positives=self.contrast_positives, backend=self.backend, gather=self.gather,
             matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
             hardness_alpha=self.hardness_alpha, hardness_mode=self.hardness_mode,
+            compute_dtype=self.compute_dtype,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -95,4 +105,5 @@ class GistLoss(nn.Module):
                if self.matryoshka_weights is not None else "")
             + (f", hardness_alpha={self.hardness_alpha}, hardness_mode={self.hardness_mode!r}"
                if self.hardness_alpha else "")
+            + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
         )  # fmt: skip

@@ -11,11 +11,14 @@ breaking around an ``autograd.Function``, and nothing in them syncs the host on 
 Both ops take the problem (:class:`plan.Problem`, flattened) as the same arguments, defined
 once in :data:`PROBLEM`. Import cost: torch only; the Triton launchers are imported the first
 time a CUDA (or, under ``TRITON_INTERPRET=1``, an explicit ``backend="triton"``) call runs.
+Which kernel a backend name runs is looked up in a registry (:func:`register_kernel`), so a
+tool or test can run another kernel through the very same op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -38,6 +41,42 @@ torch.library.define(
 )
 gist_rows = torch.ops.gist_ray.gist_rows.default
 gist_rows_backward = torch.ops.gist_ray.gist_rows_backward.default
+
+
+class TiledKernel(Protocol):
+    """What :data:`gist_rows` runs: ``chunked``, the Triton kernels, or a registered one."""
+
+    def forward(self, problems: Sequence[Problem]) -> tuple[torch.Tensor, ...]: ...
+
+    def backward(
+        self, problems: Sequence[Problem], grad: torch.Tensor, lse: torch.Tensor,
+        bits: torch.Tensor,
+    ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]: ...  # fmt: skip
+
+
+def _triton() -> TiledKernel:
+    from gist_ray.kernels import gist_function  # imports triton
+
+    return gist_function
+
+
+# The tiled kernels by backend name, each loaded on first use (triton is imported only then).
+_KERNELS: dict[str, Callable[[], TiledKernel]] = {"chunked": lambda: chunked, "triton": _triton}
+
+
+def register_kernel(name: str, load: Callable[[], TiledKernel]) -> None:
+    """Make ``backend=name`` run the tiled kernel ``load()`` returns (its ``forward`` and
+    ``backward`` have :mod:`.chunked`'s signatures). For tools and tests that check another
+    kernel through the same op and front end (e.g. one that fails, gist_ray.loss.select);
+    ``chunked`` and ``triton`` cannot be replaced."""
+    if name in ("auto", "reference", "chunked", "triton"):
+        raise ValueError(f"backend name {name!r} is built in")
+    _KERNELS[name] = load
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every tiled backend name :data:`gist_rows` accepts (built-in and registered)."""
+    return tuple(_KERNELS)
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -74,22 +113,17 @@ def _unpack(args: tuple) -> tuple[list[Problem], str]:
     return problems, resolve(backend, left[0].device)
 
 
-def _triton():
-    from gist_ray.kernels import gist_function  # imports triton
-
-    return gist_function
-
-
 @torch.library.impl("gist_ray::gist_rows", "CompositeExplicitAutograd")
 def _forward(*args):
     """``(loss, masked, above, threshold, lse, bits, norms)``: ``loss``, ``above``, ``lse``
     ``[widths, b]``, the mask's ``masked``, ``threshold`` and ``bits`` once (:func:`tiled`);
     ``norms``: the guide rows' float32 inverse norms the Triton backward reuses (empty for
-    ``chunked``, which works a chunk at a time in float32 anyway)."""
+    ``chunked`` and registered kernels, which take :mod:`.chunked`'s signatures)."""
     problems, backend = _unpack(args)
     if backend == "triton":
         return _triton().forward(problems)
-    return (*chunked.forward(problems), args[0][0].new_empty(0, dtype=torch.float32))
+    out = _KERNELS[backend]().forward(problems)
+    return (*out, args[0][0].new_empty(0, dtype=torch.float32))
 
 
 def _norms_size(guide_left, guide_cands, backend: str) -> int:
@@ -120,7 +154,7 @@ def _backward_impl(grad, lse, bits, norms, *args):
     if backend == "triton":
         dleft, dcands = _triton().backward(problems, grad, lse, bits, norms)
     else:
-        dleft, dcands = chunked.backward(problems, grad, lse, bits)
+        dleft, dcands = _KERNELS[backend]().backward(problems, grad, lse, bits)
     return [*dleft, *dcands]
 
 

@@ -215,6 +215,13 @@ class StepLogger:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags (a restarted worker sets the same ones again)."""
+        import mlflow
+
+        batch = [mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        self.client.log_batch(self.run_id, tags=batch)
+
     def log_unlogged(self, steps: list[tuple[int, dict[str, float]]]) -> None:
         """After a restart: log the checkpoint's steps that never reached MLflow."""
         last = last_logged_step(self.client, self.run_id)

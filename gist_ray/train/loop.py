@@ -33,6 +33,7 @@ from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import Checkpointer, Reporter, TrainState
 from gist_ray.train.evaluation import eval_due
 from gist_ray.train.gradcache import backward_with_replay, embed_without_graph
+from gist_ray.train.loss_choice import LossTarget, worker_loss
 from gist_ray.train.optim import build_optimizer, build_scheduler
 from gist_ray.train.progress import StepLog
 
@@ -49,12 +50,14 @@ def train_worker(
     tracking_uri: str | None = None,
     guide_caches: list[str] | None = None,
     on_step: StepHook | None = None,
+    loss_target: LossTarget | None = None,
 ) -> dict[str, Any]:
     """Train on this worker; rank 0 logs to MLflow and writes checkpoints. Returns a summary.
     ``guide_caches``: the datasets' guide cache folders the driver prepared (None: load or
     build them here). ``on_step(step, metrics)`` is called after every optimizer step, once the
     step's checkpoint (if any) is written: how callers watch the run (per-step losses, fault
-    injection) without the loop knowing them."""
+    injection) without the loop knowing them. ``loss_target``: what the loss's dtype and backend
+    are decided for (None: this worker's device; see gist_ray.train.loss_choice)."""
     device = worker_device(cfg)
     seed_everything(cfg.train.seed + rank())  # per-rank dropout streams, reproducible
     sets = load_training_sets(cfg)
@@ -86,7 +89,9 @@ def train_worker(
     checkpointer = Checkpointer(cfg, reporter)
     checkpointer.restore(state, student)
     step_log = StepLog(cfg, state, total, tracking_uri)
-    loss_fn = GistLoss.from_config(cfg.loss, gather=is_distributed())
+    loss_fn = worker_loss(
+        cfg, device, student.dim, step_log, gather=is_distributed(), target=loss_target
+    )
     warmup_loss = unmasked(loss_fn)
 
     log.info(
@@ -221,6 +226,7 @@ def unmasked(loss_fn: GistLoss) -> GistLoss:
         contrast_positives=loss_fn.contrast_positives,
         backend=loss_fn.backend,
         gather=loss_fn.gather,
+        compute_dtype=loss_fn.compute_dtype,
     )
     out.margin, out.margin_strategy = float("-inf"), "absolute"
     return out

@@ -68,6 +68,12 @@ class StepLog:
         if self.mlflow:
             state.pending.append((step, dict(metrics)))
 
+    def tags(self, tags: dict[str, str]) -> None:
+        """Facts of the run that are no metric (e.g. the loss's dtype and backend) as MLflow
+        tags (rank 0; no-op without a run)."""
+        if self.mlflow:
+            self.mlflow.set_tags(tags)
+
     def committed(self, state: TrainState) -> None:
         """A checkpoint covering every pending step is committed: log them to MLflow."""
         if self.mlflow and state.pending:

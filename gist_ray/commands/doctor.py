@@ -88,6 +88,21 @@ def doctor(
             raise GistRayError(f"--address {address}: the cluster has no node that can run a check")
     else:
         machines = [check_machine(settings, backend)]
+    ok = all(m["ok"] for m in machines)
+    print("\n".join(_lines(machines, skipped)), flush=True)
+    if json_path:  # before the verdict, so that the verdict is the last line on screen
+        doc = {"ok": ok, "settings": settings.to_dict(), "machines": machines,
+               "skipped_nodes": skipped}  # fmt: skip
+        try:
+            fileio.write_json(json_path, doc)
+        except OSError as e:
+            raise GistRayError(f"--json {json_path}: cannot write it ({e.strerror or e})") from e
+        log.info("wrote %s", json_path)
+    print("\n".join(verdict(machines)), flush=True)
+    return 0 if ok else EXIT_FAILED
+
+
+def _lines(machines: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for m in machines:
         title = ""
@@ -96,15 +111,4 @@ def doctor(
         lines += [*machine_lines(m, title), ""]
     for n in skipped:
         lines.append(f"node {n['node_ip']} (node id {n['node_id'][:12]}): not checked ({n['why']})")
-    lines += verdict(machines)
-    print("\n".join(lines), flush=True)
-    ok = all(m["ok"] for m in machines)
-    if json_path:
-        doc = {"ok": ok, "settings": settings.to_dict(), "machines": machines,
-               "skipped_nodes": skipped}  # fmt: skip
-        try:
-            fileio.write_json(json_path, doc)
-        except OSError as e:
-            raise GistRayError(f"--json {json_path}: cannot write it ({e.strerror or e})") from e
-        log.info("wrote %s", json_path)
-    return 0 if ok else EXIT_FAILED
+    return lines

@@ -148,7 +148,11 @@ def _run_rank(tmp: Path, rank: int) -> None:
         worst = torch.tensor([loss_err, grad_err], dtype=torch.float64, device=device)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         if rank == 0:
-            out = {"loss": one.item(), "loss_err": worst[0].item(), "grad_err": worst[1].item()}
+            out = {
+                "one_process_loss": one.item(),
+                "loss_err": worst[0].item(),
+                "grad_err": worst[1].item(),
+            }
             (tmp / "result.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()

@@ -16,8 +16,14 @@ import torch
 from gist_ray.loss.op import tiled
 from gist_ray.loss.plan import DIAG_EXCLUDE, DIAG_PROTECT, Problem, build_segments
 
-B, N, D, D_G = 4096, 16384, 768, 1024  # query rows, candidates per segment, widths
+SIZES = (4096, 16384, 768, 1024)  # query rows, candidates per segment, student, guide widths
+SQUARE = 8192  # the square bf16 matmul
 REPS = 3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _problem(b: int, n: int, d: int, d_g: int, device: torch.device) -> Problem:
@@ -59,49 +65,62 @@ def materialised(p: Problem) -> torch.Tensor:
 def _seconds(fn: Callable[[], torch.Tensor], p: Problem) -> float:
     """Median wall time of forward + backward (after one warm-up run: compilation)."""
 
+    device = p.left[0].device
+
     def once() -> float:
         for x in p.cands:
             x.grad = None
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         fn().sum().backward()
-        torch.cuda.synchronize()
+        _sync(device)
         return time.perf_counter() - t0
 
     once()
     return sorted(once() for _ in range(REPS))[REPS // 2]
 
 
-def matmul_tflops(m: int, k: int, n: int, device: torch.device) -> float:
-    """bf16 ``[m, k] × [k, n]`` rate, the better of that shape and a square 8192³."""
+def matmul_tflops(m: int, k: int, n: int, device: torch.device, square: int = SQUARE) -> float:
+    """bf16 ``[m, k] × [k, n]`` rate, the better of that shape and a square one."""
     best = 0.0
-    for mm, kk, nn in ((m, k, n), (8192, 8192, 8192)):
+    for mm, kk, nn in ((m, k, n), (square,) * 3):
         x = torch.randn(mm, kk, device=device, dtype=torch.bfloat16)
         y = torch.randn(nn, kk, device=device, dtype=torch.bfloat16)
         for _ in range(3):
             x @ y.T
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(10):
             x @ y.T
-        torch.cuda.synchronize()
+        _sync(device)
         best = max(best, 2 * mm * kk * nn * 10 / (time.perf_counter() - t0) / 1e12)
         del x, y
     return best
 
 
-def speed(device: torch.device, backend: str = "triton") -> dict[str, Any]:
-    """The figure on ``device`` (CUDA). FLOPs are counted minimally: the student and guide tiles
-    once and dL, dC once, ``2·b·(4N)·(3d + d_g)``."""
-    p = _problem(B, N, D, D_G, device)
+def _digits(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def speed(
+    device: torch.device,
+    backend: str = "triton",
+    sizes: tuple[int, int, int, int] = SIZES,
+    square: int = SQUARE,
+) -> dict[str, Any]:
+    """The figure on ``device`` (a GPU; smaller ``sizes`` and ``square`` for a dry run on the
+    CPU). FLOPs are counted minimally: the student and guide tiles once and dL, dC once,
+    ``2·b·(4N)·(3d + d_g)``."""
+    b, n, d, d_g = sizes
+    p = _problem(b, n, d, d_g, device)
     kernel = _seconds(lambda: tiled([p], backend)[0].loss, p)
     reference = _seconds(lambda: materialised(p), p)
-    mm = matmul_tflops(B, D_G, N, device)
-    rate = 2.0 * B * (4 * N) * (3 * D + D_G) / kernel / 1e12
+    mm = matmul_tflops(b, d_g, n, device, square)
+    rate = 2.0 * b * (4 * n) * (3 * d + d_g) / kernel / 1e12
     return {
-        "b": B, "pool": N, "segments": 4, "d": D, "d_g": D_G, "dtype": "bfloat16",
-        "kernel_ms": round(kernel * 1e3, 2), "reference_bf16_ms": round(reference * 1e3, 2),
-        "speedup_vs_reference": round(reference / kernel, 2),
-        "kernel_tflops": round(rate, 1), "matmul_bf16_tflops": round(mm, 1),
-        "fraction_of_matmul": round(rate / mm, 3),
+        "b": b, "pool": n, "segments": 4, "d": d, "d_g": d_g, "dtype": "bfloat16",
+        "kernel_ms": _digits(kernel * 1e3), "reference_bf16_ms": _digits(reference * 1e3),
+        "speedup_vs_reference": _digits(reference / kernel),
+        "kernel_tflops": _digits(rate), "matmul_bf16_tflops": _digits(mm),
+        "fraction_of_matmul": _digits(rate / mm),
     }  # fmt: skip

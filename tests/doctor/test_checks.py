@@ -101,3 +101,38 @@ def test_the_real_backend_passes_with_matryoshka_and_hardness():
     assert 0 < small["masked_fraction"] < 0.5
     text = "\n".join(machine_lines(report))
     assert "Triton kernel was NOT checked" in text and "GPUs: none" in text
+
+
+def test_the_speed_figures_reference_is_the_loss_and_the_figure_runs():
+    """The GPU's speed figure, dry-run on the CPU at toy sizes: its materialised reference is
+    the loss (equal to the reference backend on float32 inputs), and every number is there."""
+    from dataclasses import replace
+
+    from gist_ray.doctor.speed import _problem, materialised, speed
+    from gist_ray.loss.reference import reference_backend
+
+    p = _problem(24, 96, 32, 40, CPU)
+    p32 = replace(p, left=tuple(x.float() for x in p.left), cands=tuple(x.float() for x in p.cands),
+                  guide_left=tuple(x.float() for x in p.guide_left),
+                  guide_cands=tuple(x.float() for x in p.guide_cands))  # fmt: skip
+    expected = reference_backend(p32).loss
+    assert torch.allclose(materialised(p32), expected, rtol=1e-5, atol=1e-4)
+    figure = speed(CPU, "chunked", sizes=(24, 96, 32, 40), square=64)
+    assert figure["b"] == 24 and figure["pool"] == 96
+    for key in ("kernel_ms", "reference_bf16_ms", "kernel_tflops", "matmul_bf16_tflops"):
+        assert figure[key] > 0, key
+    assert figure["speedup_vs_reference"] > 0 and figure["fraction_of_matmul"] > 0
+
+
+def test_the_triton_kernels_outputs_pass_the_same_comparison():
+    """The GPU path's backend, run by Triton's interpreter on CPU tensors (tests/conftest.py sets
+    TRITON_INTERPRET=1 without a GPU): the comparison takes the kernel's outputs as they are."""
+    settings = Settings(matryoshka_dims=(32, 16), hardness_alpha=1.0)
+    (case,) = _small_only(settings)
+
+    def kernel(problems):
+        return tiled(list(problems), "triton")
+
+    record = check_case(case, torch.float32, CPU, settings, kernel, seed=5)
+    assert record["ok"], record
+    assert record["mask_mismatch_rows"] == 0 and record["loss_err"] < 1e-4

@@ -2,7 +2,7 @@
 ``gist_loss(gather=True)`` (the all-gather with gradient of gist_ray.core.distributed), must give
 the loss and the gradients of one process holding all W·b rows (docs/loss.md "Global pool").
 
-:func:`check_gather` starts W fresh Python processes (``python -m gist_ray.doctor.gather``):
+:func:`check_gather` starts W fresh Python processes (each runs :func:`main`):
 one per GPU with NCCL on CUDA, gloo processes on the CPU. Every process draws the same global
 batch (seeded), runs its own rows with the gather and the whole batch without it, and compares:
 the mean of the W local losses with the one-process loss, and each local row's gradient, divided
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from gist_ray.doctor.settings import DTYPE_NAMES, Settings
 ROWS = {"cuda": 256, "cpu": 16}  # local rows per process
 WIDTHS = {"cuda": (256, 128), "cpu": (32, 32)}  # student (unless Matryoshka says), guide
 TIMEOUT_S = 300
+# One rank (not `python -m` of this module: the package imports it first, and runpy warns).
+WORKER = "import sys; from gist_ray.doctor.gather import main; sys.exit(main(*sys.argv[1:3]))"
 
 
 def check_gather(
@@ -53,7 +54,7 @@ def check_gather(
         procs = []
         for rank in range(processes):
             log = open(Path(tmp) / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-            cmd = [sys.executable, "-m", "gist_ray.doctor.gather", tmp, str(rank)]
+            cmd = [sys.executable, "-c", WORKER, tmp, str(rank)]
             procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         timed_out = _wait([proc for proc, _ in procs], timeout)
         for proc, log in procs:
@@ -166,8 +167,3 @@ def main(tmp: str, rank: str) -> int:
         err = {"rank": int(rank), "error": one_line(e), "traceback": traceback.format_exc()}
         (Path(tmp) / f"error{rank}.json").write_text(json.dumps(err))
         return 1
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    sys.exit(main(*sys.argv[1:3]))

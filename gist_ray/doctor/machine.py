@@ -10,6 +10,7 @@ kernel was not. With two or more GPUs (or ``processes`` set) the all-gather chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,17 @@ def check_device(
     """The correctness records of one device: every dtype on the small case, then on the seams.
     ``backend``: what is checked (default: the tiled backend ``settings`` names for the device,
     through the custom op training calls)."""
+    with _current(device):
+        return _check_device(device, settings, backend, progress)
+
+
+def _current(device: torch.device):
+    """``device`` as the current CUDA device: Triton launches on the current device, whatever
+    device the tensors are on."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_device(device, settings, backend, progress) -> list[dict[str, Any]]:
     name = settings.backend_on(device)
     run = backend or _backend(name)
     where = str(device) if device.type == "cuda" else "cpu"
@@ -95,7 +107,8 @@ def check_machine(
             try:
                 from gist_ray.doctor.speed import speed
 
-                figure = speed(device, settings.backend_on(device))
+                with _current(device):
+                    figure = speed(device, settings.backend_on(device))
                 report["speed"].append({"device": str(device), **figure})
             except Exception as e:  # noqa: BLE001 - a figure, not a check
                 report["speed"].append({"device": str(device), "error": one_line(e)})

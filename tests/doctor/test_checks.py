@@ -136,3 +136,18 @@ def test_the_triton_kernels_outputs_pass_the_same_comparison():
     record = check_case(case, torch.float32, CPU, settings, kernel, seed=5)
     assert record["ok"], record
     assert record["mask_mismatch_rows"] == 0 and record["loss_err"] < 1e-4
+
+
+def test_a_failing_process_of_the_gather_check_is_reported_not_waited_for():
+    """NCCL processes on a machine without CUDA: every rank fails at once, and the check says
+    which and why instead of waiting for the process group's timeout."""
+    import time
+
+    from gist_ray.doctor.gather import check_gather
+
+    t0 = time.monotonic()
+    record = check_gather(Settings(), 2, "cuda", torch.bfloat16, timeout=120)
+    assert time.monotonic() - t0 < 100
+    assert not record["ok"] and record["error"].startswith("rank "), record
+    assert "CUDA" in record["error"] or "cuda" in record["error"], record["error"]
+    assert "Traceback" in record["traceback"]

@@ -5,6 +5,7 @@ same signature, passed through check_device's ``backend`` parameter."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gist_ray.doctor import Settings
@@ -138,6 +139,7 @@ def test_the_triton_kernels_outputs_pass_the_same_comparison():
     assert record["mask_mismatch_rows"] == 0 and record["loss_err"] < 1e-4
 
 
+@pytest.mark.slow  # several processes
 def test_a_failing_process_of_the_gather_check_is_reported_not_waited_for():
     """NCCL processes on a machine without CUDA: every rank fails at once, and the check says
     which and why instead of waiting for the process group's timeout."""

@@ -83,7 +83,7 @@ def test_doctor_prints_its_table_and_verdict_and_writes_json(tmp_path):
     assert doc["settings"]["matryoshka_dims"] == [] and doc["settings"]["hardness_alpha"] == 0
 
 
-def test_the_configs_matryoshka_hardness_and_dtype_are_checked_and_gathered(tmp_path):
+def _config(tmp_path: Path) -> Path:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"model_kwargs": {"dtype": "bfloat16"}},
@@ -91,27 +91,44 @@ def test_the_configs_matryoshka_hardness_and_dtype_are_checked_and_gathered(tmp_
                  "hardness_alpha": 2.0, "hardness_mode": "in_batch_negatives",
                  "margin": 0.1, "margin_strategy": "relative", "temperature": 0.05},
     }))  # fmt: skip
+    return config
+
+
+VARIANT = "widths 48/16, hardness 2 in_batch_negatives"
+
+
+def test_the_configs_matryoshka_hardness_and_dtype_are_checked(tmp_path):
     out = tmp_path / "doctor.json"
-    proc = _doctor("--config", str(config), "--processes", "2", "--json", str(out), cwd=tmp_path)
+    proc = _doctor("--config", str(_config(tmp_path)), "--json", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    variant = "widths 48/16, hardness 2 in_batch_negatives"
     rows = _rows(proc.stdout)
     assert [(r[3], r[4], r[5], r[-1]) for r in rows] == [
-        ("float32", variant, "small", "OK"), ("bfloat16", variant, "small", "OK"),
-        ("float32", variant, "seams", "OK"), ("bfloat16", variant, "seams", "OK"),
-        ("float32", variant, "all-gather", "OK"),
+        ("float32", VARIANT, "small", "OK"), ("bfloat16", VARIANT, "small", "OK"),
+        ("float32", VARIANT, "seams", "OK"), ("bfloat16", VARIANT, "seams", "OK"),
     ]  # fmt: skip
-    assert rows[-1][6] == "2x b=16"
-    assert "verdict: OK (5 checks passed)" in proc.stdout
+    assert "verdict: OK (4 checks passed)" in proc.stdout
     doc = json.loads(out.read_text())
     s = doc["settings"]
     assert s["matryoshka_dims"] == [48, 16] and s["hardness_mode"] == "in_batch_negatives"
     assert s["cpu_dtypes"] == ["float32", "bfloat16"] and s["temperature"] == 0.05
     checks = doc["machines"][0]["checks"]
-    assert [c["d"] for c in checks[:4]] == [48] * 4  # the widest width is the student's
-    gather = checks[-1]
-    assert gather["processes"] == 2 and gather["loss_err"] <= gather["tolerance"]
-    assert gather["grad_err"] <= gather["tolerance"]
+    assert [c["d"] for c in checks] == [48] * 4  # the widest width is the student's
+    assert all(c["mask_mismatch_rows"] == 0 and 0 < c["masked_fraction"] < 0.5 for c in checks)
+
+
+@pytest.mark.slow  # several processes
+def test_the_all_gather_of_two_gloo_processes_equals_one_process(tmp_path):
+    out = tmp_path / "doctor.json"
+    proc = _doctor("--config", str(_config(tmp_path)), "--processes", "2", "--set",
+                   "model.model_kwargs={}", "--json", str(out), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert [(r[3], r[4], r[5], r[6], r[-1]) for r in rows][-1] == (
+        "float32", VARIANT, "all-gather", "2x b=16", "OK")  # fmt: skip
+    assert "verdict: OK (3 checks passed)" in proc.stdout
+    gather = json.loads(out.read_text())["machines"][0]["checks"][-1]
+    assert gather["processes"] == 2 and gather["pool"] == 32
+    assert gather["loss_err"] <= gather["tolerance"] and gather["grad_err"] <= gather["tolerance"]
 
 
 BROKEN_KERNEL = """

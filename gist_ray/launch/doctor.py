@@ -55,6 +55,11 @@ def check_cluster(cfg, settings: Settings, timeout: float) -> dict[str, Any]:
     cluster.connect(cfg)
     try:
         chosen, skipped = targets(ray.nodes())
+        kind = "GPU" if any(n["Resources"].get("GPU", 0) >= 1 for n in chosen) else "CPU"
+        left_out = [{"node_id": n["NodeID"], "node_ip": n.get("NodeManagerAddress", "?"),
+                     "why": f"no {kind}"} for n in skipped]  # fmt: skip
+        if not chosen:
+            return {"nodes": [], "skipped_nodes": left_out}
         task = ray.remote(_check_node)
         pending = {}
         for node in chosen:
@@ -66,35 +71,21 @@ def check_cluster(cfg, settings: Settings, timeout: float) -> dict[str, Any]:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
             ).remote(settings.to_dict())
             pending[ref] = node
-        kind = "GPU" if any(n["Resources"].get("GPU", 0) >= 1 for n in chosen) else "CPU"
         log.info("checking %d %s node(s) of the cluster", len(chosen), kind)
-        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        _, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        held = "its GPUs" if kind == "GPU" else "its CPUs"
         reports = []
-        for ref in pending:
-            node = pending[ref]
-            if ref in late:
+        for ref, node in pending.items():
+            if ref in set(late):
                 ray.cancel(ref, force=True)
-                reports.append(
-                    failed_node(
-                        node,
-                        f"the check did not finish within {timeout:g} s "
-                        "(are the node's GPUs held by another job?)",
-                    )
-                )
+                why = f"the check did not finish within {timeout:g} s (are {held} held by a job?)"
+                reports.append(failed_node(node, why))
                 continue
             try:
                 reports.append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 - a node's failure is its report
                 cause = getattr(e, "cause", None) or e  # a RayTaskError's own exception
                 reports.append(failed_node(node, f"the check's task failed: {one_line(cause)}"))
-        left_out = [
-            {
-                "node_id": n["NodeID"],
-                "node_ip": n.get("NodeManagerAddress", "?"),
-                "why": "no GPU" if kind == "GPU" else "no CPU",
-            }
-            for n in skipped
-        ]
         return {"nodes": reports, "skipped_nodes": left_out}
     finally:
         cluster.shutdown()

@@ -1,5 +1,5 @@
 """The ``gist-ray`` command line: ``train``, ``cache-guide``, ``mine``, ``init``, ``config``,
-``eval``.
+``eval``, ``doctor``.
 
 The terminal shows gist-ray's own lines (the ``gist_ray`` logger; for ``eval`` on stderr) and a
 command's result on stdout. ``train``, ``cache-guide`` and ``mine`` send everything else (Ray,
@@ -7,8 +7,9 @@ MLflow, transformers, datasets) to ``<output_dir>/gist-ray.log``, shown live wit
 its path is printed at the end and with an error.
 
 Exit status: 0 success; 1 an unexpected error (the traceback is in the log, or shown with
-``--debug``); 2 a user error (bad config, data, model or cluster: one line saying what to
-change; also a bad command line); 130 interrupted (Ctrl-C); 141 the output pipe was closed.
+``--debug``) or a failed ``doctor`` check; 2 a user error (bad config, data, model or cluster:
+one line saying what to change; also a bad command line); 130 interrupted (Ctrl-C); 141 the
+output pipe was closed.
 """
 
 from __future__ import annotations
@@ -133,7 +134,45 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(cfg, verbose=False)
     _add_eval_parser(sub)
+    _add_doctor_parser(sub)
     return parser
+
+
+def _add_doctor_parser(sub) -> None:
+    doc = sub.add_parser(
+        "doctor",
+        help="check this machine (or every GPU node of a Ray cluster) before a long job",
+        description="Check that the loss works on this hardware before a long job: versions, "
+        "GPUs, the Triton kernel's tile plans for the config's dtypes, Matryoshka widths and "
+        "hardness, each against the reference loss (forward and backward, on a small size and "
+        "on sizes that cross the kernel's column splits and backward chunks), a speed figure "
+        "on each GPU, and with two or more GPUs the all-gather against one process. Without "
+        "CUDA it checks the chunked backend and says that the kernel was not checked. Exit "
+        "status 1 when a check fails.",
+    )
+    _add_config_args(doc, verbose=False)
+    doc.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    doc.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="a Ray cluster (HOST:6379, ray://HOST:10001 or auto): check every GPU node of it "
+        "(every node on a cluster without GPUs), one table per node",
+    )
+    doc.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="processes of the all-gather check (default: one per GPU with two or more GPUs, "
+        "else none); on a machine without CUDA, N gloo processes; 0 skips it",
+    )
+    doc.add_argument("--no-speed", action="store_true", help="skip the speed figure on GPUs")
+    doc.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="--address: how long to wait for the nodes' checks (default: %(default)g)",
+    )
 
 
 def _add_mine_parser(sub) -> None:
@@ -206,6 +245,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     options += ("max_seq_length", "batch_size", "device", "seed", "output", "dims")
     evaluate(args.model, **{k: getattr(args, k) for k in options})
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from gist_ray.commands.doctor import doctor
+    from gist_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: must be > 0")
+    return doctor(cfg, address=args.address, json_path=args.json, processes=args.processes,
+                  speed=not args.no_speed, timeout=args.timeout)  # fmt: skip
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -326,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "init": _cmd_init,
         "config": _cmd_config,
         "eval": _cmd_eval,
+        "doctor": _cmd_doctor,
     }
     try:
         return handlers[args.command](args)

@@ -215,7 +215,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_exports_the_model(
     cfg = runs["cfg"]
     shutil.rmtree(Path(cfg.output_dir) / "model")
     again = train(cfg)
-    assert f"already complete ({STEPS}/{STEPS} steps)" in capsys.readouterr().out
+    assert f"already complete ({STEPS}/{STEPS} steps, checkpoint " in capsys.readouterr().out
     assert again["run_id"] == runs["resumed"]["run_id"]
     _assert_same_model(again, reference)
     _assert_step_axis(again, reference)

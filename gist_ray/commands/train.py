@@ -221,12 +221,8 @@ def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
         "after": after,
         "wall_time_s": wall,
         "final": final,
-        "checkpoint": run.found.where if run.complete else _checkpoint_path(checkpoint),
+        "checkpoint": run.found.where if run.complete else str(checkpoint.path),
     }
-
-
-def _checkpoint_path(checkpoint) -> str:
-    return str(checkpoint.path)
 
 
 def _stopped_at(cfg: Config, run: _Run) -> str:

@@ -8,8 +8,8 @@ its path is printed at the end and with an error.
 
 Exit status: 0 success; 1 an unexpected error (the traceback is in the log, or shown with
 ``--debug``) or a failed ``doctor`` check; 2 a user error (bad config, data, model or cluster:
-one line saying what to change; also a bad command line); 130 interrupted (Ctrl-C); 141 the
-output pipe was closed.
+one line saying what to change; also a bad command line); 130 interrupted (Ctrl-C, SIGINT); 141
+the output pipe was closed; 143 terminated (SIGTERM: a scheduler, ``ray job stop``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from gist_ray.core import log
-from gist_ray.core.errors import ConfigError, GistRayError
+from gist_ray.core.errors import ConfigError, GistRayError, Interrupted
 
 _log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(init, verbose=False)
     train = sub.add_parser("train", help="fine-tune a student with a guide (default: offline demo)")
     _add_config_args(train)
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over from step 0: remove the checkpoints of the run in output_dir (by "
+        "default a rerun resumes it); its MLflow run stays",
+    )
     cache = sub.add_parser(
         "cache-guide", help="embed every training text with the guide once (sharded on Ray)"
     )
@@ -313,7 +320,7 @@ def _open_log(cfg, args: argparse.Namespace) -> Path:
 def _cmd_train(args: argparse.Namespace) -> int:
     from gist_ray.commands.train import train
 
-    return _logged(args, train)
+    return _logged(args, lambda cfg: train(cfg, fresh=args.fresh))
 
 
 def _cmd_cache_guide(args: argparse.Namespace) -> int:
@@ -336,11 +343,22 @@ def _logged(args: argparse.Namespace, command) -> int:
     from gist_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    _SIGNALLED.clear()
+    signal.signal(signal.SIGTERM, _terminate)  # a scheduler's stop: an interrupt, not a kill
     path = _open_log(cfg, args)
     command(cfg)
     log.console.end_status()
     print(f"full log:    {path}")
     return 0
+
+
+_SIGNALLED: list[int] = []  # the termination signal received (Ray's ray.get re-raises what a
+# signal handler raised as a plain KeyboardInterrupt, losing which signal it was)
+
+
+def _terminate(signum: int, frame) -> None:
+    _SIGNALLED.append(signum)
+    raise Interrupted(signum=signum)
 
 
 def _one_line(e: BaseException) -> str:
@@ -386,10 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _report(f"gist-ray: error: {e}", debug_hint=False)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         log.to_file(traceback.format_exc())
-        _report("gist-ray: interrupted", debug_hint=False)
-        return EXIT_INTERRUPTED
+        _report(f"gist-ray: {str(e) or 'interrupted'}", debug_hint=False)
+        signum = getattr(e, "signum", None) or (_SIGNALLED or [signal.SIGINT])[-1]
+        return 128 + signum
     except BrokenPipeError:
         # The reader went away (`gist-ray eval ... | head`): stop quietly, as `cat` would.
         # Python's last flush of stdout at exit would fail again and print a traceback.

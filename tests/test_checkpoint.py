@@ -54,7 +54,7 @@ def test_truncated_state_file_is_refused(saved):
     (path / ckpt.STATE_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(GistRayError, match="corrupt or truncated: state.pt is") as e:
         ckpt.load_checkpoint(path, ckpt.identity(cfg))
-    assert "delete it" in _one_line(e)
+    assert "--fresh" in _one_line(e)
 
 
 def test_truncated_weights_are_refused(saved):
@@ -87,18 +87,24 @@ def test_missing_or_unreadable_manifest_is_refused(saved):
 def test_checkpoint_of_another_model_or_config_is_refused(saved, tiny_models):
     cfg, path = saved
     other = load_config(overrides=[f"model.student={tiny_models['guide']}"])
-    with pytest.raises(GistRayError, match="incompatible: it was written with model.student") as e:
+    with pytest.raises(GistRayError, match="another config.*: model.student ") as e:
         ckpt.load_checkpoint(path, ckpt.identity(other))
-    assert "mlflow.run_name" in _one_line(e)
-    lr = load_config(overrides=[f"model.student={tiny_models['student']}", "train.lr=1"])
-    with pytest.raises(GistRayError, match="train.lr = 3e-05"):
-        ckpt.load_checkpoint(path, ckpt.identity(lr))
+    assert "--fresh" in _one_line(e)
+    # Every changed key is named, with the checkpoint's value and this run's.
+    two = load_config(
+        overrides=[f"model.student={tiny_models['student']}", "train.lr=1", "train.batch_size=4"]
+    )
+    with pytest.raises(GistRayError) as e:
+        ckpt.load_checkpoint(path, ckpt.identity(two))
+    assert "train.batch_size (" in str(e.value) and "train.lr (3e-05 -> 1" in str(e.value)
+    assert "\n" not in str(e.value)
     # Operational keys may change on resume.
     ops = load_config(
         overrides=[
             f"model.student={tiny_models['student']}",
             "train.max_failures=3",
             "train.checkpoint_every=7",
+            "train.checkpoint_minutes=1",
         ]
     )
     ckpt.load_checkpoint(path, ckpt.identity(ops))
@@ -112,3 +118,57 @@ def test_rng_state_roundtrip_replays_dropout():
     ckpt.set_rng_state(state)
     b = torch.nn.functional.dropout(torch.ones(100), 0.5)
     assert torch.equal(a, b)
+
+
+def _due_worker(rank: int, port: int, out_dir: str, results: str) -> None:
+    """One rank asking ``due`` with its own clock: rank 0 late, rank 1 not, then the reverse."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = load_config(overrides=[f"output_dir={out_dir}", "train.checkpoint_every=100"])
+        checkpointer = ckpt.Checkpointer(cfg, ckpt.LocalReporter(out_dir))
+        answers = []
+        for late_rank in (0, 1):
+            late = time.monotonic() - 11 * 60  # past the default 10 minutes
+            checkpointer._saved_at = late if rank == late_rank else time.monotonic()
+            answers.append(checkpointer.due(3, 1000))
+        with open(f"{results}.{rank}", "w") as f:
+            json.dump(answers, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoint_by_time_is_decided_by_rank_0_for_every_rank(tmp_path):
+    """The save is collective: ranks whose clocks disagree must still agree on a time-based
+    checkpoint (rank 0's clock decides), or one would wait in the save forever."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = tmp_path / "due"
+    torch.multiprocessing.spawn(_due_worker, args=(port, str(tmp_path), str(results)), nprocs=2)
+    got = [json.loads((tmp_path / f"due.{r}").read_text()) for r in (0, 1)]
+    assert got == [[True, False], [True, False]]
+
+
+def test_checkpoint_by_time_alone(tmp_path):
+    """Between ``checkpoint_every`` steps a checkpoint is due once ``checkpoint_minutes`` passed
+    since the last one; 0 turns the clock off."""
+    import time
+
+    cfg = load_config(overrides=[f"output_dir={tmp_path}", "train.checkpoint_every=100"])
+    checkpointer = ckpt.Checkpointer(cfg, ckpt.LocalReporter(tmp_path))
+    assert not checkpointer.due(3, 1000)
+    assert checkpointer.due(100, 1000) and checkpointer.due(1000, 1000)
+    checkpointer._saved_at = time.monotonic() - 10 * 60 - 1
+    assert checkpointer.due(3, 1000)
+    cfg.train.checkpoint_minutes = 0
+    assert not checkpointer.due(3, 1000)
+    with pytest.raises(GistRayError, match="train.checkpoint_minutes"):
+        load_config(overrides=["train.checkpoint_minutes=-1"])

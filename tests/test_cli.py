@@ -92,6 +92,14 @@ def test_interrupt_exits_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "gist-ray: interrupted"
 
 
+def test_a_termination_signal_exits_143_with_where_the_run_stopped(monkeypatch, capsys):
+    from gist_ray.core.errors import Interrupted
+
+    stopped = "interrupted at step 7; last checkpoint at step 5; rerun the same command to resume"
+    assert _fail_with(monkeypatch, Interrupted(stopped, signum=15)) == 143
+    assert capsys.readouterr().err.strip() == f"gist-ray: {stopped}"
+
+
 def test_closed_pipe_exits_141_quietly(monkeypatch, tmp_path, capsys):
     assert _fail_with(monkeypatch, BrokenPipeError()) == 141
     assert capsys.readouterr().err == ""

@@ -246,3 +246,51 @@ def test_a_relative_output_dir_in_a_job_is_refused_in_one_line(
     assert "set output_dir to an absolute path" in line
     assert "Traceback" not in logs
     assert not (tmp_path / "mlflow.db").exists(), "nothing started before the check"
+
+
+def test_ray_job_stop_marks_the_run_killed_and_says_where_to_resume(
+    ray_head, tiny_models, tiny_pairs_file, tmp_path
+):
+    """``ray job stop`` sends the job's driver SIGTERM (and SIGKILL 3 s later): the run ends
+    KILLED and the job's log ends with the interrupt's line."""
+    import mlflow
+
+    config = _job_config(tiny_models, tiny_pairs_file, tmp_path)
+    config["train"] = {"batch_size": 8, "max_steps": 300, "checkpoint_every": 5}
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(config))
+    job_id = f"gist-ray-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    job = [RAY, "job"]
+    where = ["--address", ray_head["address"]]
+    subprocess.run(
+        [*job, "submit", *where, "--submission-id", job_id, "--no-wait", "--working-dir"]
+        + [str(job_dir), "--runtime-env-json", json.dumps(runtime_env), "--"]
+        + ["gist-ray", "train", "--config", "job.yaml"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env=_env(),
+    )
+    checkpoints = tmp_path / "out" / "ray" / "job"
+    deadline = time.monotonic() + 300
+    # Two checkpoint folders: the first is committed (a worker writes the next only then).
+    while len(list(checkpoints.glob("checkpoint-*"))) < 2:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    subprocess.run([*job, "stop", *where, job_id], capture_output=True, timeout=120, env=_env())
+    logs = subprocess.run(
+        [*job, "logs", *where, job_id], capture_output=True, text=True, timeout=60, env=_env()
+    ).stdout
+    stopped = re.search(
+        r"gist-ray: interrupted at step \d+; last checkpoint at step (\d+); "
+        r"rerun the same command to resume",
+        logs,
+    )
+    assert stopped, logs[-3000:]
+    assert (checkpoints / f"checkpoint-{int(stopped.group(1)):07d}").is_dir()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("jobs")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'job'")
+    assert run.info.status == "KILLED"

@@ -71,7 +71,8 @@ def test_run_ends_with_checkpoint_and_model(trained):
     cfg, result = trained
     from pathlib import Path
 
-    ckpt = Path(cfg.output_dir) / "final-checkpoint"
+    ckpt = Path(result["checkpoint"])  # the last checkpoint, where Ray keeps it (no copy)
+    assert ckpt.parent.parent == Path(cfg.output_dir) / "ray" and ckpt.name == "checkpoint-0000005"
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["step"] == 5
     assert state["mlflow_run_id"] == result["run_id"]

@@ -3,6 +3,7 @@ export and evaluate the trained model, and log everything to one MLflow run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gist_ray.config import SELF, Config, validate_loss_for
-from gist_ray.core.errors import ConfigError, GistRayError
+from gist_ray.core.errors import ConfigError, Interrupted
 from gist_ray.launch.paths import check_job_paths
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,14 @@ class _Run:
     complete: bool  # its checkpoint already holds every step: nothing to train
     found: Any  # resume.FoundCheckpoint or None
     before: dict[str, float]  # eval-before metrics the run already holds
+    name: str  # the run's folder under ray.storage_path
 
 
-def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
-    """A new MLflow run, or, when ``mlflow.run_name`` names an existing one, that run resumed
-    from its latest checkpoint under ``ray.storage_path/run_name`` (refusing a mismatch)."""
-    from gist_ray.launch import resources, resume
+def _open_run(cfg: Config, tracking_uri: str, steps: int, fresh: bool = False) -> _Run:
+    """The run this output folder holds (``run.json``; or, without one, the run called
+    ``mlflow.run_name``) resumed from its latest checkpoint, refusing a checkpoint of another
+    config; else a new run. ``fresh``: remove that run's checkpoints and start a new one."""
+    from gist_ray.launch import resume
     from gist_ray.tracking import runs as tracking
 
     tags = {
@@ -63,59 +66,83 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int) -> _Run:
         "world_size": str(cfg.ray.num_workers),
         "gist_ray.command": "train",
     }
-    name, exp = cfg.mlflow.run_name, cfg.mlflow.experiment
+    exp = cfg.mlflow.experiment
+    record = resume.read_record(cfg)
+    if fresh:
+        resume.discard(cfg, record)
+        record = None
+    name = record.ray_name if record else (None if fresh else cfg.mlflow.run_name)
     found = resume.find_checkpoint(cfg, name) if name else None
-    existing = tracking.find_run(tracking_uri, exp, name) if name else None
-    if found is not None and (existing is None or existing.run_id != found.mlflow_run_id):
-        raise GistRayError(
-            f"{found.where} is a checkpoint (step {found.step}) of MLflow run "
-            f"{found.mlflow_run_id}, but experiment {exp!r} in {tracking_uri} has "
-            f"{'no' if existing is None else 'another'} run named {name!r}; point "
-            "mlflow.tracking_uri / mlflow.experiment at the original store, or use another "
-            "mlflow.run_name"
+    done = found.step if found else 0
+    existing = None  # the MLflow run to continue (one MLflow run per logical run)
+    if found is not None and found.mlflow_run_id:
+        existing = tracking.get_run(tracking_uri, found.mlflow_run_id)
+        if existing is None:
+            log.warning(
+                "checkpoint %s belongs to MLflow run %s, which %s does not hold: the resumed run "
+                "logs to a new MLflow run",
+                found.where,
+                found.mlflow_run_id,
+                tracking_uri,
+            )
+    elif record is not None:  # stopped before its first checkpoint
+        existing = tracking.get_run(tracking_uri, record.mlflow_run_id)
+    elif name:
+        existing = tracking.find_run(tracking_uri, exp, name)
+    if existing is not None and existing.last_step > done:
+        log.warning(
+            "MLflow run %s logged %d steps but the latest checkpoint is at step %d: training "
+            "from there as a new MLflow run",
+            existing.run_id,
+            existing.last_step,
+            done,
         )
-    if found is None and existing is not None and existing.last_step > 0:
-        raise GistRayError(
-            f"MLflow run {name!r} ({existing.run_id}) already logged {existing.last_step} steps "
-            f"but {resources.storage_path(cfg)}/{name} holds no checkpoint of it; set "
-            "ray.storage_path to where its checkpoints are, or use another mlflow.run_name"
+        existing = None
+    complete = found is not None and found.step >= steps
+    where = f"the run in {cfg.output_dir}"
+    if complete:
+        log.info(
+            "%s is already complete (%d/%d steps, checkpoint %s): not training again, exporting "
+            "its model (--fresh trains it again)",
+            where,
+            done,
+            steps,
+            found.where,
         )
+    elif found is not None:
+        log.info("resuming %s from step %d/%d (checkpoint %s)", where, done, steps, found.where)
+    elif record is not None:
+        log.info("%s stopped before its first checkpoint: training from step 0", where)
     if existing is None:
         run_id = tracking.start_run(
-            tracking_uri, exp, name, cfg.flat(), tags, cfg.mlflow.artifact_location
+            tracking_uri, exp, cfg.mlflow.run_name, cfg.flat(), tags, cfg.mlflow.artifact_location
         )
-        return _Run(run_id, False, False, None, {})
+        name = name or resume.run_dir_name(cfg, run_id)
+        resume.write_record(cfg, resume.RunRecord(name, run_id))
+        return _Run(run_id, False, complete, found, {}, name)
 
     tracking.reopen_run(tracking_uri, existing.run_id, cfg.flat(), tags)
-    done = found.step if found else 0
-    complete = found is not None and found.step >= steps
-    log.info(
-        "MLflow run %r (%s, was %s): %s",
-        name,
-        existing.run_id,
-        existing.status,
-        f"already complete ({done}/{steps} steps); not training again, exporting its model"
-        if complete
-        else f"resuming at step {done}/{steps}",
-    )
+    resume.write_record(cfg, resume.RunRecord(name, existing.run_id))
+    log.info("continuing MLflow run %s (was %s)", existing.run_id, existing.status)
     prefix = "eval/before/"
     before = {
         k[len(prefix) :].replace("_at_", "@"): v
         for k, v in existing.metrics.items()
         if k.startswith(prefix)
     }
-    return _Run(existing.run_id, True, complete, found, before)
+    return _Run(existing.run_id, True, complete, found, before, name)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run the whole ``train`` command; returns paths, run id and metrics."""
+def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
+    """Run the whole ``train`` command; returns paths, run id and metrics. The run this output
+    folder holds is resumed unless ``fresh``."""
     from gist_ray.eval.metrics import evaluate_model
     from gist_ray.launch import cluster, guide_job, resources, resume, trainer
     from gist_ray.models.encoder import export_model, load_encoder
     from gist_ray.models.lora import merge_adapter
     from gist_ray.models.spec import user_spec
     from gist_ray.tracking import datasets, results, runs
-    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR
+    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR, STAGING
 
     t0 = time.perf_counter()
     check_job_paths(cfg, runs.resolve_tracking_uri(cfg.mlflow.tracking_uri))
@@ -125,42 +152,46 @@ def train(cfg: Config) -> dict[str, Any]:
     tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     cluster.connect(cfg)
     resources.check_resources(cfg)
-    run = _open_run(cfg, tracking_uri, inputs.steps)
-    guide_caches = None if run.complete else guide_job.prepare_guide_cache(cfg, inputs.sets)
-    datasets.log_training_data(tracking_uri, run.run_id, inputs.sets)
-    before = run.before
-    if evalset is not None and not before:
-        log.info(
-            "evaluating %s before training (%d queries, %d documents)",
-            cfg.model.student,
-            len(evalset.queries),
-            len(evalset.corpus),
-        )
-        base = load_encoder(user_spec(cfg, cfg.model.student, cfg.model.revision), frozen=True)
-        before = evaluate_model(base, evalset, cfg.loss.matryoshka_dims)
+    run = _open_run(cfg, tracking_uri, inputs.steps, fresh)
     # A resumed run keeps its summary metrics: they must not gain a second value.
     logger = runs.RunLogger(tracking_uri, run.run_id, skip_logged=run.resumed)
-    logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
-    monitor = runs.start_system_metrics(tracking_uri, run.run_id)
-    runs.log_config(tracking_uri, run.run_id, cfg.to_yaml())
+    monitor = None
     try:
-        final_ckpt = (
-            resume.export_checkpoint(cfg, run.found.checkpoint)
+        guide_caches = None if run.complete else guide_job.prepare_guide_cache(cfg, inputs.sets)
+        datasets.log_training_data(tracking_uri, run.run_id, inputs.sets)
+        before = run.before
+        if evalset is not None and not before:
+            log.info(
+                "evaluating %s before training (%d queries, %d documents)",
+                cfg.model.student,
+                len(evalset.queries),
+                len(evalset.corpus),
+            )
+            base = load_encoder(user_spec(cfg, cfg.model.student, cfg.model.revision), frozen=True)
+            before = evaluate_model(base, evalset, cfg.loss.matryoshka_dims)
+        logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
+        monitor = runs.start_system_metrics(tracking_uri, run.run_id)
+        runs.log_config(tracking_uri, run.run_id, cfg.to_yaml())
+        checkpoint = (
+            run.found.checkpoint
             if run.complete
-            else trainer.run_training(cfg, run.run_id, tracking_uri, guide_caches)
+            else trainer.run_training(cfg, run.run_id, tracking_uri, run.name, guide_caches)
         )
-        trained = load_encoder(user_spec(cfg, str(final_ckpt / CHECKPOINT_MODEL_DIR)), frozen=True)
-        merged = cfg.model.lora.rank > 0 and cfg.model.lora_export == "merged"
-        if merged:  # evaluate and export the model the user gets: the adapter merged in
-            merge_adapter(trained.model)
-        after = evaluate_model(trained, evalset, cfg.loss.matryoshka_dims) if evalset else {}
-        card = _model_card(cfg, inputs, trained, before, after)
-        model_dir = export_model(
-            final_ckpt / CHECKPOINT_MODEL_DIR,
-            cfg.output_dir,
-            card,
-            trained.model if merged else None,
-        )
+        # The final checkpoint where it lies (a local storage path is not copied again).
+        with resume.local_checkpoint(checkpoint) as final_ckpt:
+            spec = user_spec(cfg, str(final_ckpt / CHECKPOINT_MODEL_DIR))
+            trained = load_encoder(spec, frozen=True)
+            merged = cfg.model.lora.rank > 0 and cfg.model.lora_export == "merged"
+            if merged:  # evaluate and export the model the user gets: the adapter merged in
+                merge_adapter(trained.model)
+            after = evaluate_model(trained, evalset, cfg.loss.matryoshka_dims) if evalset else {}
+            card = _model_card(cfg, inputs, trained, before, after)
+            model_dir = export_model(
+                final_ckpt / CHECKPOINT_MODEL_DIR,
+                cfg.output_dir,
+                card,
+                trained.model if merged else None,
+            )
         final = results.log_results(
             cfg, tracking_uri, run.run_id, model_dir, inputs.steps, before, after, evalset
         )
@@ -168,11 +199,20 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.log_metrics({"wall_time_s": wall}, step=0)
         runs.stop_system_metrics(monitor)
         logger.set_terminated("FINISHED")
+    except KeyboardInterrupt as e:
+        logger.set_terminated("KILLED")  # first: a scheduler's SIGKILL may follow soon
+        line = _stopped_at(cfg, run)
+        with contextlib.suppress(OSError):  # left empty unless a save was under way
+            (Path(cfg.output_dir) / STAGING).rmdir()
+        raise Interrupted(line, getattr(e, "signum", None)) from e
     except BaseException:
-        runs.stop_system_metrics(monitor)
         logger.set_terminated("FAILED")
         raise
+    finally:
+        runs.stop_system_metrics(monitor)
+    disk = _disk_line(cfg, run.name, model_dir)
     _print_summary(cfg, evalset, before, after, model_dir, run.run_id, tracking_uri, final, wall)
+    print(disk)
     return {
         "model_dir": str(model_dir),
         "run_id": run.run_id,
@@ -181,7 +221,40 @@ def train(cfg: Config) -> dict[str, Any]:
         "after": after,
         "wall_time_s": wall,
         "final": final,
+        "checkpoint": run.found.where if run.complete else str(checkpoint.path),
     }
+
+
+def _stopped_at(cfg: Config, run: _Run) -> str:
+    """The interrupt's line: how far training got and where a rerun resumes."""
+    from gist_ray.launch import cluster, trainer
+
+    saved = trainer.last_checkpoint_step(cfg, run.name)
+    reached = max(cluster.last_reported_step() or 0, saved or 0)
+    where = f"interrupted at step {reached}" if reached else "interrupted before training"
+    if saved is None:
+        return f"{where}; no checkpoint yet; rerun the same command to start again"
+    return f"{where}; last checkpoint at step {saved}; rerun the same command to resume"
+
+
+def _disk_line(cfg: Config, name: str, model_dir: Path) -> str:
+    """What the run keeps on disk, and where: the output folder (model, best model, log) and
+    the checkpoints (in it by default, else under ray.storage_path)."""
+    from gist_ray.launch.resume import du, human_size, run_dir
+
+    out = Path(cfg.output_dir)
+    ckpts = run_dir(cfg, name)
+    parts = [f"model {human_size(du(model_dir))}"]
+    local = Path(ckpts) if "://" not in ckpts else None
+    total = du(out)
+    if local is not None and local.is_dir():
+        size = du(local)
+        parts.append(f"checkpoints {human_size(size)} in {ckpts}")
+        if not local.resolve().is_relative_to(out.resolve()):
+            total += size
+    elif local is None:
+        parts.append(f"checkpoints in {ckpts}")
+    return f"on disk:     {human_size(total)} in {out} ({'; '.join(parts)})"
 
 
 @dataclass

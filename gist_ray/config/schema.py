@@ -140,6 +140,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     checkpoint_every: int = 50  # steps; a checkpoint is also written at the end
+    # ... and once this many minutes passed since the last one (bounds the work an interrupt
+    # loses; 0 = steps only)
+    checkpoint_minutes: float = 10.0
     log_every: int = 1
     max_failures: int = 0  # worker failures Ray Train recovers from (restart from checkpoint)
     # Recompute the transformer's activations in the backward pass: less memory, ~1/3 more compute

@@ -93,6 +93,12 @@ def validate(cfg: Config) -> Config:
     check(t.lr > 0, "train.lr", "must be > 0", t.lr)
     check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
     check(t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0", t.checkpoint_every)
+    check(
+        t.checkpoint_minutes >= 0,
+        "train.checkpoint_minutes",
+        "must be >= 0 (0 = by steps only)",
+        t.checkpoint_minutes,
+    )
     check(t.log_every > 0, "train.log_every", "must be > 0", t.log_every)
     check(
         t.guide_warmup_steps >= 0, "train.guide_warmup_steps", "must be >= 0", t.guide_warmup_steps

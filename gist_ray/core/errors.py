@@ -15,3 +15,13 @@ class DataError(GistRayError):
 
 class ModelError(GistRayError):
     """A model path or name does not exist or cannot be loaded."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or a termination signal (SIGTERM: a scheduler, ``ray job stop``).
+    ``str()`` says where the command stopped; the CLI exits with 128 + ``signum`` (None: the
+    signal that arrived, as the CLI saw it)."""
+
+    def __init__(self, message: str = "", signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 _STARTED: list[str] = []  # temporary folders of the local Ray clusters this process started
+_STEP_AT = re.compile(r"step (\d+)/\d+\b")  # rank 0's step line (gist_ray.train.progress)
+_LAST_STEP: list[int] = []  # the last training step a worker reported to this driver
 
 
 # An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (the GCS, the Ray Client
@@ -82,6 +86,19 @@ def connect(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _connect(cfg)
+    finally:
+        # Ray's core installs a crash handler for SIGTERM (a stack trace, then abort) over the
+        # one the process had: keep the process's (gist-ray's: an interrupt, exit 143).
+        if callable(on_sigterm):
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _connect(cfg: Config) -> None:
+    import ray
+
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)
@@ -152,6 +169,9 @@ class WorkerOutput:
         for line in data.get("lines") or ():
             if from_worker and line.startswith(console_log.PREFIX):
                 console_log.to_file(f"({name} pid={data.get('pid')}) {line}")
+                step = _STEP_AT.match(line[len(console_log.PREFIX) :])
+                if step is not None:
+                    _LAST_STEP[:] = [int(step.group(1))]
                 stream = "stderr" if data.get("is_err") else "stdout"
                 self.relay.show(line[len(console_log.PREFIX) :], stream)
             else:
@@ -192,6 +212,11 @@ def shutdown() -> None:
         ray.shutdown()
     while _STARTED:
         shutil.rmtree(_STARTED.pop(), ignore_errors=True)
+
+
+def last_reported_step() -> int | None:
+    """The last training step rank 0 reported (its step line), None before the first."""
+    return _LAST_STEP[0] if _LAST_STEP else None
 
 
 def alive_nodes() -> int:

@@ -1,11 +1,20 @@
-"""Checkpoints on storage: the run folder a rerun resumes from, and the models copied out of the
-last and the best checkpoint."""
+"""Checkpoints on storage: which run an output folder holds (``run.json``), the checkpoint a rerun
+resumes from, and the models copied out of the last and the best checkpoint.
+
+A run's identity is its output folder, as Hugging Face's Trainer resumes from its ``output_dir``:
+``<output_dir>/run.json`` names the run's folder under ``ray.storage_path`` and its MLflow run,
+so rerunning the same command finds the run and resumes it from its latest checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import shutil
 import tempfile
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +29,86 @@ log = logging.getLogger(__name__)
 NOT_VALIDATED = -1.0  # the score of a checkpoint no validation ranked (metrics are in [0, 1])
 
 
+RECORD = "run.json"  # in output_dir: the run this folder holds
+
+
 def run_dir_name(cfg: Config, run_id: str) -> str:
-    """The run's folder under the storage path: the MLflow run name, so a rerun finds it."""
+    """A new run's folder under the storage path: the MLflow run name when there is one."""
     return cfg.mlflow.run_name or f"gist-ray-{run_id[:8]}"
+
+
+def new_run_dir_name(cfg: Config) -> str:
+    """A new run's folder name before its MLflow run exists."""
+    return cfg.mlflow.run_name or f"gist-ray-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RunRecord:
+    """What ``<output_dir>/run.json`` says about the run the folder holds."""
+
+    ray_name: str  # the run's folder under ray.storage_path
+    mlflow_run_id: str
+
+
+def read_record(cfg: Config) -> RunRecord | None:
+    path = Path(cfg.output_dir) / RECORD
+    try:
+        raw = json.loads(path.read_text())
+        return RunRecord(str(raw["ray_name"]), str(raw["mlflow_run_id"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GistRayError(
+            f"{path} is unreadable ({type(e).__name__}); rerun with --fresh to start over"
+        ) from e
+
+
+def write_record(cfg: Config, record: RunRecord) -> None:
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    fileio.write_json(Path(cfg.output_dir) / RECORD, asdict(record))
+
+
+def run_dir(cfg: Config, name: str) -> str:
+    return f"{storage_path(cfg).rstrip('/')}/{name}"
+
+
+def discard(cfg: Config, record: RunRecord | None) -> None:
+    """``--fresh``: remove the checkpoints of the run in this output folder (or of the named
+    run), say what goes and what stays."""
+    names = {n for n in (record.ray_name if record else None, cfg.mlflow.run_name) if n}
+    for name in sorted(names):
+        where = run_dir(cfg, name)
+        local = Path(where) if "://" not in where else None
+        if local is not None and local.is_dir():
+            size = du(local)
+            shutil.rmtree(local)
+            log.info("--fresh: removed the earlier checkpoints %s (%s)", where, human_size(size))
+        elif local is None:
+            log.warning("--fresh: the checkpoints in %s stay (remote storage); delete them", where)
+    (Path(cfg.output_dir) / RECORD).unlink(missing_ok=True)
+    if record is not None:
+        log.info(
+            "--fresh: training from step 0 as a new MLflow run; MLflow run %s stays, and the "
+            "model in %s is replaced at the end",
+            record.mlflow_run_id,
+            cfg.output_dir,
+        )
+
+
+def du(path: str | Path) -> int:
+    """Bytes in the files under ``path`` (0 if it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 @dataclass
@@ -42,6 +128,8 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
     import ray.train
 
     run_dir = f"{storage_path(cfg).rstrip('/')}/{name}"
+    if "://" not in run_dir and not Path(run_dir).is_dir():
+        return None
     try:
         result = ray.train.Result.from_path(run_dir)
     except RuntimeError:  # no such folder, or no checkpoint snapshot in it: a fresh run
@@ -63,7 +151,7 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
     except (FileNotFoundError, OSError) as e:
         raise GistRayError(
             f"checkpoint {where} is incomplete: {ckpt.META_FILE} is missing; "
-            "delete it or use another mlflow.run_name"
+            "rerun with --fresh to start over"
         ) from e
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     sizes = {i.path[len(root) + 1 :]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
@@ -71,12 +159,18 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
     return FoundCheckpoint(found, int(meta["step"]), meta.get("mlflow_run_id"), where)
 
 
-def export_checkpoint(cfg: Config, checkpoint) -> Path:
-    """Copy a (possibly remote) checkpoint to ``<output_dir>/final-checkpoint``."""
-    local = Path(cfg.output_dir) / "final-checkpoint"
-    with fileio.atomic_dir(local) as tmp:
-        checkpoint.to_directory(str(tmp))
-    return local
+@contextlib.contextmanager
+def local_checkpoint(checkpoint) -> Iterator[Path]:
+    """The folder of a checkpoint on this machine: where it lies when the storage is local (no
+    second copy on disk), else a temporary download removed afterwards."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="gist-ray-final-") as tmp:
+        checkpoint.to_directory(tmp)
+        yield Path(tmp)
 
 
 def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:

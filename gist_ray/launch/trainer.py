@@ -4,7 +4,11 @@ validation of the ``eval.every`` checkpoints, fault tolerance, and a worker's ow
 Fault tolerance is Ray Train V2's: ``FailureConfig(max_failures)`` restarts the worker group
 after a worker or node dies and ``ray.train.get_checkpoint()`` hands the restarted workers the
 latest committed checkpoint; a new ``fit()`` with the same ``RunConfig(name, storage_path)``
-reloads the run's checkpoint list from storage, so rerunning a command resumes it."""
+reloads the run's checkpoint list from storage, so rerunning a command resumes it.
+
+Ctrl-C is gist-ray's, not Ray Train's: Ray's handler (installed by ``fit()``) aborts the run and
+exits the process with no word and status 1. Ours leaves a KeyboardInterrupt to the command,
+which aborts the run, marks the MLflow run KILLED and says where a rerun resumes."""
 
 from __future__ import annotations
 
@@ -19,13 +23,7 @@ from gist_ray.config import Config
 from gist_ray.core.errors import GistRayError
 from gist_ray.core.log import QUIET_BARS
 from gist_ray.launch.resources import storage_path
-from gist_ray.launch.resume import (
-    NOT_VALIDATED,
-    export_best,
-    export_checkpoint,
-    find_checkpoint,
-    run_dir_name,
-)
+from gist_ray.launch.resume import NOT_VALIDATED, export_best, find_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +103,14 @@ def _trainer(cfg: Config, entry, payload: dict[str, Any], validation=None, **run
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # V2's print patch echoes every line twice
     env.update(QUIET_BARS)  # a worker's progress bars are noise in the driver's log
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    return TorchTrainer(
+
+    class Trainer(TorchTrainer):
+        controller = None  # the Train controller actor, aborted on an interrupt
+
+        def _register_sigint_handler(self, controller) -> None:
+            self.controller = controller  # and SIGINT stays a KeyboardInterrupt (see above)
+
+    return Trainer(
         entry,
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -143,11 +148,15 @@ def _validation(cfg: Config, run_id: str, tracking_uri: str):
 
 
 def run_training(
-    cfg: Config, run_id: str, tracking_uri: str, guide_caches: list[str] | None = None
-) -> Path:
-    """Fit on the cluster (resuming the run's latest checkpoint if it has one); return the final
-    checkpoint's directory (local copy). ``guide_caches``: the datasets' guide cache folders,
-    built before (:func:`prepare_guide_cache`)."""
+    cfg: Config,
+    run_id: str,
+    tracking_uri: str,
+    name: str,
+    guide_caches: list[str] | None = None,
+):
+    """Fit on the cluster as run ``name`` under the storage path (resuming its latest checkpoint
+    if it has one); return the final checkpoint (a ``ray.train.Checkpoint``). ``guide_caches``:
+    the datasets' guide cache folders, built before (:func:`prepare_guide_cache`)."""
     import ray.train
 
     from gist_ray.train.evaluation import score_key
@@ -171,26 +180,47 @@ def run_training(
         _ray_entry,
         payload,
         validation,
-        name=run_dir_name(cfg, run_id),
+        name=name,
         checkpoint_config=keep,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
     )
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        _abort(trainer.controller)
+        raise
     except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's error
-        _resume_hint(cfg, run_dir_name(cfg, run_id))
+        _resume_hint(cfg, name)
         raise unwrap_worker_error(e) from e
     if result.checkpoint is None:
         raise GistRayError("training finished without a checkpoint")
     if score:
         export_best(cfg, run_id, result.best_checkpoints, score)
-    return export_checkpoint(cfg, result.checkpoint)
+    return result.checkpoint
+
+
+def _abort(controller) -> None:
+    """Ask the Train controller to stop its workers; not waited for (a scheduler's SIGKILL may
+    follow SIGTERM within seconds), and what it misses ends with this driver's Ray session."""
+    if controller is None:
+        return
+    try:
+        controller.abort.remote()
+    except Exception:  # noqa: BLE001 - already gone
+        log.debug("could not abort the Train controller", exc_info=True)
+
+
+def last_checkpoint_step(cfg: Config, name: str) -> int | None:
+    """The step of run ``name``'s latest committed checkpoint (None: none, or unreadable)."""
+    try:
+        found = find_checkpoint(cfg, name)
+    except GistRayError:
+        return None
+    return found.step if found is not None else None
 
 
 def _resume_hint(cfg: Config, name: str) -> None:
-    """After a failed fit, say where a rerun would resume (only named runs resume)."""
-    if not cfg.mlflow.run_name:
-        return
+    """After a failed fit, say where a rerun would resume."""
     try:
         found = find_checkpoint(cfg, name)
     except GistRayError:

@@ -124,6 +124,27 @@ def find_run(tracking_uri: str, experiment: str, run_name: str) -> ExistingRun |
     )
 
 
+def get_run(tracking_uri: str, run_id: str) -> ExistingRun | None:
+    """The run with this id, or None when the store does not hold it (or it was deleted)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_reachable(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        return None
+    return ExistingRun(
+        run.info.run_id,
+        run.info.status,
+        last_logged_step(client, run.info.run_id),
+        dict(run.data.metrics),
+    )
+
+
 def last_logged_step(client, run_id: str) -> int:
     """The last step with a ``loss`` value: every flushed step logs loss in the same batch."""
     return max((m.step for m in client.get_metric_history(run_id, STEP_KEY)), default=0)

@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ OPERATIONAL_KEYS = frozenset(
         "train.gradient_checkpointing",  # recomputes activations with the same dropout masks
         "model.lora_export",
         "train.checkpoint_every",
+        "train.checkpoint_minutes",
         "train.log_every",
         "train.max_failures",
         "loss.backend",
@@ -115,7 +117,7 @@ def parse_meta(text: str | bytes, where: str) -> dict[str, Any]:
     except ValueError as e:
         raise GistRayError(
             f"checkpoint {where} is corrupt: {META_FILE} is not valid JSON; "
-            "delete the checkpoint or use another mlflow.run_name"
+            "rerun with --fresh to start over"
         ) from e
     _check_format(meta, where)
     return meta
@@ -125,7 +127,7 @@ def _check_format(obj: Any, where: str) -> None:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION:
         raise GistRayError(
             f"checkpoint {where} has an unknown format (not written by this version of gist-ray); "
-            "delete it or use another mlflow.run_name"
+            "rerun with --fresh to start over"
         )
 
 
@@ -134,21 +136,28 @@ def check_meta(
 ) -> None:
     """Refuse a checkpoint of another config, or one whose files are missing or truncated."""
     written = meta.get("identity", {})
-    for key, want in expect.items():
-        got = written.get(key)
-        if got != want:
-            raise GistRayError(
-                f"checkpoint {where} is incompatible: it was written with {key} = {got!r}, "
-                f"this run has {want!r}; use another mlflow.run_name (or ray.storage_path), "
-                "or rerun with the original config"
-            )
+    changed = [key for key, want in expect.items() if written.get(key) != want]
+    if changed:
+        shown = ", ".join(
+            f"{key} ({_short(written.get(key))} -> {_short(expect[key])})" for key in changed
+        )
+        raise GistRayError(
+            f"checkpoint {where} belongs to a run with another config, so it cannot be resumed: "
+            f"{shown}; rerun with --fresh to start over, or restore "
+            f"{'that key' if len(changed) == 1 else 'those keys'}"
+        )
     for name, size in meta.get("files", {}).items():
         if sizes.get(name) != size:
             found = "missing" if name not in sizes else f"{sizes[name]} bytes, expected {size}"
             raise GistRayError(
                 f"checkpoint {where} is corrupt or truncated: {name} is {found}; "
-                "delete it or use another mlflow.run_name"
+                "rerun with --fresh to start over"
             )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_meta(directory: str | Path, expect: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +167,7 @@ def read_meta(directory: str | Path, expect: dict[str, Any]) -> dict[str, Any]:
     if not meta_path.is_file():
         raise GistRayError(
             f"checkpoint {directory} is incomplete: {META_FILE} is missing; "
-            "delete it or use another mlflow.run_name"
+            "rerun with --fresh to start over"
         )
     meta = parse_meta(meta_path.read_bytes(), str(directory))
     check_meta(meta, expect, _file_sizes(directory), str(directory))
@@ -176,7 +185,7 @@ def load_checkpoint(directory: str | Path, expect: dict[str, Any]) -> tuple[Path
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
         raise GistRayError(
             f"checkpoint {state_path} is corrupt or truncated ({type(e).__name__}); "
-            "delete it or use another mlflow.run_name"
+            "rerun with --fresh to start over"
         ) from e
     _check_format(state, str(state_path))
     return directory / CHECKPOINT_MODEL_DIR, state
@@ -248,6 +257,7 @@ class Checkpointer:
         self.staging = Path(cfg.output_dir) / STAGING
         if rank() == 0:  # a worker killed mid-save leaves a half-written folder here
             shutil.rmtree(self.staging, ignore_errors=True)
+        self._saved_at = time.monotonic()
 
     def close(self) -> None:
         """After the last step: the staging folder goes once it is empty (every checkpoint
@@ -259,7 +269,20 @@ class Checkpointer:
                 pass
 
     def due(self, step: int, total: int) -> bool:
-        return step % self.cfg.train.checkpoint_every == 0 or step == total
+        """Every ``train.checkpoint_every`` steps, at the end, and once ``train.checkpoint_minutes``
+        have passed since the last save. Collective: every rank calls it after every step."""
+        if step % self.cfg.train.checkpoint_every == 0 or step == total:
+            return True
+        minutes = self.cfg.train.checkpoint_minutes
+        if minutes <= 0:
+            return False
+        late = time.monotonic() - self._saved_at >= minutes * 60
+        if is_distributed():  # the save is collective: rank 0's clock decides for every rank
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([int(late)], device=device)
+            dist.broadcast(flag, src=0)
+            late = bool(flag.item())
+        return late
 
     def restore(self, state: TrainState, student) -> bool:
         """Load the latest checkpoint into ``state`` and ``student``; False when there is none."""
@@ -314,3 +337,4 @@ class Checkpointer:
                 },
             )
         self.reporter.report(metrics, str(path) if path else None, validate)
+        self._saved_at = time.monotonic()

@@ -54,6 +54,7 @@ class ShardEmbedder:
         self.batching = batching_for(device)
         self.folder, self.name = Path(folder), Path(folder).name
         self.manifest = read_manifest(self.folder)
+        self.guide.encode_batch(["warm-up"])  # a first forward's one-time set-up, done here
         self.report = report or (lambda _n: None)
         self.report(0)
 

@@ -51,6 +51,87 @@ def unique_pairs(n_texts: int) -> list[tuple[str, str]]:
     raise SystemExit(f"only {2 * len(out)} unique texts available")
 
 
+def cpu_snapshot() -> dict[int, tuple[str, float, int]]:
+    """pid -> (command line, CPU seconds so far, parent pid) for every process (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(d.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick, int(fields[1]))
+    return out
+
+
+class CpuSampler:
+    """Snapshots every half second while running, merged per pid, so a process that exits
+    before the end (a guide actor) keeps its last CPU figure."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.merged: dict[int, tuple[str, float, int]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.merged.update(cpu_snapshot())
+            if self.stop.wait(0.5):
+                self.merged.update(cpu_snapshot())
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self.before = cpu_snapshot()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.by_group = cpu_by_group(self.before, self.merged)
+
+
+def cpu_by_group(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, by kind of process: this process and its
+    descendants (the Ray cluster it started) by role, the rest as other users'."""
+    me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            if pid == me:
+                return True
+            if pid not in after or pid <= 1:
+                return False
+            pid = after[pid][2]
+        return False
+
+    groups: dict[str, float] = {}
+    for pid, (cmd, cpu, _parent) in after.items():
+        spent = cpu - before.get(pid, (cmd, 0.0, 0))[1]
+        if spent <= 0:
+            continue
+        if not ours(pid):
+            kind = "other users' processes"
+        elif pid == me:
+            kind = "driver (this process)"
+        elif "MapWorker" in cmd or "ShardEmbedder" in cmd:
+            kind = "guide actors"
+        elif "raylet" in cmd or "gcs_server" in cmd:
+            kind = "raylet + GCS"
+        elif "dashboard" in cmd or "runtime_env" in cmd or "log_monitor" in cmd:
+            kind = "Ray dashboard, agents, log monitor"
+        else:
+            kind = "other Ray processes"
+        groups[kind] = round(groups.get(kind, 0.0) + spent, 1)
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def st_encode(texts: list[str]) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
@@ -61,11 +142,13 @@ def st_encode(texts: list[str]) -> dict:
     model = SentenceTransformer(resolve_model_path("mpnet"), device="cpu")
     model.max_seq_length = 64
     model.encode(texts[:8], batch_size=8)
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.encode(texts, batch_size=64, show_progress_bar=False)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with CpuSampler() as sampler:
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.encode(texts, batch_size=64, show_progress_bar=False)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": wall, "cpu_seconds": cpu, "texts_per_s": len(texts) / wall,
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(),
+            "cpu_seconds_by_process": sampler.by_group}  # fmt: skip
 
 
 def gist_ray_job(pairs: list[tuple[str, str]], work: Path) -> dict:
@@ -87,9 +170,11 @@ def gist_ray_job(pairs: list[tuple[str, str]], work: Path) -> dict:
             f"output_dir={work / 'out'}",
         ]
     )
-    t0 = time.time()
-    (folder,) = cache_guide(cfg)
-    t1 = time.time()
+    with CpuSampler() as sampler:
+        t0 = time.time()
+        (folder,) = cache_guide(cfg)
+        t1 = time.time()
+    by_process = sampler.by_group
     job = dict(guide_job.LAST_JOB)
     texts = read_manifest(Path(folder))["unique_texts"]
     embed = job["ended"] - min(job["ready"])
@@ -106,6 +191,7 @@ def gist_ray_job(pairs: list[tuple[str, str]], work: Path) -> dict:
         "after_job_seconds": t1 - job["ended"],
         "texts_per_s": texts / embed,
         "command_texts_per_s": texts / (t1 - t0),
+        "cpu_seconds_by_process": by_process,  # over the whole command
     }
 
 
@@ -203,6 +289,16 @@ excluded throughout.
 {head}{chr(10).join(rows)}
 
 """
+    for n, run in r["runs"].items():
+        s, g = run["sentence_transformers"], run["gist_ray"]
+        text += (
+            f"CPU seconds at {n} texts, by process: during ST's encode "
+            f"({s['seconds']:.1f} s x {os.cpu_count()} cores): "
+            + ", ".join(f"{k} {v}" for k, v in s["cpu_seconds_by_process"].items())
+            + f"; during the whole gist-ray command ({g['command_seconds']:.1f} s): "
+            + ", ".join(f"{k} {v}" for k, v in g["cpu_seconds_by_process"].items())
+            + ".\n\n"
+        )
     text += (
         "setup: from the command's start to the job's submission (data loaded, texts hashed, "
         "unique texts written); first guide loaded: from the submission until the first actor "

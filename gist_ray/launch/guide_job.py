@@ -41,8 +41,8 @@ class JobLayout:
 def job_layout(node_cpus: list[int], node_gpus: list[int], texts: int, use_gpu: bool) -> JobLayout:
     """The job's actors for a cluster whose nodes have ``node_cpus`` CPUs and ``node_gpus`` GPUs.
 
-    GPU: one actor per GPU. CPU: one single-threaded actor per core (on 2 cores, two
-    one-thread processes embed about 20 % faster than one two-thread process: see
+    GPU: one actor per GPU. CPU: one single-threaded actor per core (measured on 2 cores: two
+    one-thread processes never slower than one two-thread process, 18 % less time on long texts;
     benchmarks/RESULTS.md), up to :data:`MAX_CPU_ACTORS_PER_NODE` per node. With less data
     than :data:`MIN_TEXTS_PER_ACTOR` per actor there are fewer actors, and each gets the cores
     the others leave idle, as long as they still fit on the nodes."""

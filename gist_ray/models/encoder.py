@@ -121,10 +121,8 @@ class Encoder(nn.Module):
         else:
             lengths = self.token_lengths(texts, prompt)
             batches = token_batches(lengths, batching.max_texts, batching.max_tokens)
-        out = torch.empty(len(texts), self.dim)
-        for idx in batches:
-            out[idx] = self.encode_batch([texts[i] for i in idx], prompt)
-        return out
+        return _in_order([(idx, self.encode_batch([texts[i] for i in idx], prompt))
+                          for idx in batches])  # fmt: skip
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -137,8 +135,8 @@ class Encoder(nn.Module):
 
     def retrieval_encoders(self, batch_size: int = 64):
         """(encode queries, encode documents) the way a user of the saved model would: its own
-        max length, ``encode_query`` / ``encode_document`` with its own prompts; float32 CPU."""
-
+        max length, ``encode_query`` / ``encode_document`` with its own prompts; float32 CPU.
+        On CUDA in batches by token budget under bf16 autocast, as :meth:`encode`."""
         batching = batching_for(self.device)
 
         def run(method):
@@ -156,11 +154,10 @@ class Encoder(nn.Module):
                     most = self.model.max_seq_length
                     ids = self.model.tokenizer(texts, truncation=bool(most), max_length=most)
                     lengths = [len(x) for x in ids["input_ids"]]
-                    out = torch.empty(len(texts), self.dim)
+                    batches = token_batches(lengths, batching.max_texts, batching.max_tokens)
                     with _autocast(self.device, batching.autocast):
-                        for idx in token_batches(lengths, batching.max_texts, batching.max_tokens):
-                            out[idx] = call([texts[i] for i in idx], len(idx))
-                    return out
+                        parts = [(i, call([texts[j] for j in i], len(i))) for i in batches]
+                    return _in_order(parts)
 
             return encode
 
@@ -192,6 +189,14 @@ class Encoder(nn.Module):
         with fileio.atomic_dir(path) as tmp, quiet_hf():
             self.model.save(str(tmp), create_model_card=False)
         return Path(path)
+
+
+def _in_order(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """Rows of batches taken in another order, put back at their indices."""
+    rows = torch.cat([emb for _, emb in parts])
+    out = torch.empty_like(rows)
+    out[torch.tensor([i for idx, _ in parts for i in idx])] = rows
+    return out
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -263,6 +263,11 @@ def test_cache_guide_builds_with_ray_data_then_a_second_job_loads(
         (folder,) = cache_guide(cfg)
     assert "unique texts (100%)" in caplog.text and "ETA" in caplog.text
     assert "built in" in caplog.text
+    from gist_ray.launch.guide_job import LAST_JOB
+
+    # 2 CPUs, 80 texts: two one-thread actors, each with a guide loaded, 5 shards of 16
+    assert (LAST_JOB["actors"], LAST_JOB["threads"], len(LAST_JOB["ready"])) == (2, 1, 2)
+    assert guide_cache.read_manifest(Path(folder))["shards"] == 5
     assert folder.startswith(str(tmp_path / "shared-cache"))
     cache = guide_cache.GuideCache(folder, 40)
     guide = load_encoder(ModelSpec(str(tiny_models["guide"]), max_seq_length=32), frozen=True)
@@ -291,3 +296,73 @@ def test_a_text_the_guide_fails_on_in_the_ray_data_job(ray_cluster, tmp_path, ca
     assert main(["cache-guide", *sum((["--set", a] for a in args), [])]) == EXIT_USER_ERROR
     err = [x for x in capfd.readouterr().err.splitlines() if x.startswith("gist-ray: error")]
     assert len(err) == 1 and "the guide fails on column 'positive' row 4 (0-based)" in err[0]
+
+
+def test_shards_are_sized_so_every_worker_gets_work():
+    size = guide_cache.shard_size_for
+    assert size(384, 2) == 48  # SHARDS_PER_WORKER shards per worker
+    assert size(3000, 2) == 375
+    assert size(40, 2) == 16  # MIN_SHARD_TEXTS ...
+    assert size(20, 2) == 10  # ... but never fewer shards than workers
+    assert size(1, 4) == 1 and size(0, 3) == 1
+    assert size(10**9, 2) == guide_cache.MAX_SHARD_TEXTS
+    for total in range(1, 400, 7):
+        for workers in (1, 2, 3, 8, 64):
+            n = size(total, workers)
+            shards = -(-total // n)
+            assert shards >= min(total, workers), (total, workers)
+            assert shards <= max(guide_cache.SHARDS_PER_WORKER * workers, 1) or n == 1
+
+
+def test_job_layout_keeps_every_core_busy_without_competing_threads():
+    from gist_ray.launch.guide_job import JobLayout, job_layout
+
+    assert job_layout([2], [0], 384, False) == JobLayout(actors=2, threads=1, gpus=0)
+    assert job_layout([2], [0], 3000, False) == JobLayout(2, 1, 0)
+    assert job_layout([2], [0], 20, False) == JobLayout(1, 2, 0)  # one actor gets both cores
+    assert job_layout([2, 4], [0, 0], 10**6, False) == JobLayout(6, 1, 0)
+    assert job_layout([64], [0], 10**6, False) == JobLayout(16, 4, 0)  # actors capped per node
+    assert job_layout([16, 16], [4, 4], 10**6, True) == JobLayout(8, 1, 1)
+    assert job_layout([16, 16], [4, 4], 40, True) == JobLayout(2, 1, 1)
+    for cpus in ([1], [2], [3], [8], [2, 2], [5, 3]):
+        for texts in (1, 40, 100, 10**5):
+            lay = job_layout(cpus, [0] * len(cpus), texts, False)
+            fits = sum(c // lay.threads for c in cpus)
+            assert 1 <= lay.actors <= fits, (cpus, texts, lay)
+            assert lay.actors * lay.threads <= sum(cpus)
+
+
+def test_progress_moves_per_batch_within_a_shard(tiny_models, tmp_path, cache_env, monkeypatch,
+                                                 caplog):  # fmt: skip
+    """A shard of several batches reports each batch: run_local yields per batch, and the
+    driver's progress line moves before the shard is done."""
+    from gist_ray.guide import embed
+    from gist_ray.models.batching import InferenceBatching
+    from gist_ray.models.encoder import load_encoder
+    from gist_ray.models.spec import ModelSpec
+
+    monkeypatch.setattr(embed, "batching_for", lambda _d: InferenceBatching(8, None, None))
+    data = _write(tmp_path / "pairs.jsonl", make_sentences(40, 11), make_sentences(40, 12))
+    cfg = _cfg(tiny_models, data, tmp_path / "out", "train.batch_size=4")
+    counts: list[int] = []
+
+    def runner(cfg, folder, shards):
+        for n in run_local(cfg, folder, shards):
+            counts.append(n)
+            yield n
+
+    ticks = iter(range(0, 10**6, 2))  # every progress check sees 2 s pass: every batch logs
+    clock = __import__("types").SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+    monkeypatch.setattr(build, "time", clock)
+    with caplog.at_level(logging.INFO, logger="gist_ray"):
+        (folder,), _, _ = _ensure(cfg, runner)
+    manifest = guide_cache.read_manifest(Path(folder))
+    assert manifest["shards"] == 4 and manifest["shard_texts"] == 20
+    assert counts == [8, 8, 4] * 4, counts  # batches of 8 within each shard of 20
+    lines = [r.message for r in caplog.records if "unique texts (" in r.message]
+    done = [line.split(" unique")[0].split(": ")[-1] for line in lines]
+    assert done == [f"{n}/80" for n in (8, 16, 20, 28, 36, 40, 48, 56, 60, 68, 76, 80)]
+    cache = guide_cache.GuideCache(folder, 40)  # and the rows are still the guide's
+    guide = load_encoder(ModelSpec(str(tiny_models["guide"]), max_seq_length=32), frozen=True)
+    want = torch.nn.functional.normalize(guide.encode(make_sentences(40, 12)), dim=-1)
+    torch.testing.assert_close(cache.embeddings("positive", range(40)), want, rtol=0, atol=2e-3)

@@ -136,7 +136,8 @@ def _run_with_progress(cfg, folder, manifest, todo, run_job, name) -> None:
 
 
 def guide_job_line(name: str, done: int, total: int, elapsed: float) -> str:
-    """The guide-cache job's progress, as the driver logs it after each finished shard."""
+    """The guide-cache job's progress, as the driver logs it while batches finish (at most once
+    a second)."""
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = (total - done) / rate if rate else 0.0
     return (

@@ -57,10 +57,10 @@ TEXTS = "texts.parquet"
 MAX_SHARD_TEXTS = 65_536  # a shard is one task of the job: ~100 MB at d = 768
 
 
-MIN_SHARD_TEXTS = 1_024
+MIN_SHARD_TEXTS = 16  # below this a shard is mostly per-task overhead
 
 
-SHARDS_PER_WORKER = 4  # smaller data is cut finer, so every worker gets work and progress moves
+SHARDS_PER_WORKER = 4  # every worker gets work, and the last shards even out the workers' ends
 
 
 HASH_SLICE_ROWS = 65_536
@@ -197,6 +197,12 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
         where = pc.index_in(every, value_set=unique).to_numpy().astype(np.int64)
         first = np.empty(len(unique), dtype=np.int64)
         first[where[::-1]] = np.arange(len(where) - 1, -1, -1)  # first position of each text
+        # Longest first: a shard holds texts of similar length (they pad alike), and the job's
+        # first shards are its longest tasks, so the workers' last tasks are short ones.
+        by_length = np.argsort(-pc.utf8_length(unique).to_numpy(), kind="stable")
+        rank = np.empty_like(by_length)
+        rank[by_length] = np.arange(len(by_length))
+        unique, first, where = unique.take(pa.array(by_length)), first[by_length], rank[where]
         for i, c in enumerate(cols):
             ids[c] = where[i * rows : (i + 1) * rows] + offset
         parts.append(
@@ -211,8 +217,7 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
         )
         offset += len(unique)
     total = offset
-    per = -(-total // (SHARDS_PER_WORKER * max(1, workers)))
-    shard_texts = int(min(MAX_SHARD_TEXTS, max(MIN_SHARD_TEXTS, per)))
+    shard_texts = shard_size_for(total, workers)
     folder.mkdir(parents=True, exist_ok=True)
     with fileio.atomic_file(folder / TEXTS) as tmp:
         pq.write_table(pa.concat_tables(parts), tmp, row_group_size=shard_texts)
@@ -231,6 +236,17 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
     }
     fileio.write_json(folder / MANIFEST, manifest)
     return manifest
+
+
+def shard_size_for(total: int, workers: int) -> int:
+    """Texts per shard for ``total`` unique texts embedded by ``workers`` (the job's actors):
+    about :data:`SHARDS_PER_WORKER` shards per worker, at least :data:`MIN_SHARD_TEXTS` texts
+    (at most :data:`MAX_SHARD_TEXTS`), but never so large that a worker gets no shard: small
+    data is still cut into at least ``workers`` shards (when it has that many texts)."""
+    workers, total = max(1, workers), max(1, total)
+    per = -(-total // (SHARDS_PER_WORKER * workers))
+    every_worker = max(1, total // workers)  # the largest size that still gives each a shard
+    return int(min(MAX_SHARD_TEXTS, max(per, min(MIN_SHARD_TEXTS, every_worker))))
 
 
 def shard_path(folder: Path, k: int) -> Path:

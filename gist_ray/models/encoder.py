@@ -18,6 +18,7 @@ from torch import nn
 
 from gist_ray.core import fileio
 from gist_ray.models import loading
+from gist_ray.models.batching import batching_for, token_batches
 from gist_ray.models.loading import pooling_of, quiet_hf
 from gist_ray.models.spec import ModelSpec, load_kwargs
 
@@ -82,17 +83,46 @@ class Encoder(nn.Module):
         """Embeddings ``[n, d]`` through the whole module stack, with a graph."""
         return self(self.features(texts, prompt))
 
+    def token_lengths(self, texts: list[str], prompt: str | None = None) -> list[int]:
+        """Each text's token count as :meth:`features` gives it (prompt and special tokens
+        included, at the training truncation): what batches by token length sort on."""
+        prompt = prompt or ""
+        tok = self.model.tokenizer(
+            [prompt + t for t in texts],
+            truncation=True,
+            max_length=self.max_seq_length,
+            add_special_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return [len(ids) for ids in tok["input_ids"]]
+
+    @torch.no_grad()
+    def encode_batch(self, texts: list[str], prompt: str | None = None) -> torch.Tensor:
+        """One forward of inference at the training truncation; on CUDA under bf16 autocast
+        (:mod:`gist_ray.models.batching`). float32 CPU."""
+        dtype = batching_for(self.device).autocast
+        with self.eval_mode(), _autocast(self.device, dtype):
+            return self.embed(texts, prompt).float().cpu()
+
     @torch.no_grad()
     def encode(
         self, texts: list[str], prompt: str | None = None, batch_size: int = 64
     ) -> torch.Tensor:
-        """Inference at the training truncation (eval mode restored afterwards); float32 CPU."""
-        with self.eval_mode():
-            chunks = [
-                self.embed(texts[i : i + batch_size], prompt).float().cpu()
-                for i in range(0, len(texts), batch_size)
-            ]
-        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        """Inference at the training truncation (eval mode restored afterwards); float32 CPU.
+        On CPU in input order, ``batch_size`` at a time; on CUDA sorted by token length, in
+        batches by token budget, under bf16 autocast (rows returned in input order)."""
+        if not texts:
+            return torch.empty(0, self.dim)
+        batching = batching_for(self.device)
+        if batching.max_tokens is None:
+            batches = [list(range(i, min(i + batch_size, len(texts))))
+                       for i in range(0, len(texts), batch_size)]  # fmt: skip
+        else:
+            lengths = self.token_lengths(texts, prompt)
+            batches = token_batches(lengths, batching.max_texts, batching.max_tokens)
+        return _in_order([(idx, self.encode_batch([texts[i] for i in idx], prompt))
+                          for idx in batches])  # fmt: skip
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -105,18 +135,29 @@ class Encoder(nn.Module):
 
     def retrieval_encoders(self, batch_size: int = 64):
         """(encode queries, encode documents) the way a user of the saved model would: its own
-        max length, ``encode_query`` / ``encode_document`` with its own prompts; float32 CPU."""
+        max length, ``encode_query`` / ``encode_document`` with its own prompts; float32 CPU.
+        On CUDA in batches by token budget under bf16 autocast, as :meth:`encode`."""
+        batching = batching_for(self.device)
 
         def run(method):
-            def encode(texts: list[str]) -> torch.Tensor:
-                with self.eval_mode(), torch.no_grad():
-                    out = method(
-                        list(texts),
-                        batch_size=batch_size,
-                        convert_to_tensor=True,
-                        show_progress_bar=False,
-                    )
+            def call(texts: list[str], size: int) -> torch.Tensor:
+                out = method(texts, batch_size=size, convert_to_tensor=True,
+                             show_progress_bar=False)  # fmt: skip
                 return out.float().cpu()
+
+            def encode(texts: list[str]) -> torch.Tensor:
+                texts = list(texts)
+                with self.eval_mode(), torch.no_grad():
+                    if batching.max_tokens is None or not texts:
+                        return call(texts, batch_size)
+                    # CUDA: by token budget (lengths at the model's own max length), bf16
+                    most = self.model.max_seq_length
+                    ids = self.model.tokenizer(texts, truncation=bool(most), max_length=most)
+                    lengths = [len(x) for x in ids["input_ids"]]
+                    batches = token_batches(lengths, batching.max_texts, batching.max_tokens)
+                    with _autocast(self.device, batching.autocast):
+                        parts = [(i, call([texts[j] for j in i], len(i))) for i in batches]
+                    return _in_order(parts)
 
             return encode
 
@@ -148,6 +189,20 @@ class Encoder(nn.Module):
         with fileio.atomic_dir(path) as tmp, quiet_hf():
             self.model.save(str(tmp), create_model_card=False)
         return Path(path)
+
+
+def _in_order(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """Rows of batches taken in another order, put back at their indices."""
+    rows = torch.cat([emb for _, emb in parts])
+    out = torch.empty_like(rows)
+    out[torch.tensor([i for idx, _ in parts for i in idx])] = rows
+    return out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def load_encoder(

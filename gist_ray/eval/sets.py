@@ -51,11 +51,12 @@ def load_eval(
     if source.strip().lower() == insuranceqa.NAME and not Path(source).exists():
         queries, corpus, qrels, pool = insuranceqa.eval_split(split)
         notes: list[str] = []
-        label = f"{insuranceqa.NAME}/{split}"
+        label = f"{insuranceqa.NAME} (split {split})"
     else:
-        queries, corpus, qrels, notes = _beir(Path(source).expanduser(), source, split)
+        queries, corpus, qrels, notes, qrels_path = _beir(Path(source).expanduser(), source, split)
         pool = None
-        label = f"{source}/{split}"
+        # the folder and the split apart: "<folder>/<split>" would name a folder that is not there
+        label = f"{source} (split {split})" if qrels_path.parent.name == "qrels" else source
     rng = random.Random(seed)
     qids = sorted((q for q, rel in qrels.items() if any(v > 0 for v in rel.values())), key=_idkey)
     if not qids:
@@ -134,7 +135,7 @@ def _beir(folder: Path, source: str, split: str):
             f"(first: {first})"
         )
         log.warning(notes[-1])
-    return queries, corpus, qrels, notes
+    return queries, corpus, qrels, notes, qrels_path
 
 
 def load_eval_for(cfg: Config) -> EvalSet | None:

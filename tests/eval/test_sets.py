@@ -18,6 +18,7 @@ def test_builtin_insuranceqa_eval():
     assert all("  " not in t for t in list(ev.queries.values()) + list(ev.corpus.values()))
     again = load_eval("insuranceqa", split="test", max_queries=50, max_corpus=300, seed=0)
     assert (again.queries, again.corpus) == (ev.queries, ev.corpus)
+    assert ev.name == "insuranceqa (split test)"
     train_questions = {" ".join(v["en"].split()) for v in insuranceqa_data.load_train().values()}
     assert not train_questions & set(ev.queries.values())  # held out from training
     # positives are always kept, even past max_corpus
@@ -52,9 +53,13 @@ def test_beir_folder(tmp_path, caplog):
     assert ev.corpus == {"d1": "Cats they purr", "d2": "market fell", "d3": "guitars"}
     assert ev.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
     assert "ignored 2 qrels naming unknown queries or documents" in ev.notes[0]
+    # the name says which folder and which split, not a folder <root>/test that is not there
+    assert ev.name == f"{root} (split test)"
     assert len(load_eval(root, max_queries=1, max_corpus=1).corpus) == 1  # its positive only
     flat = beir(tmp_path / "flat", ["q1\td3\t1\n"], qrels_name="qrels.tsv")
-    assert load_eval(flat, split="dev").qrels == {"q1": {"d3": 1}}
+    flat_set = load_eval(flat, split="dev")
+    assert flat_set.qrels == {"q1": {"d3": 1}}
+    assert flat_set.name == flat  # one qrels.tsv: no split to name
 
 
 def test_beir_bad_input(tmp_path):

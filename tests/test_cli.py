@@ -124,7 +124,7 @@ def test_init_maps_columns_by_name_explains_and_loads(tmp_path, monkeypatch, cap
             for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
         ],
     )
-    assert cli.main(["init", str(data)]) == 0
+    assert cli.main(["init", str(data), "--eval-fraction", "0"]) == 0
     text = (tmp_path / "gist-ray.yaml").read_text()
     cfg = load_config(tmp_path / "gist-ray.yaml")
     assert cfg.data.train == str(data)
@@ -143,6 +143,8 @@ def test_init_maps_columns_by_name_explains_and_loads(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "anchor   <- question" in out and "not used: id, label" in out
     assert "gist-ray train --config gist-ray.yaml" in out
+    assert "no held-out set: --eval-fraction 0; eval is off" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faq.csv", "gist-ray.yaml"]
 
 
 def test_init_leaves_out_labels_but_keeps_repeated_queries(tmp_path):
@@ -186,7 +188,93 @@ def test_init_never_overwrites_without_force(tmp_path, capsys):
         "anchor": "query",
         "positive": "document",
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "d.csv"]  # no temp file
+    written = ["cfg.yaml", "d-eval", "d-train.csv", "d.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temp file
+    # the held-out files are not overwritten without --force either, under another config name
+    assert cli.main(["init", str(data), "-o", str(tmp_path / "other.yaml")]) == 2
+    assert "d-train.csv" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+
+
+def _faq_rows(n: int = 40) -> list[dict]:
+    """n distinct questions; every fifth has a second answer (two rows, one anchor)."""
+    rows = []
+    for i in range(n):
+        rows.append({"question": f"how do I change setting {i}", "answer": ANSWERS[i % 30]})
+        rows[-1]["answer"] += f" (setting {i})"
+        if i % 5 == 0:
+            rows.append({"question": f"how do I change setting {i}", "answer": f"Ask us: {i}."})
+    rows[3]["answer"] = "first line\nsecond line, with a comma"  # a quoted multi-line cell
+    return rows
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_init_holds_out_anchors_as_a_beir_folder(tmp_path, monkeypatch, capsys, suffix):
+    import pandas as pd
+
+    from gist_ray.eval.sets import load_eval
+
+    monkeypatch.chdir(tmp_path)
+    rows = _faq_rows()
+    data = tmp_path / f"faq{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".csv":
+        frame.to_csv(data, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(data, orient="records", lines=True)
+    else:
+        frame.to_parquet(data)
+    args = ["init", str(data), "--eval-fraction", "0.25", "--seed", "1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(tmp_path / "gist-ray.yaml")
+    ext = ".parquet" if suffix == ".parquet" else suffix
+    assert cfg.data.train == str(tmp_path / f"faq-train{ext}")
+    assert (cfg.eval.source, cfg.eval.split) == (str(tmp_path / "faq-eval"), "test")
+    assert "held out: 10 of 40 distinct anchors" in out and f"faq-train{ext}" in out
+    # the BEIR folder: files, fields and header as BEIR has them
+    folder = tmp_path / "faq-eval"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
+        "corpus.jsonl", "qrels", "qrels/test.tsv", "queries.jsonl",
+    ]  # fmt: skip
+    assert json.loads((folder / "queries.jsonl").read_text().splitlines()[0]).keys() == {
+        "_id", "text",
+    }  # fmt: skip
+    qrels = (folder / "qrels" / "test.tsv").read_text().splitlines()
+    assert qrels[0] == "query-id\tcorpus-id\tscore"
+    ev = load_eval(cfg.eval.source, cfg.eval.split, None, None)
+    train = load_pairs(cfg.data.train, cfg.data.columns)
+    held = set(ev.queries.values())
+    assert len(held) == 10 and not held & set(train["anchor"])  # no anchor in both halves
+    # every row is in one half: the held-out rows' positives are the relevant documents
+    answers_of = {}  # as the BEIR reader gives texts: whitespace collapsed
+    for r in rows:
+        answers_of.setdefault(r["question"], []).append(" ".join(r["answer"].split()))
+    for qid, q in ev.queries.items():
+        assert sorted(ev.corpus[d] for d in ev.qrels[qid]) == sorted(answers_of[q])
+    assert len(train) + sum(len(answers_of[q]) for q in held) == len(rows)
+    everything = {a for answers in answers_of.values() for a in answers}
+    assert set(ev.corpus.values()) == everything  # the whole data's documents
+    # the training rows are the source's, in order
+    kept = [r for r in rows if r["question"] not in held]
+    assert list(zip(train["anchor"], train["positive"])) == [
+        (r["question"], r["answer"]) for r in kept
+    ]
+    # the same data and seed give the same files; another seed another split
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert cli.main([*args, "--force"]) == 0
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert cli.main(["init", str(data), "--force", "--eval-fraction", "0.25", "--seed", "2"]) == 0
+    assert set(load_eval(cfg.eval.source, "test", None, None).queries.values()) != held
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left
+
+
+def test_init_bad_eval_fraction_is_one_line(tmp_path, capsys):
+    data = _write_csv(tmp_path / "d.csv", ["query", "document"], zip(QUESTIONS, ANSWERS))
+    assert cli.main(["init", str(data), "--eval-fraction", "0.8"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--eval-fraction 0.8 is not allowed" in line
+    assert not (tmp_path / "gist-ray.yaml").exists()
 
 
 def test_init_warns_when_training_would_refuse_the_data(tmp_path, capsys):

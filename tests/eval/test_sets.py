@@ -81,3 +81,32 @@ def test_beir_bad_input(tmp_path):
     (tmp_path / "beir" / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n{oops\n')
     with pytest.raises(DataError, match=r"queries.jsonl line 2: not valid JSON"):
         load_eval(root)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_held_out_rows_written_as_beir_read_back(tmp_path):
+    from gist_ray.eval.sets import held_out_set, write_beir
+
+    anchors = ["cats purr", "stock market", "cats  purr", "guitars"]
+    positives = ["they purr", "market fell", "with the larynx", "six strings"]
+    negatives = [["market fell", "dogs bark", None, "  "]]  # repeats and blanks are not docs
+    ev = held_out_set(anchors, positives, negatives, eval_rows=[0, 2, 3])
+    assert ev.queries == {"q1": "cats purr", "q2": "guitars"}  # one query per anchor
+    assert ev.corpus == {
+        "d1": "they purr", "d2": "market fell", "d3": "dogs bark", "d4": "with the larynx",
+        "d5": "six strings",
+    }  # fmt: skip
+    assert ev.qrels == {"q1": {"d1": 1, "d4": 1}, "q2": {"d5": 1}}
+    folder = write_beir(tmp_path / "heldout", ev)
+    assert (folder / "qrels" / "test.tsv").read_text() == (
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td4\t1\nq2\td5\t1\n"
+    )
+    assert json.loads((folder / "corpus.jsonl").read_text().splitlines()[0]) == {
+        "_id": "d1",
+        "text": "they purr",
+    }
+    back = load_eval(str(folder), "test", None, None)
+    assert (back.queries, back.corpus, back.qrels) == (ev.queries, ev.corpus, ev.qrels)
+    assert back.name == f"{folder} (split test)"

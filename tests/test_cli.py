@@ -43,6 +43,35 @@ def test_pooling_help_lists_the_implemented_poolings():
     assert pooling.help.startswith(", ".join(POOLINGS[:-1]) + " or " + POOLINGS[-1])
 
 
+def test_every_subcommand_describes_itself():
+    sub = cli.build_parser()._subparsers._group_actions[0]
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices) == {
+        "init", "train", "cache-guide", "mine", "config", "eval",
+    }  # fmt: skip
+    for name, parser in sub.choices.items():
+        assert helps[name] and parser.description, name
+        assert len(parser.description) > len(helps[name]), name  # says more than the list
+
+
+def test_train_help_says_no_config_means_the_demo_and_how_long(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Fine-tune the student embedding model with the GISTEmbed loss" in text
+    assert "Without --config it runs the offline demo" in text and "about 13 minutes" in text
+    assert "gist-ray init DATA" in text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "no --config: the offline demo, ~13 min on CPU" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["init", "--help"])
+    assert "--eval-fraction F" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- exit codes
 
 

@@ -414,3 +414,69 @@ def test_train_runs_in_the_repository_root(tiny_models, tiny_pairs_file, tmp_pat
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert set(root.iterdir()) - before == set(), "the run wrote into the checkout"
     assert not [n for n in left if n.startswith("gist-ray-ray-")], f"Ray's temp folder: {left}"
+
+
+@pytest.mark.slow  # starts a local Ray cluster through the console script
+def test_init_holds_out_queries_and_training_reports_before_and_after_on_them(
+    tiny_models, tmp_path
+):
+    """The user's path: `gist-ray init DATA --eval-fraction` on a CSV, then `gist-ray train
+    --config`: the run evaluates before and after on the held-out queries, which are not in the
+    training data."""
+    import os
+    import shutil
+    import tempfile
+
+    from tests.conftest import make_sentences
+
+    questions, answers = make_sentences(40, 11), make_sentences(50, 12)
+    rows = [(q, a) for q, a in zip(questions, answers)]
+    rows += [(questions[i], answers[40 + i]) for i in range(10)]  # 10 anchors on two rows
+    data = _write_csv(tmp_path / "qa.csv", ["question", "answer"], rows)
+    config = tmp_path / "qa.yaml"
+    exe = (shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli").split()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    temp = Path(tempfile.mkdtemp(prefix="grt-"))  # short: Ray's socket paths live under it
+    env["TMPDIR"] = str(temp)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*exe, *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+        )
+
+    init = run("init", str(data), "-o", str(config), "--eval-fraction", "0.25", "--seed", "5")
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert "held out: 10 of 40 distinct anchors" in init.stdout
+    sets = [
+        f"model.student={tiny_models['student']}",
+        f"model.guide={tiny_models['guide']}",
+        "model.max_seq_length=32",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "ray.num_workers=1",
+        f"output_dir={tmp_path / 'out'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    try:
+        train = run("train", "--config", str(config), *sum((["--set", s] for s in sets), []))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    cfg = load_config(config)
+    assert cfg.eval.source == str(tmp_path / "qa-eval")
+    out = train.stdout.splitlines()
+    (head,) = [i for i, line in enumerate(out) if line.startswith("Retrieval on ")]
+    assert out[head].startswith(f"Retrieval on {tmp_path / 'qa-eval'} (split test) (10 held-out")
+    assert out[head + 1].split() == ["metric", "before", "after", "change"]
+    table = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out[head + 2 :][:3]}
+    assert set(table) == {"ndcg@10", "recall@10", "mrr@10"}
+    for before, after, change in table.values():
+        assert (
+            0 <= before <= 1 and 0 <= after <= 1 and change == pytest.approx(after - before, 1e-3)
+        )
+    # no anchor in both halves: the held-out queries are not in what training read
+    trained = set(load_pairs(cfg.data.train, cfg.data.columns)["anchor"])
+    queries = (tmp_path / "qa-eval" / "queries.jsonl").read_text().splitlines()
+    held = {json.loads(q)["text"] for q in queries}
+    assert len(held) == 10 and not held & trained
+    assert len(trained) == 30 and held | trained == set(questions)

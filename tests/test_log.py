@@ -222,3 +222,11 @@ def test_unwrap_leaves_an_error_without_a_worker_error_alone():
 
     e = ValueError("not from Ray")
     assert unwrap_worker_error(e) is e
+
+
+def test_a_change_that_rounds_to_zero_is_never_negative_zero():
+    assert log.fmt_change(-1e-7) == "   +0.0000"
+    assert log.fmt_change(-0.0) == "   +0.0000"
+    assert log.fmt_change(0.04995) == "   +0.0500"
+    assert log.fmt_change(-0.0123) == "   -0.0123"
+    assert log.fmt_change(float("nan")).strip() == "+nan"

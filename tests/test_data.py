@@ -214,6 +214,15 @@ def test_a_bad_cell_is_named_by_the_line_an_editor_shows(tmp_path):
     expect(r"^line 3 of .*d.jsonl, column 'positive': empty", str(jl))
 
 
+def test_a_json_lines_file_that_does_not_parse_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"anchor": "a", "positive": "b"}\n\n{"anchor": "c", positive: "d"}\n')
+    expect(
+        r"^line 3 of .*bad.jsonl: not valid JSON \(Expecting property name .* column 17\)$",
+        str(path),
+    )
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".json"])
 def test_a_bad_cell_without_lines_is_named_by_row(tmp_path, suffix):
     rows = [dict(r) for r in ROWS]

@@ -117,6 +117,9 @@ def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
                 raise DataError(
                     f"{source} is empty (0 rows); training needs at least one row"
                 ) from e
+            bad = _bad_json_line(path) if builder == "json" else None
+            if bad:  # pyarrow names a 0-based row of a block; an editor needs the line
+                raise DataError(f"line {bad[0]} of {source}: not valid JSON ({bad[1]})") from e
             raise DataError(f"{source}: cannot be read as {builder}: {_cause(e)}") from e
     if path.is_dir():
         try:
@@ -142,6 +145,31 @@ def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
             f"{source!r} does not exist locally and cannot be fetched from the hub "
             f"(offline or unknown: {_cause(e)}); {_KINDS_HINT} or '{BUILTIN}'"
         ) from e
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not a JSON object, and why. None when the
+    file does not look like JSON Lines (its first record does not parse on its own line: a JSON
+    array or a pretty-printed document, whose records are not lines) or every line parses."""
+    import json
+
+    first = True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return None if first else (lineno, f"{e.msg} at column {e.colno}")
+                if not isinstance(record, dict):
+                    what = f"expected an object, got {type(record).__name__}"
+                    return None if first else (lineno, what)
+                first = False
+    except OSError:
+        return None
+    return None
 
 
 def _is_local_source(s: str) -> bool:

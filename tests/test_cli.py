@@ -43,6 +43,35 @@ def test_pooling_help_lists_the_implemented_poolings():
     assert pooling.help.startswith(", ".join(POOLINGS[:-1]) + " or " + POOLINGS[-1])
 
 
+def test_every_subcommand_describes_itself():
+    sub = cli.build_parser()._subparsers._group_actions[0]
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices) >= {
+        "init", "train", "cache-guide", "mine", "config", "eval",
+    }  # fmt: skip
+    for name, parser in sub.choices.items():
+        assert helps[name] and parser.description, name
+        assert len(parser.description) > len(helps[name]), name  # says more than the list
+
+
+def test_train_help_says_no_config_means_the_demo_and_how_long(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Fine-tune the student embedding model with the GISTEmbed loss" in text
+    assert "Without --config it runs the offline demo" in text and "about 13 minutes" in text
+    assert "gist-ray init DATA" in text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "no --config: the offline demo, ~13 min on CPU" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["init", "--help"])
+    assert "--eval-fraction F" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- exit codes
 
 
@@ -132,7 +161,7 @@ def test_init_maps_columns_by_name_explains_and_loads(tmp_path, monkeypatch, cap
             for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
         ],
     )
-    assert cli.main(["init", str(data)]) == 0
+    assert cli.main(["init", str(data), "--eval-fraction", "0"]) == 0
     text = (tmp_path / "gist-ray.yaml").read_text()
     cfg = load_config(tmp_path / "gist-ray.yaml")
     assert cfg.data.train == str(data)
@@ -151,6 +180,8 @@ def test_init_maps_columns_by_name_explains_and_loads(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "anchor   <- question" in out and "not used: id, label" in out
     assert "gist-ray train --config gist-ray.yaml" in out
+    assert "no held-out set: --eval-fraction 0; eval is off" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faq.csv", "gist-ray.yaml"]
 
 
 def test_init_leaves_out_labels_but_keeps_repeated_queries(tmp_path):
@@ -194,7 +225,93 @@ def test_init_never_overwrites_without_force(tmp_path, capsys):
         "anchor": "query",
         "positive": "document",
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "d.csv"]  # no temp file
+    written = ["cfg.yaml", "d-eval", "d-train.csv", "d.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temp file
+    # the held-out files are not overwritten without --force either, under another config name
+    assert cli.main(["init", str(data), "-o", str(tmp_path / "other.yaml")]) == 2
+    assert "d-train.csv" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+
+
+def _faq_rows(n: int = 40) -> list[dict]:
+    """n distinct questions; every fifth has a second answer (two rows, one anchor)."""
+    rows = []
+    for i in range(n):
+        rows.append({"question": f"how do I change setting {i}", "answer": ANSWERS[i % 30]})
+        rows[-1]["answer"] += f" (setting {i})"
+        if i % 5 == 0:
+            rows.append({"question": f"how do I change setting {i}", "answer": f"Ask us: {i}."})
+    rows[3]["answer"] = "first line\nsecond line, with a comma"  # a quoted multi-line cell
+    return rows
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_init_holds_out_anchors_as_a_beir_folder(tmp_path, monkeypatch, capsys, suffix):
+    import pandas as pd
+
+    from gist_ray.eval.sets import load_eval
+
+    monkeypatch.chdir(tmp_path)
+    rows = _faq_rows()
+    data = tmp_path / f"faq{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".csv":
+        frame.to_csv(data, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(data, orient="records", lines=True)
+    else:
+        frame.to_parquet(data)
+    args = ["init", str(data), "--eval-fraction", "0.25", "--seed", "1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(tmp_path / "gist-ray.yaml")
+    ext = ".parquet" if suffix == ".parquet" else suffix
+    assert cfg.data.train == str(tmp_path / f"faq-train{ext}")
+    assert (cfg.eval.source, cfg.eval.split) == (str(tmp_path / "faq-eval"), "test")
+    assert "held out: 10 of 40 distinct anchors" in out and f"faq-train{ext}" in out
+    # the BEIR folder: files, fields and header as BEIR has them
+    folder = tmp_path / "faq-eval"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
+        "corpus.jsonl", "qrels", "qrels/test.tsv", "queries.jsonl",
+    ]  # fmt: skip
+    assert json.loads((folder / "queries.jsonl").read_text().splitlines()[0]).keys() == {
+        "_id", "text",
+    }  # fmt: skip
+    qrels = (folder / "qrels" / "test.tsv").read_text().splitlines()
+    assert qrels[0] == "query-id\tcorpus-id\tscore"
+    ev = load_eval(cfg.eval.source, cfg.eval.split, None, None)
+    train = load_pairs(cfg.data.train, cfg.data.columns)
+    held = set(ev.queries.values())
+    assert len(held) == 10 and not held & set(train["anchor"])  # no anchor in both halves
+    # every row is in one half: the held-out rows' positives are the relevant documents
+    answers_of = {}  # as the BEIR reader gives texts: whitespace collapsed
+    for r in rows:
+        answers_of.setdefault(r["question"], []).append(" ".join(r["answer"].split()))
+    for qid, q in ev.queries.items():
+        assert sorted(ev.corpus[d] for d in ev.qrels[qid]) == sorted(answers_of[q])
+    assert len(train) + sum(len(answers_of[q]) for q in held) == len(rows)
+    everything = {a for answers in answers_of.values() for a in answers}
+    assert set(ev.corpus.values()) == everything  # the whole data's documents
+    # the training rows are the source's, in order
+    kept = [r for r in rows if r["question"] not in held]
+    assert list(zip(train["anchor"], train["positive"])) == [
+        (r["question"], r["answer"]) for r in kept
+    ]
+    # the same data and seed give the same files; another seed another split
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert cli.main([*args, "--force"]) == 0
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert cli.main(["init", str(data), "--force", "--eval-fraction", "0.25", "--seed", "2"]) == 0
+    assert set(load_eval(cfg.eval.source, "test", None, None).queries.values()) != held
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left
+
+
+def test_init_bad_eval_fraction_is_one_line(tmp_path, capsys):
+    data = _write_csv(tmp_path / "d.csv", ["query", "document"], zip(QUESTIONS, ANSWERS))
+    assert cli.main(["init", str(data), "--eval-fraction", "0.8"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--eval-fraction 0.8 is not allowed" in line
+    assert not (tmp_path / "gist-ray.yaml").exists()
 
 
 def test_init_warns_when_training_would_refuse_the_data(tmp_path, capsys):
@@ -203,7 +320,8 @@ def test_init_warns_when_training_would_refuse_the_data(tmp_path, capsys):
     data = _write_csv(tmp_path / "d.csv", ["question", "answer"], rows)
     assert cli.main(["init", str(data), "-o", str(tmp_path / "c.yaml")]) == 0
     err = capsys.readouterr().err
-    assert "warning: training would refuse the data as it is" in err and "row 4" in err
+    assert "warning: training would refuse the data as it is" in err
+    assert "line 6 of " in err  # data row 4 (0-based) after the header line
 
 
 def test_init_needs_two_text_columns(tmp_path, capsys):
@@ -304,3 +422,69 @@ def test_train_runs_in_the_repository_root(tiny_models, tiny_pairs_file, tmp_pat
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert set(root.iterdir()) - before == set(), "the run wrote into the checkout"
     assert not [n for n in left if n.startswith("gist-ray-ray-")], f"Ray's temp folder: {left}"
+
+
+@pytest.mark.slow  # starts a local Ray cluster through the console script
+def test_init_holds_out_queries_and_training_reports_before_and_after_on_them(
+    tiny_models, tmp_path
+):
+    """The user's path: `gist-ray init DATA --eval-fraction` on a CSV, then `gist-ray train
+    --config`: the run evaluates before and after on the held-out queries, which are not in the
+    training data."""
+    import os
+    import shutil
+    import tempfile
+
+    from tests.conftest import make_sentences
+
+    questions, answers = make_sentences(40, 11), make_sentences(50, 12)
+    rows = [(q, a) for q, a in zip(questions, answers)]
+    rows += [(questions[i], answers[40 + i]) for i in range(10)]  # 10 anchors on two rows
+    data = _write_csv(tmp_path / "qa.csv", ["question", "answer"], rows)
+    config = tmp_path / "qa.yaml"
+    exe = (shutil.which("gist-ray") or f"{sys.executable} -m gist_ray.cli").split()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    temp = Path(tempfile.mkdtemp(prefix="grt-"))  # short: Ray's socket paths live under it
+    env["TMPDIR"] = str(temp)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*exe, *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+        )
+
+    init = run("init", str(data), "-o", str(config), "--eval-fraction", "0.25", "--seed", "5")
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert "held out: 10 of 40 distinct anchors" in init.stdout
+    sets = [
+        f"model.student={tiny_models['student']}",
+        f"model.guide={tiny_models['guide']}",
+        "model.max_seq_length=32",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "ray.num_workers=1",
+        f"output_dir={tmp_path / 'out'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    try:
+        train = run("train", "--config", str(config), *sum((["--set", s] for s in sets), []))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    cfg = load_config(config)
+    assert cfg.eval.source == str(tmp_path / "qa-eval")
+    out = train.stdout.splitlines()
+    (head,) = [i for i, line in enumerate(out) if line.startswith("Retrieval on ")]
+    assert out[head].startswith(f"Retrieval on {tmp_path / 'qa-eval'} (split test) (10 held-out")
+    assert out[head + 1].split() == ["metric", "before", "after", "change"]
+    table = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out[head + 2 :][:3]}
+    assert set(table) == {"ndcg@10", "recall@10", "mrr@10"}
+    for before, after, change in table.values():
+        assert (
+            0 <= before <= 1 and 0 <= after <= 1 and change == pytest.approx(after - before, 1e-3)
+        )
+    # no anchor in both halves: the held-out queries are not in what training read
+    trained = set(load_pairs(cfg.data.train, cfg.data.columns)["anchor"])
+    queries = (tmp_path / "qa-eval" / "queries.jsonl").read_text().splitlines()
+    held = {json.loads(q)["text"] for q in queries}
+    assert len(held) == 10 and not held & trained
+    assert len(trained) == 30 and held | trained == set(questions)

@@ -116,6 +116,53 @@ def test_bad_files(tmp_path):
         load_config(unknown)
 
 
+def test_an_unknown_key_names_the_file_and_line_and_suggests_the_closest(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("model:\n  student: minilm\ntrain:\n  lr: 1.0e-5\n  epoch: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(
+        f"unknown config key 'train.epoch' (line 5 of {path}); did you mean 'train.epochs'? "
+        "allowed: train.batch_size, "
+    )
+    # the right name in the wrong section; a bad value names its line too
+    path.write_text("train:\n  temperature: 0.05\n")
+    with pytest.raises(ConfigError, match=r"\(line 2 of .*my.yaml\); did you mean 'loss.temp"):
+        load_config(path)
+    path.write_text("loss:\n  margin: 0.1\n  temperature: cold\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"loss.temperature: expected a number, got 'cold' (line 3 of {path})"
+    # --set names itself
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["train.learning_rate=1e-5"])
+    assert str(e.value).startswith(
+        "unknown config key 'train.learning_rate' (--set train.learning_rate=1e-5); "
+        "did you mean 'train.lr'?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("trian", "train"),
+        ("train.epoch", "train.epochs"),
+        ("loss.temprature", "loss.temperature"),
+        ("model.studnet", "model.student"),
+        ("model.lora.rnk", "model.lora.rank"),
+        ("eval.max_query", "eval.max_queries"),
+        ("mlflow.experiment_name", "mlflow.experiment"),
+        ("train.temperature", "loss.temperature"),
+        ("train.num_train_epochs", "train.epochs"),
+        ("train.nope", None),
+    ],
+)
+def test_suggest_finds_the_closest_key(typo, meant):
+    from gist_ray.config.load import suggest
+
+    assert suggest(typo) == meant
+
+
 def test_model_keys_default_to_the_models_own_settings():
     m = Config().model
     assert (m.pooling, m.guide_pooling, m.export_max_seq_length) == ("", "", 0)

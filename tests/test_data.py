@@ -166,7 +166,7 @@ def test_bad_texts_name_column_and_row(tmp_path, value, what):
     rows[2]["answer"] = value
     path = write(tmp_path / "t.jsonl", rows)
     msg = expect(
-        rf"t.jsonl: column 'positive' \(source column 'answer'\) row 2 \(0-based\) is {what}",
+        rf"line 3 of .*t.jsonl, column 'positive' \(source column 'answer'\): {what}",
         path,
         columns=MAPPING,
     )
@@ -176,18 +176,59 @@ def test_bad_texts_name_column_and_row(tmp_path, value, what):
 def test_csv_whitespace_and_non_string_texts(tmp_path):
     path = tmp_path / "w.csv"
     path.write_text("anchor,positive\nq1,a1\nq2,   \n")
-    expect(r"w.csv: column 'positive' row 1 \(0-based\) is empty or whitespace", str(path))
+    expect(r"line 3 of .*w.csv, column 'positive': empty or whitespace", str(path))
     nums = write(
         tmp_path / "n.jsonl", [{"anchor": "q", "positive": 5}, {"anchor": "q", "positive": 6}]
     )
-    expect(r"n.jsonl: column 'positive' row 0 \(0-based\) is int 5; texts must be", nums)
+    expect(r"line 1 of .*n.jsonl, column 'positive': int 5; texts must be", nums)
     mixed = write(
         tmp_path / "x.jsonl",
         [{"anchor": "q", "positive": "ok"}, {"anchor": "q", "positive": ["a"]}],
     )
-    expect(r"x.jsonl: column 'positive' row 1 \(0-based\) is list \['a'\]", mixed)
+    expect(r"line 2 of .*x.jsonl, column 'positive': list \['a'\]", mixed)
     nulls = write(tmp_path / "z.jsonl", [{"anchor": "q", "positive": None}])
-    expect(r"z.jsonl: column 'positive' row 0 \(0-based\) is null", nulls)
+    expect(r"line 1 of .*z.jsonl, column 'positive': null", nulls)
+
+
+def test_a_bad_cell_is_named_by_the_line_an_editor_shows(tmp_path):
+    """CSV: the header is line 1, so data row 41 (0-based) is line 43; blank lines and the extra
+    lines of a quoted multi-line cell count as an editor counts them."""
+    rows = [(f"question {i}", f"answer {i}") for i in range(60)]
+    rows[41] = ("question 41", " ")
+    path = tmp_path / "faq.csv"
+    path.write_text("question,answer\n" + "".join(f"{q},{a}\n" for q, a in rows))
+    msg = expect(
+        r"^line 43 of .*faq.csv, column 'positive' \(source column 'answer'\): empty",
+        str(path),
+        columns={"anchor": "question", "positive": "answer"},
+    )
+    lines = path.read_text().splitlines()
+    assert lines[43 - 1] == "question 41, "  # the editor's line 43 is the bad row
+    assert "(1 bad in all)" in msg
+    # a quoted cell over two lines and a blank line push the bad row down by two lines
+    path.write_text('anchor,positive\n"two\nlines",a\n\nq,a\nq,\n')
+    expect(r"^line 6 of .*faq.csv, column 'positive': null", str(path))
+    # JSON Lines: a blank line counts as a line; the json builder skips it
+    jl = tmp_path / "d.jsonl"
+    jl.write_text('{"anchor": "q", "positive": "a"}\n\n{"anchor": "q", "positive": " "}\n')
+    expect(r"^line 3 of .*d.jsonl, column 'positive': empty", str(jl))
+
+
+def test_a_json_lines_file_that_does_not_parse_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"anchor": "a", "positive": "b"}\n\n{"anchor": "c", positive: "d"}\n')
+    expect(
+        r"^line 3 of .*bad.jsonl: not valid JSON \(Expecting property name .* column 17\)$",
+        str(path),
+    )
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_a_bad_cell_without_lines_is_named_by_row(tmp_path, suffix):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["answer"] = ""
+    path = write(tmp_path / f"d{suffix}", rows)  # .json: one array, its rows are not lines
+    expect(rf"^row 2 \(index 1\) of .*d{suffix}, column 'positive'", path, columns=MAPPING)
 
 
 # ----------------------------------------------------------------------------- built-in data

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from gist_ray.core import log
-from gist_ray.train.progress import STEP_LINE, Relay, guide_cache_line
+from gist_ray.train.progress import Relay, guide_cache_line, step_line
 
 # A process that opens the log file, then writes the way third-party code does.
 SCRIPT = textwrap.dedent(
@@ -104,7 +104,7 @@ class _Terminal(io.StringIO):
 
 
 def _step(step: int, total: int) -> str:
-    return STEP_LINE % (step, total, 2.5, 3e-5, 12.0, 0.125, "0m10s")
+    return step_line(step, total, 2.5, 1.75, 3e-5, 12.0, 0.03125, "0m10s")
 
 
 def test_relay_draws_one_live_bar_on_a_terminal(monkeypatch):
@@ -123,10 +123,11 @@ def test_relay_draws_one_live_bar_on_a_terminal(monkeypatch):
     assert lines[0] == "[gist-ray] training 2 steps, global batch 32"
     # the bar is redrawn in place (\r ... ESC[K), a line in between clears it and redraws it
     # below, and the finished bar stays as a line
-    assert "\r[gist-ray] training " in text and "1/2  loss 2.5000  12.0 samples/s" in text
+    # the bar shows the smoothed loss, labelled; the step's own loss stays in the log's lines
+    assert "\r[gist-ray] training " in text and "1/2  smoothed loss 1.7500  12.0 samples/s" in text
     assert "\r\x1b[K[gist-ray] something else happened\n" in text
     bar, after, end = lines[-3:]
-    assert bar.endswith("2/2  loss 2.5000  12.0 samples/s  mask 0.125  ETA 0m10s\x1b[K")
+    assert bar.endswith("2/2  smoothed loss 1.7500  12.0 samples/s  masked 3.1 %  ETA 0m10s\x1b[K")
     assert bar.rsplit("\r", 1)[-1].count("█") == 30
     assert (after, end) == ("[gist-ray] after training", "")
 
@@ -221,3 +222,11 @@ def test_unwrap_leaves_an_error_without_a_worker_error_alone():
 
     e = ValueError("not from Ray")
     assert unwrap_worker_error(e) is e
+
+
+def test_a_change_that_rounds_to_zero_is_never_negative_zero():
+    assert log.fmt_change(-1e-7) == "   +0.0000"
+    assert log.fmt_change(-0.0) == "   +0.0000"
+    assert log.fmt_change(0.04995) == "   +0.0500"
+    assert log.fmt_change(-0.0123) == "   -0.0123"
+    assert log.fmt_change(float("nan")).strip() == "+nan"

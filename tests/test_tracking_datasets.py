@@ -57,4 +57,4 @@ def test_eval_set_dataset_names_the_split():
 
     ev = load_eval("insuranceqa", "test", 5, 20)
     ds = eval_dataset(ev, "insuranceqa")
-    assert ds.name == "insuranceqa/test" and len(ds.df) == 5
+    assert ds.name == "insuranceqa (split test)" and len(ds.df) == 5

@@ -17,6 +17,7 @@ from typing import Any
 
 from gist_ray.core import fileio
 from gist_ray.core.errors import GistRayError
+from gist_ray.core.log import fmt_change
 from gist_ray.eval.metrics import REPORTED
 from gist_ray.models.loading import quiet_hf
 
@@ -182,7 +183,7 @@ def format_table(result: dict[str, Any]) -> str:
         for k in keys:
             vals = [r[section][k] for r in rows]
             line = f"{k:<12}" + "".join(f"{v:>10.4f}" for v in vals)
-            lines.append(line + (f"{vals[0] - vals[1]:>+10.4f}" if len(vals) == 2 else ""))
+            lines.append(line + (fmt_change(vals[0] - vals[1]) if len(vals) == 2 else ""))
     lines.append("")
     lines += [
         f"{n} = {r['model']} ({r['pooling']} pooling, {r['seconds']:.1f} s)"

@@ -10,6 +10,7 @@ unless ``force``.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import statistics
@@ -21,6 +22,7 @@ import yaml
 from gist_ray.config import Config
 from gist_ray.core import fileio
 from gist_ray.core.errors import ConfigError, DataError
+from gist_ray.data.heldout import DEFAULT_FRACTION, MAX_FRACTION, Split, split_by_anchor
 
 DEFAULT_OUTPUT = "gist-ray.yaml"
 SAMPLE_ROWS = 2000
@@ -189,11 +191,31 @@ def _scalar(value: str | float) -> str:
     return json.dumps(plain)
 
 
+@dataclass
+class HeldOut:
+    """What ``init`` split off: the split, the files written, the eval set's size."""
+
+    split: Split
+    seed: int
+    fraction: float
+    train_path: Path | None = None  # None: nothing held out, training reads the user's data
+    eval_path: Path | None = None
+    queries: int = 0
+    documents: int = 0
+
+
 def render_config(
-    source: str, rows: int, columns: list[Column], mapping: Mapping, name: str
+    source: str,
+    rows: int,
+    columns: list[Column],
+    mapping: Mapping,
+    name: str,
+    held: HeldOut | None = None,
 ) -> str:
     """The starter config's text: only the keys a new user should look at, each explained."""
     d = Config()
+    split = held is not None and held.eval_path is not None
+    train_rows = len(held.split.train_rows) if split else rows
     seq, tokens = _seq_length(columns, mapping)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).stem) or "gist-ray"
     width = max(len(k) for k in mapping.roles)
@@ -208,6 +230,16 @@ def render_config(
     ]
     lines = [
         f"# gist-ray config for {source} ({rows:,} rows), written by `gist-ray init`.",
+    ]
+    if split:
+        s = held.split
+        lines += [
+            f"# {s.eval_anchors:,} of its {s.anchors:,} distinct anchors ({len(s.eval_rows):,} "
+            f"rows) are held out for eval (eval.source),",
+            f"# the other {train_rows:,} rows are the training data (data.train). The same data,",
+            f"# --eval-fraction {held.fraction:g} and --seed {held.seed} give the same split.",
+        ]
+    lines += [
         f"# Check the column mapping, then train:  gist-ray train --config {name}",
         f"# Keys left out keep their defaults (`gist-ray config --config {name}` prints",
         "# them all); --set overrides a key for one run, e.g. --set train.lr=2e-5.",
@@ -218,22 +250,17 @@ def render_config(
         f"  max_seq_length: {seq}  # tokens; 90% of your texts fit in about {tokens}",
         "",
         "data:",
-        f"  train: {_scalar(source)}",
+        f"  train: {_scalar(str(held.train_path) if split else source)}"
+        + (f"  # {Path(source).name} without the held-out rows" if split else ""),
         "  columns:  # role: your column (anchor = the query side, positive = the text that",
         "            # matches it, negative = one that does not; negatives are optional)",
         *roles,
-        f"  max_examples: 0  # rows to train on, from the top; 0 = all {rows:,}",
+        f"  max_examples: 0  # rows to train on, from the top; 0 = all {train_rows:,}",
     ]
     if unused:
         lines += ["  # not used:", *unused]
+    lines += ["", *_eval_lines(held), "", "train:"]
     lines += [
-        "",
-        "eval:",
-        '  source: ""  # held-out retrieval eval before and after training: a BEIR-style folder',
-        "              # (queries.jsonl, corpus.jsonl, qrels/test.tsv), or insuranceqa (the",
-        '              # built-in demo set); "" = none',
-        "",
-        "train:",
         f"  batch_size: {d.train.batch_size}  # global, split over the workers; every row's texts"
         " are negatives",
         "                  # for the other rows: larger is better, as far as memory allows",
@@ -255,22 +282,60 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def _eval_lines(held: HeldOut | None) -> list[str]:
+    """The config's eval section: the held-out BEIR folder, or why there is none."""
+    if held is None or held.eval_path is None:
+        why = f"no held-out set: {held.split.skipped}" if held else "no held-out set"
+        return [
+            "eval:",
+            '  source: ""  # held-out retrieval eval before and after training: a BEIR folder',
+            "              # (corpus.jsonl, queries.jsonl, qrels/test.tsv), or insuranceqa (the",
+            f'              # built-in demo set); "" = none ({why})',
+        ]
+    d = Config().eval
+    corpus = 0 if held.documents <= d.max_corpus else d.max_corpus
+    return [
+        "eval:",
+        f"  # retrieval before and after training on {held.queries:,} held-out queries, never",
+        "  # trained on; a BEIR folder: corpus.jsonl and queries.jsonl (_id, text),",
+        "  # qrels/test.tsv (query-id, corpus-id, score)",
+        f"  source: {_scalar(str(held.eval_path))}",
+        "  split: test",
+        f"  max_queries: 0  # 0 = all {held.queries:,}",
+        f"  max_corpus: {corpus}  # documents: every relevant one, the rest sampled; 0 = all "
+        f"{held.documents:,}",
+    ]
+
+
 @dataclass
 class Starter:
     path: Path
     rows: int
     mapping: Mapping
     problem: str | None  # why training would still refuse the data, if it would
+    held: HeldOut | None = None
 
 
-def write_starter(data: str, output: str | Path = DEFAULT_OUTPUT, force: bool = False) -> Starter:
-    """Inspect ``data``, write the starter config to ``output`` and return what was chosen."""
+def write_starter(
+    data: str,
+    output: str | Path = DEFAULT_OUTPUT,
+    force: bool = False,
+    eval_fraction: float = DEFAULT_FRACTION,
+    seed: int = 0,
+) -> Starter:
+    """Inspect ``data``, hold out ``eval_fraction`` of its anchors (module docstring), write the
+    starter config to ``output`` and return what was chosen."""
     from gist_ray.core.log import quiet_progress_bars
 
     quiet_progress_bars()  # datasets' "Generating train split" bar
     from gist_ray.data.training import load_pairs, load_source
 
     out = Path(output)
+    if not 0 <= eval_fraction <= MAX_FRACTION:
+        raise ConfigError(
+            f"--eval-fraction {eval_fraction:g} is not allowed; give a share of the anchors "
+            f"from 0 (no held-out set) to {MAX_FRACTION:g}"
+        )
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to overwrite it, or -o OTHER.yaml")
     if out.is_dir():
@@ -292,5 +357,88 @@ def write_starter(data: str, output: str | Path = DEFAULT_OUTPUT, force: bool = 
         load_pairs(source, mapping.roles)
     except DataError as e:
         problem = str(e)
-    fileio.write_text(out, render_config(source, len(ds), columns, mapping, out.name))
-    return Starter(out, len(ds), mapping, problem)
+    if problem is None:
+        split = split_by_anchor(ds[mapping.roles["anchor"]], eval_fraction, seed)
+    else:
+        split = Split(list(range(len(ds))), skipped="the data needs fixing first (see the warning)")
+    held = HeldOut(split, seed, eval_fraction)
+    if split.eval_rows:
+        held = _write_held_out(ds, source, mapping, held, out, force)
+    text = render_config(source, len(ds), columns, mapping, out.name, held)
+    fileio.write_text(out, text)  # last: it names the files above
+    return Starter(out, len(ds), mapping, problem, held)
+
+
+def _write_held_out(ds, source: str, mapping: Mapping, held: HeldOut, out: Path, force: bool):
+    """Write the held-out rows as a BEIR folder and the others as the training file, next to
+    the config; return ``held`` with their paths and the eval set's size."""
+    from gist_ray.eval.sets import held_out_set, write_beir
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).stem) or "data"
+    suffix = Path(source).suffix.lower()
+    local = Path(source).is_file()
+    ext = {".csv": ".csv", ".jsonl": ".jsonl", ".json": ".jsonl"}.get(suffix, ".parquet")
+    folder = out.resolve().parent
+    train_path, eval_path = folder / f"{stem}-train{ext}", folder / f"{stem}-eval"
+    there = [str(p) for p in (train_path, eval_path) if p.exists()]
+    if there and not force:
+        raise ConfigError(
+            f"{' and '.join(there)} already exist(s); pass --force to overwrite, or "
+            "--eval-fraction 0 for no held-out set"
+        )
+    roles = mapping.roles
+    negatives = [ds[c] for r, c in roles.items() if r.startswith("negative")]
+    evalset = held_out_set(
+        ds[roles["anchor"]], ds[roles["positive"]], negatives, held.split.eval_rows
+    )
+    write_beir(eval_path, evalset)
+    _write_rows(ds, source if local else "", held.split.train_rows, train_path)
+    held.train_path, held.eval_path = train_path, eval_path
+    held.queries, held.documents = len(evalset.queries), len(evalset.corpus)
+    return held
+
+
+def _write_rows(ds, source: str, rows: list[int], path: Path) -> None:
+    """Rows ``rows`` of the data, every column, to ``path`` (atomically), in the source's own
+    format: a .csv or JSON Lines source's records are copied as they are (where they line up
+    with the dataset's rows), anything else is written from the dataset."""
+    raw = _raw_records(Path(source), len(ds)) if source else None
+    with fileio.atomic_file(path) as tmp:
+        if raw is not None and path.suffix == ".csv":
+            header, records = raw
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(records[i] for i in rows)
+        elif raw is not None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(raw[1][i] for i in rows)
+        elif path.suffix == ".jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in ds.select(rows):
+                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        else:
+            ds.select(rows).to_parquet(str(tmp))
+
+
+def _raw_records(path: Path, count: int):
+    """(header, records) of a .csv, (None, lines) of a JSON Lines file, as the dataset counts
+    its rows (blank lines skipped); None for other files or when the counts differ."""
+    suffix = path.suffix.lower()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if suffix == ".csv":
+                records = [r for r in csv.reader(f) if r]
+                header, records = (records[0], records[1:]) if records else ([], [])
+            elif suffix in (".jsonl", ".json"):
+                header = None
+                records = [
+                    line if line.endswith("\n") else line + "\n" for line in f if line.strip()
+                ]
+                if records and records[0].lstrip().startswith("["):
+                    return None  # a JSON array
+            else:
+                return None
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return (header, records) if len(records) == count else None

@@ -316,3 +316,12 @@ def fmt_eta(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def fmt_change(value: float, width: int = 10, digits: int = 4) -> str:
+    """A signed difference for a table, right-aligned: ``+0.0123``; one that rounds to zero is
+    ``+0.0000`` whatever its sign (``-0.0000`` reads as a loss that is not there)."""
+    text = f"{value:+.{digits}f}"
+    if text.startswith("-") and float(text) == 0:
+        text = "+" + text[1:]
+    return f"{text:>{width}}"

@@ -3,7 +3,9 @@
 Training data has canonical columns `anchor`, `positive` and optionally `negative_1..negative_k`.
 Sources: a local .json/.jsonl/.csv/.parquet file, a `save_to_disk` folder, a hub dataset name
 (where the network allows) or the built-in `insuranceqa` (package insuranceqa-data==1.0).
-Every bad input raises a one-line DataError naming the source, column and row.
+Every bad input raises a one-line DataError naming the source, column and position: a line of a
+.csv/.jsonl file as an editor numbers it (1-based, a CSV's header line counted), a row (1-based,
+with its 0-based index) of parquet, a JSON array, a saved folder or hub data.
 
 Training data stays on disk: a loaded dataset is Arrow memory-mapped (files and hub data through
 the `datasets` cache, saved folders as they are; the built-in set and other in-memory data are
@@ -14,6 +16,7 @@ dataset.
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +117,9 @@ def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
                 raise DataError(
                     f"{source} is empty (0 rows); training needs at least one row"
                 ) from e
+            bad = _bad_json_line(path) if builder == "json" else None
+            if bad:  # pyarrow names a 0-based row of a block; an editor needs the line
+                raise DataError(f"line {bad[0]} of {source}: not valid JSON ({bad[1]})") from e
             raise DataError(f"{source}: cannot be read as {builder}: {_cause(e)}") from e
     if path.is_dir():
         try:
@@ -139,6 +145,31 @@ def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
             f"{source!r} does not exist locally and cannot be fetched from the hub "
             f"(offline or unknown: {_cause(e)}); {_KINDS_HINT} or '{BUILTIN}'"
         ) from e
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not a JSON object, and why. None when the
+    file does not look like JSON Lines (its first record does not parse on its own line: a JSON
+    array or a pretty-printed document, whose records are not lines) or every line parses."""
+    import json
+
+    first = True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return None if first else (lineno, f"{e.msg} at column {e.colno}")
+                if not isinstance(record, dict):
+                    what = f"expected an object, got {type(record).__name__}"
+                    return None if first else (lineno, what)
+                first = False
+    except OSError:
+        return None
+    return None
 
 
 def _is_local_source(s: str) -> bool:
@@ -235,11 +266,11 @@ CHECK_CHUNK_ROWS = 65_536  # validation reads the data in slices of this many ro
 def _check_column(ds: datasets.Dataset, col: str, src: str, label: str) -> None:
     """Every text must be a non-empty, non-whitespace string; report the first bad row. Reads
     the column in slices, so checking a large dataset needs no copy of it in memory."""
-    where = f"{label}: column {col!r}" + (f" (source column {src!r})" if src != col else "")
+    where = f"column {col!r}" + (f" (source column {src!r})" if src != col else "")
     rule = "texts must be non-empty strings"
     kind = ds.features[col]
     if getattr(kind, "dtype", None) not in ("string", "large_string"):
-        _first_bad_value(ds, col, where, rule)  # numbers, lists, mixed: invalid data only
+        _first_bad_value(ds, col, where, rule, label)  # numbers, lists, mixed: invalid data only
         return
     arrow = ds.select_columns([col]).with_format("arrow")
     first, n_bad = None, 0
@@ -254,17 +285,63 @@ def _check_column(ds: datasets.Dataset, col: str, src: str, label: str) -> None:
         n_bad += count
     if first is not None:
         row, what = first
-        raise DataError(f"{where} row {row} (0-based) is {what}; {rule} ({n_bad} bad in all)")
+        raise DataError(
+            f"{position(label, row)} of {label}, {where}: {what}; {rule} ({n_bad} bad in all)"
+        )
 
 
-def _first_bad_value(ds: datasets.Dataset, col: str, where: str, rule: str) -> None:
+def _first_bad_value(ds: datasets.Dataset, col: str, where: str, rule: str, label: str) -> None:
     for start in range(0, len(ds), CHECK_CHUNK_ROWS):
         for row, value in enumerate(ds[start : start + CHECK_CHUNK_ROWS][col], start):
             if not isinstance(value, str) or not value.strip():
                 what = "null" if value is None else f"{type(value).__name__} {value!r:.40}"
                 if isinstance(value, str):
                     what = "empty or whitespace"
-                raise DataError(f"{where} row {row} (0-based) is {what}; {rule}")
+                raise DataError(f"{position(label, row)} of {label}, {where}: {what}; {rule}")
+
+
+def position(source: str, row: int) -> str:
+    """Where row ``row`` (0-based, as the dataset counts) of ``source`` is, as a person finds it:
+    ``line N`` of a .csv or JSON Lines file as an editor numbers its lines (1-based; a CSV's
+    header, blank lines and the extra lines of a quoted multi-line cell counted), else ``row N``
+    (1-based) with the 0-based index a dataframe or ``ds[i]`` takes."""
+    path = Path(source).expanduser()
+    try:
+        line = _line_of(path, row) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, csv.Error):
+        line = None
+    return f"line {line}" if line else f"row {row + 1} (index {row})"
+
+
+def _line_of(path: Path, row: int) -> int | None:
+    """The 1-based line on which data row ``row`` of a .csv / JSON Lines file starts; None for
+    other files (parquet, a JSON array) or when the file has fewer rows."""
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        if suffix == ".csv":
+            # As the csv builder (pandas) reads it: blank lines skipped, the first record is the
+            # header. A record's first line is one after where the previous one ended.
+            reader, records, end = csv.reader(f), -1, 0
+            for record in reader:
+                if record:
+                    if records == row:
+                        return end + 1
+                    records += 1
+                end = reader.line_num
+            return None
+        if suffix not in (".jsonl", ".json"):
+            return None
+        n = 0
+        for lineno, text in enumerate(f, 1):
+            stripped = text.strip()
+            if not stripped:
+                continue  # the json builder skips blank lines
+            if n == 0 and stripped.startswith("["):
+                return None  # one JSON array: its rows are not lines
+            if n == row:
+                return lineno
+            n += 1
+    return None
 
 
 @dataclass

@@ -1,18 +1,23 @@
 """Retrieval eval sets: queries, a corpus and relevance judgements (qrels), from the built-in
 InsuranceQA test/valid splits or a BEIR-style folder (queries.jsonl, corpus.jsonl,
-qrels/<split>.tsv or qrels.tsv). Bad files are one-line DataErrors naming the file and line."""
+qrels/<split>.tsv or qrels.tsv). Bad files are one-line DataErrors naming the file and line.
+:func:`held_out_set` and :func:`write_beir` make such a folder from held-out training rows."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gist_ray.core import fileio
 from gist_ray.core.errors import DataError
 from gist_ray.core.fileio import jsonl_records
+from gist_ray.data.heldout import anchor_key
 from gist_ray.data.training import check_limit, insuranceqa
 
 if TYPE_CHECKING:
@@ -51,11 +56,12 @@ def load_eval(
     if source.strip().lower() == insuranceqa.NAME and not Path(source).exists():
         queries, corpus, qrels, pool = insuranceqa.eval_split(split)
         notes: list[str] = []
-        label = f"{insuranceqa.NAME}/{split}"
+        label = f"{insuranceqa.NAME} (split {split})"
     else:
-        queries, corpus, qrels, notes = _beir(Path(source).expanduser(), source, split)
+        queries, corpus, qrels, notes, qrels_path = _beir(Path(source).expanduser(), source, split)
         pool = None
-        label = f"{source}/{split}"
+        # the folder and the split apart: "<folder>/<split>" would name a folder that is not there
+        label = f"{source} (split {split})" if qrels_path.parent.name == "qrels" else source
     rng = random.Random(seed)
     qids = sorted((q for q, rel in qrels.items() if any(v > 0 for v in rel.values())), key=_idkey)
     if not qids:
@@ -134,7 +140,7 @@ def _beir(folder: Path, source: str, split: str):
             f"(first: {first})"
         )
         log.warning(notes[-1])
-    return queries, corpus, qrels, notes
+    return queries, corpus, qrels, notes, qrels_path
 
 
 def load_eval_for(cfg: Config) -> EvalSet | None:
@@ -145,3 +151,62 @@ def load_eval_for(cfg: Config) -> EvalSet | None:
     return load_eval(
         ev.source, ev.split, ev.max_queries or None, ev.max_corpus or None, seed=cfg.train.seed
     )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def held_out_set(
+    anchors: Sequence[str],
+    positives: Sequence[str],
+    others: Sequence[Sequence[str]],
+    eval_rows: Sequence[int],
+) -> EvalSet:
+    """A retrieval set from training rows: the anchors of ``eval_rows`` are the queries, each
+    judged relevant (score 1) to its rows' positives; the corpus is every distinct positive and
+    negative text of all rows (``others``: the negative columns), so the held-out positives are
+    found among the whole data's documents. Ids: ``q1..``, ``d1..`` in order of appearance."""
+    corpus: dict[str, str] = {}  # text key -> id
+    texts: dict[str, str] = {}  # id -> text
+
+    def doc(text: str) -> str:
+        key = anchor_key(text)
+        if key not in corpus:
+            corpus[key] = f"d{len(corpus) + 1}"
+            texts[corpus[key]] = text
+        return corpus[key]
+
+    for row, positive in enumerate(positives):
+        doc(positive)
+        for column in others:
+            if isinstance(column[row], str) and column[row].strip():
+                doc(column[row])
+    queries: dict[str, str] = {}  # anchor key -> id
+    query_texts: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    for row in eval_rows:
+        key = anchor_key(anchors[row])
+        if key not in queries:
+            queries[key] = f"q{len(queries) + 1}"
+            query_texts[queries[key]] = anchors[row]
+        qrels.setdefault(queries[key], {})[doc(positives[row])] = 1
+    return EvalSet(query_texts, texts, qrels)
+
+
+def write_beir(folder: str | Path, evalset: EvalSet, split: str = "test") -> Path:
+    """Write ``evalset`` as a BEIR folder, atomically: ``corpus.jsonl`` and ``queries.jsonl``
+    (one ``{"_id", "text"}`` object a line) and ``qrels/<split>.tsv`` (a ``query-id``,
+    ``corpus-id``, ``score`` header, then one judgement a line)."""
+    folder = Path(folder)
+    with fileio.atomic_dir(folder) as tmp:
+        for name, records in (("corpus.jsonl", evalset.corpus), ("queries.jsonl", evalset.queries)):
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                for _id, text in records.items():
+                    f.write(json.dumps({"_id": _id, "text": text}, ensure_ascii=False) + "\n")
+        (tmp / "qrels").mkdir()
+        with open(tmp / "qrels" / f"{split}.tsv", "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+            w.writerow(["query-id", "corpus-id", "score"])
+            for qid, rel in evalset.qrels.items():
+                w.writerows([qid, did, score] for did, score in rel.items())
+    return folder

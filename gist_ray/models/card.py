@@ -1,18 +1,24 @@
 """The exported model's README.md: a Hugging Face model card (YAML metadata, then Markdown) saying
 what the model is, how to use it, and how gist-ray trained it — base model, guide, data, loss and
-its settings, batch, steps — and how it scored before and after."""
+its settings, batch, steps — and how it scored before and after.
+
+Models are named as they really are — a built-in alias (``minilm``) as the hub model it stands
+for, a local folder by its absolute path — and the usage example is the first training row's
+anchor and positive, so the card speaks of the user's data."""
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from gist_ray.config import SELF, Config, train_datasets
+from gist_ray.core.errors import GistRayError
 
 _HUB_ID = "/"  # a hub model id has an organisation: org/name
 
@@ -29,6 +35,7 @@ class CardInfo:
     eval_size: str = ""  # e.g. "150 queries, 1,000 documents"
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    example: tuple[str, str] | None = None  # (query, document); None = the first training row
 
 
 def _base_model(name: str) -> str | None:
@@ -40,6 +47,48 @@ def _base_model(name: str) -> str | None:
     return hub or (name if name.count(_HUB_ID) == 1 and not name.startswith((".", "/")) else None)
 
 
+def model_name(name: str) -> str:
+    """The model ``name`` really is: a local folder's absolute path, the hub model an alias
+    stands for (``minilm`` -> ``sentence-transformers/all-MiniLM-L6-v2``), else the hub name."""
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return os.path.abspath(path)
+    return _base_model(name) or name
+
+
+def _short(name: str) -> str:
+    """A title's name: a hub id as it is, a local folder by its own name."""
+    return os.path.basename(name.rstrip("/")) if os.path.isabs(name) else name
+
+
+EXAMPLE_CHARS = 200  # a longer training text is cut at a word for the usage example
+FALLBACK_EXAMPLE = ("how do I cancel my policy", "You can cancel at any time by ...")
+
+
+def usage_example(cfg: Config) -> tuple[str, str]:
+    """The first training row's anchor and positive (of the first dataset), as the card's usage
+    example; a generic pair when the data cannot be read here."""
+    from gist_ray.data.training import BUILTIN, load_pairs
+
+    spec = train_datasets(cfg.data)[0]
+    builtin = spec.source.strip().lower() == BUILTIN
+    # A user's file keeps its first rows, so one row is enough; the built-in set is read as
+    # training read it (its cached sample), whose first row depends on the sample size.
+    rows = (spec.max_examples or None) if builtin else 1
+    try:
+        first = load_pairs(spec.source, spec.columns or None, rows, seed=cfg.train.seed)[0]
+    except (GistRayError, OSError):
+        return FALLBACK_EXAMPLE
+    return _cut(first["anchor"]), _cut(first["positive"])
+
+
+def _cut(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) <= EXAMPLE_CHARS:
+        return text
+    return text[:EXAMPLE_CHARS].rsplit(" ", 1)[0] + " ..."
+
+
 def render_card(cfg: Config, info: CardInfo) -> str:
     """The model card text."""
     m, t, lo = cfg.model, cfg.train, cfg.loss
@@ -49,8 +98,11 @@ def render_card(cfg: Config, info: CardInfo) -> str:
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "gist-ray"],
     }
-    if base := _base_model(m.student):
+    local = os.path.exists(os.path.expanduser(m.student))  # a folder is no hub base model
+    if not local and (base := _base_model(m.student)):
         meta["base_model"] = base
+    student = model_name(m.student)
+    query, document = info.example or usage_example(cfg)
     hub_data = [s.source for s in specs if s.source.count(_HUB_ID) == 1 and "." not in s.source]
     if hub_data:
         meta["datasets"] = hub_data
@@ -61,9 +113,9 @@ def render_card(cfg: Config, info: CardInfo) -> str:
         yaml.safe_dump(meta, sort_keys=False).strip(),
         "---",
         "",
-        f"# {m.student}, fine-tuned with GISTEmbed",
+        f"# {_short(student)}, fine-tuned with GISTEmbed",
         "",
-        f"A sentence-transformers model fine-tuned from `{m.student}` by gist-ray with the "
+        f"A sentence-transformers model fine-tuned from `{student}` by gist-ray with the "
         f"GISTEmbed loss (arXiv:2402.16829), guided by {_guide_text(m)}.",
         "",
         "## Model",
@@ -80,8 +132,8 @@ def render_card(cfg: Config, info: CardInfo) -> str:
         "from sentence_transformers import SentenceTransformer",
         "",
         'model = SentenceTransformer("path/to/this/folder")',
-        'queries = model.encode_query(["how do I cancel my policy"])',
-        'documents = model.encode_document(["You can cancel at any time by ..."])',
+        f"queries = model.encode_query([{_literal(query)}])",
+        f"documents = model.encode_document([{_literal(document)}])",
         "scores = model.similarity(queries, documents)",
         "```",
         "",
@@ -143,9 +195,14 @@ def render_card(cfg: Config, info: CardInfo) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _literal(text: str) -> str:
+    """A Python string literal of ``text`` (JSON's escapes are Python's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _guide_text(m) -> str:
     if m.guide != SELF:
-        return f"`{m.guide}`"
+        return f"`{model_name(m.guide)}`"
     if m.self_guide == "ema":
         return f"the model itself (an EMA of its weights, decay {m.self_guide_decay:g})"
     return "the model itself, frozen at the start of training"

@@ -1,13 +1,14 @@
 """Progress: what rank 0 reports, and how the driver shows it.
 
 On the worker, :class:`StepLog` reports each training step: a console line every
-``train.log_every`` steps (and at the last one), and the same metrics for MLflow, held in
+``train.log_every`` steps (and at the last one) with the step's loss and a smoothed loss (an
+exponential moving average, :class:`LossEMA`), and the step's metrics for MLflow, held in
 ``TrainState.pending`` until a committed checkpoint covers them (then :meth:`StepLog.committed`
 logs them); :func:`guide_cache_line` words the guide-cache build's progress.
 
 On the driver, :class:`Relay` shows those lines as they arrive from the workers: on a terminal
-as one live bar (step, loss, samples/s, mask fraction, ETA), elsewhere (a file, a pipe, a Ray
-job's log) one line per report, the guide cache's every 10%.
+as one live bar (step, smoothed loss, samples/s, share of candidates masked, ETA), elsewhere
+(a file, a pipe, a Ray job's log) one line per report, the guide cache's every 10%.
 """
 
 from __future__ import annotations
@@ -28,12 +29,62 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The step line is also what the driver parses: keep the two together.
-STEP_LINE = "step %d/%d loss %.4f lr %.2e %.1f samples/s mask %.3f ETA %s"
-_STEP = re.compile(r"step (\d+)/(\d+) loss (\S+) lr \S+ (\S+) samples/s mask (\S+) ETA (\S+)")
+# The step line is also what the driver parses: keep the two together (and use step_line).
+STEP_LINE = "step %d/%d loss %s smoothed %s lr %.2e %.1f samples/s masked %s ETA %s"
+_STEP = re.compile(
+    r"step (\d+)/(\d+) loss (\S+) smoothed (\S+) lr \S+ (\S+) samples/s masked (.+?) ETA (\S+)"
+)
+EMA_BETA = 0.9  # the smoothed loss: an EMA over roughly the last 1 / (1 - beta) = 10 steps
 GUIDE_LINE = "guide cache: %d%% of this worker's %d texts, ETA %s"
 GUIDE_REPORT_EVERY_S = 5.0  # at most this long between guide-cache lines (and one every 10%)
 _GUIDE = re.compile(r"guide cache: (\d+)% of this worker's (\d+) texts, ETA (\S+)")
+
+
+def fmt_loss(value: float) -> str:
+    """A loss for the screen: 4 decimals, 3 significant digits below 0.001 (a loss that small
+    still moves). The GIST loss is never below 0 (the positive is always a candidate): a
+    negative value is float rounding of 0, shown as 0, never as ``-0.0000``."""
+    value = 0.0 if value <= 0 else value  # -0.0 too
+    return f"{value:.2e}" if 0 < value < 1e-3 else f"{value:.4f}"
+
+
+def fmt_masked(frac: float) -> str:
+    """The share of candidates the guide masked, as a percentage (``3.1 %``, ``<0.1 %``)."""
+    pct = 100 * frac
+    return "<0.1 %" if 0 < pct < 0.05 else f"{pct:.1f} %"
+
+
+def step_line(
+    step: int,
+    total: int,
+    loss: float,
+    smoothed: float,
+    lr: float,
+    samples_per_s: float,
+    masked: float,
+    eta: str,
+) -> str:
+    """One step's console line, as rank 0 logs it and the driver parses it."""
+    loss_text, smoothed_text, masked_text = fmt_loss(loss), fmt_loss(smoothed), fmt_masked(masked)
+    return STEP_LINE % (step, total, loss_text, smoothed_text, lr, samples_per_s, masked_text, eta)
+
+
+class LossEMA:
+    """The smoothed loss on screen: an exponential moving average of the step losses
+    (``beta`` = 0.9, so about the last 10 steps count), bias-corrected as Adam's moments are, so
+    the first steps are not pulled toward 0. Restarts with the process (a resumed run)."""
+
+    def __init__(self, beta: float = EMA_BETA) -> None:
+        self.beta, self._avg, self._n = beta, 0.0, 0
+
+    def update(self, loss: float) -> float:
+        self._n += 1
+        self._avg = self.beta * self._avg + (1 - self.beta) * loss
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return self._avg / (1 - self.beta**self._n) if self._n else float("nan")
 
 
 class StepLog:
@@ -41,6 +92,7 @@ class StepLog:
         self.every, self.total = cfg.train.log_every, total
         self.t_start, self.first_step = time.perf_counter(), state.step
         self.mlflow = None
+        self.smoothed = LossEMA()
         if rank() == 0 and state.run_id and tracking_uri:
             from gist_ray.tracking.runs import StepLogger
 
@@ -51,21 +103,25 @@ class StepLog:
     def step(self, state: TrainState, metrics: dict[str, float]) -> None:
         """Report the step ``state.step`` just finished (rank 0; no-op elsewhere)."""
         step = state.step
+        smoothed = self.smoothed.update(metrics["loss"])  # every step, logged or not
         if rank() != 0 or (step % self.every and step != self.total):
             return
         elapsed = time.perf_counter() - self.t_start
         eta = elapsed / (step - self.first_step) * (self.total - step)
         log.info(
-            STEP_LINE,
-            step,
-            self.total,
-            metrics["loss"],
-            metrics["lr"],
-            metrics["samples_per_s"],
-            metrics["mask_frac/all"],
-            fmt_eta(eta),
+            "%s",
+            step_line(
+                step,
+                self.total,
+                metrics["loss"],
+                smoothed,
+                metrics["lr"],
+                metrics["samples_per_s"],
+                metrics["mask_frac/all"],
+                fmt_eta(eta),
+            ),
         )
-        if self.mlflow:
+        if self.mlflow:  # the step's own loss, not the smoothed one
             state.pending.append((step, dict(metrics)))
 
     def tags(self, tags: dict[str, str]) -> None:
@@ -120,8 +176,11 @@ class Relay:
             tail = f"{done}% of {guide.group(2)} texts per worker  ETA {guide.group(3)}"
         else:
             label = "training"
-            loss, sps, mask, eta = step.group(3, 4, 5, 6)
-            tail = f"{done}/{total}  loss {loss}  {sps} samples/s  mask {mask}  ETA {eta}"
+            smoothed, sps, masked, eta = step.group(4, 5, 6, 7)
+            tail = (
+                f"{done}/{total}  smoothed loss {smoothed}  {sps} samples/s  masked {masked}  "
+                f"ETA {eta}"
+            )
         self.console.status(self._bar(label, done / total, tail))
         if done >= total:
             self.console.end_status()

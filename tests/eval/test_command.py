@@ -140,3 +140,24 @@ def test_eval_bad_input_is_one_line(beir, tiny_models, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("gist-ray: error: ") and message in err[-1], err
+
+
+def test_the_diff_column_shows_no_negative_zero():
+    from gist_ray.commands.eval import SHOWN, format_table
+
+    a = {k: 0.5 for k in SHOWN}
+    b = {k: 0.5 + 1e-7 for k in SHOWN}  # A - B = -1e-7: rounds to zero
+    b["ndcg@10"] = 0.25
+    result = {
+        "eval": {"retrieval": {"name": "x (split test)", "queries": 3, "documents": 9}},
+        "models": [
+            {"model": "A", "pooling": "mean", "seconds": 1.0, "retrieval": a},
+            {"model": "B", "pooling": "mean", "seconds": 1.0, "retrieval": b},
+        ],
+    }
+    table = format_table(result)
+    assert "-0.0000" not in table and "+0.0000" in table
+    assert table.splitlines()[0] == "Retrieval on x (split test): 3 queries, 9 documents"
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith("ndcg@10")] == [
+        "+0.2500"
+    ]

@@ -18,6 +18,7 @@ def test_builtin_insuranceqa_eval():
     assert all("  " not in t for t in list(ev.queries.values()) + list(ev.corpus.values()))
     again = load_eval("insuranceqa", split="test", max_queries=50, max_corpus=300, seed=0)
     assert (again.queries, again.corpus) == (ev.queries, ev.corpus)
+    assert ev.name == "insuranceqa (split test)"
     train_questions = {" ".join(v["en"].split()) for v in insuranceqa_data.load_train().values()}
     assert not train_questions & set(ev.queries.values())  # held out from training
     # positives are always kept, even past max_corpus
@@ -52,9 +53,13 @@ def test_beir_folder(tmp_path, caplog):
     assert ev.corpus == {"d1": "Cats they purr", "d2": "market fell", "d3": "guitars"}
     assert ev.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
     assert "ignored 2 qrels naming unknown queries or documents" in ev.notes[0]
+    # the name says which folder and which split, not a folder <root>/test that is not there
+    assert ev.name == f"{root} (split test)"
     assert len(load_eval(root, max_queries=1, max_corpus=1).corpus) == 1  # its positive only
     flat = beir(tmp_path / "flat", ["q1\td3\t1\n"], qrels_name="qrels.tsv")
-    assert load_eval(flat, split="dev").qrels == {"q1": {"d3": 1}}
+    flat_set = load_eval(flat, split="dev")
+    assert flat_set.qrels == {"q1": {"d3": 1}}
+    assert flat_set.name == flat  # one qrels.tsv: no split to name
 
 
 def test_beir_bad_input(tmp_path):
@@ -76,3 +81,32 @@ def test_beir_bad_input(tmp_path):
     (tmp_path / "beir" / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n{oops\n')
     with pytest.raises(DataError, match=r"queries.jsonl line 2: not valid JSON"):
         load_eval(root)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_held_out_rows_written_as_beir_read_back(tmp_path):
+    from gist_ray.eval.sets import held_out_set, write_beir
+
+    anchors = ["cats purr", "stock market", "cats  purr", "guitars"]
+    positives = ["they purr", "market fell", "with the larynx", "six strings"]
+    negatives = [["market fell", "dogs bark", None, "  "]]  # repeats and blanks are not docs
+    ev = held_out_set(anchors, positives, negatives, eval_rows=[0, 2, 3])
+    assert ev.queries == {"q1": "cats purr", "q2": "guitars"}  # one query per anchor
+    assert ev.corpus == {
+        "d1": "they purr", "d2": "market fell", "d3": "dogs bark", "d4": "with the larynx",
+        "d5": "six strings",
+    }  # fmt: skip
+    assert ev.qrels == {"q1": {"d1": 1, "d4": 1}, "q2": {"d5": 1}}
+    folder = write_beir(tmp_path / "heldout", ev)
+    assert (folder / "qrels" / "test.tsv").read_text() == (
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td4\t1\nq2\td5\t1\n"
+    )
+    assert json.loads((folder / "corpus.jsonl").read_text().splitlines()[0]) == {
+        "_id": "d1",
+        "text": "they purr",
+    }
+    back = load_eval(str(folder), "test", None, None)
+    assert (back.queries, back.corpus, back.qrels) == (ev.queries, ev.corpus, ev.qrels)
+    assert back.name == f"{folder} (split test)"

@@ -137,7 +137,7 @@ BROKEN_KERNEL = """
 
     # A backward that loses the candidates' gradient past the first column chunk: right on
     # any pool of one chunk, wrong once the pool crosses a seam.
-    def backward(grad, lse, bits, *args):
+    def backward(grad, lse, bits, norms, *args):
         problems, _ = op._unpack(args)
         dleft, dcands = chunked.backward(problems, grad, lse, bits)
         for g in dcands:

@@ -474,7 +474,7 @@ def test_init_holds_out_queries_and_training_reports_before_and_after_on_them(
     assert cfg.eval.source == str(tmp_path / "qa-eval")
     out = train.stdout.splitlines()
     (head,) = [i for i, line in enumerate(out) if line.startswith("Retrieval on ")]
-    assert out[head].startswith(f"Retrieval on {tmp_path / 'qa-eval'} (split test) (10 held-out")
+    assert out[head].startswith(f"Retrieval on {tmp_path / 'qa-eval'} (split test): 10 held-out")
     assert out[head + 1].split() == ["metric", "before", "after", "change"]
     table = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out[head + 2 :][:3]}
     assert set(table) == {"ndcg@10", "recall@10", "mrr@10"}

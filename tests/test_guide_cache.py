@@ -188,7 +188,7 @@ def test_a_text_the_guide_fails_on_is_named_by_column_and_row(tmp_path, cache_en
     with pytest.raises(DataError) as e:
         _ensure(cfg)
     msg = str(e.value)
-    assert "the guide fails on column 'positive' row 6 (0-based)" in msg and "\n" not in msg
+    assert "the guide fails on column 'positive' row 7 (index 6)" in msg and "\n" not in msg
     (folder,) = (tmp_path / ".gist-ray-guide-cache").glob("pairs-*")
     assert not list(folder.glob("emb-*.npy")), "no shard of the failed job looks complete"
 
@@ -295,7 +295,7 @@ def test_a_text_the_guide_fails_on_in_the_ray_data_job(ray_cluster, tmp_path, ca
             f"output_dir={tmp_path / 'out'}"]  # fmt: skip
     assert main(["cache-guide", *sum((["--set", a] for a in args), [])]) == EXIT_USER_ERROR
     err = [x for x in capfd.readouterr().err.splitlines() if x.startswith("gist-ray: error")]
-    assert len(err) == 1 and "the guide fails on column 'positive' row 4 (0-based)" in err[0]
+    assert len(err) == 1 and "the guide fails on column 'positive' row 5 (index 4)" in err[0]
 
 
 def test_shards_are_sized_so_every_worker_gets_work():

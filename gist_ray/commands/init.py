@@ -268,6 +268,8 @@ def render_config(
         f"  max_steps: {d.train.max_steps}  # > 0: stop after this many steps instead",
         f"  lr: {_scalar(d.train.lr)}",
         f"  checkpoint_every: {d.train.checkpoint_every}  # steps",
+        f"  checkpoint_minutes: {_scalar(d.train.checkpoint_minutes)}  # and at least this often"
+        " (0: steps only); a rerun resumes from the last one",
         "",
         "ray:",
         f"  num_workers: {d.ray.num_workers}  # training processes (one per GPU with use_gpu)",
@@ -275,7 +277,7 @@ def render_config(
         "",
         "mlflow:",
         f"  experiment: {_scalar(stem)}  # runs are grouped under this name",
-        "  run_name: null  # name the run to make a rerun of the same command resume it",
+        "  run_name: null  # a name shown in MLflow; a rerun resumes from output_dir either way",
         "",
         f"output_dir: {d.output_dir}  # the trained model, checkpoints and gist-ray.log",
     ]

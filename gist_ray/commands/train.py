@@ -13,6 +13,7 @@ from typing import Any
 
 from gist_ray.config import SELF, Config, validate_loss_for
 from gist_ray.core.errors import ConfigError, Interrupted
+from gist_ray.core.log import fmt_change
 from gist_ray.launch.paths import check_job_paths
 
 log = logging.getLogger(__name__)
@@ -316,12 +317,12 @@ def _print_summary(cfg, evalset, before, after, model_dir, run_id, tracking_uri,
     print()
     if evalset is not None:
         print(
-            f"Retrieval on {evalset.name} ({len(evalset.queries)} held-out queries, "
-            f"{len(evalset.corpus)} documents):"
+            f"Retrieval on {evalset.name}: {len(evalset.queries)} held-out queries, "
+            f"{len(evalset.corpus)} documents"
         )
         print(f"{'metric':<12}{'before':>10}{'after':>10}{'change':>10}")
         for k in EVAL_KEYS:
-            print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}{after[k] - before[k]:>+10.4f}")
+            print(f"{k:<12}{before[k]:>10.4f}{after[k]:>10.4f}{fmt_change(after[k] - before[k])}")
     print(f"\nmodel:       {model_dir}")
     print(f"MLflow run:  {run_id} (experiment {cfg.mlflow.experiment!r}, store {tracking_uri})")
     print(f"MLflow UI:   {ui_command(tracking_uri)}")

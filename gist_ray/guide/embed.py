@@ -109,8 +109,8 @@ class ShardEmbedder:
                     column, row = table.column("column")[i].as_py(), table.column("row")[i].as_py()
                     cause = str(e).strip().splitlines()
                     raise DataError(
-                        f"the guide fails on column {column!r} row {row} (0-based) of the data "
-                        f"of guide cache {self.name} ({type(e).__name__}: "
+                        f"the guide fails on column {column!r} row {row + 1} (index {row}) of "
+                        f"the data of guide cache {self.name} ({type(e).__name__}: "
                         f"{cause[0][:160] if cause else ''}); fix or drop that row, or set "
                         "data.guide_cache=false"
                     ) from e

@@ -48,7 +48,7 @@ def bench_guide_cache(batch: int, max_len: int, repeats: int) -> dict:
     from gist_ray.loss import GistLoss
     from gist_ray.models.encoder import load_encoder
     from gist_ray.models.spec import ModelSpec
-    from gist_ray.train.loop import training_step
+    from gist_ray.train.step import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()
@@ -86,7 +86,7 @@ def _peak_child(batch: int, mini: int, max_len: int) -> None:
     from gist_ray.loss import GistLoss
     from gist_ray.models.encoder import load_encoder
     from gist_ray.models.spec import ModelSpec
-    from gist_ray.train.loop import training_step
+    from gist_ray.train.step import training_step
 
     loss_fn = GistLoss.from_config(_cfg(batch, max_len).loss)
     student = load_encoder(ModelSpec("minilm", max_seq_length=max_len)).train()

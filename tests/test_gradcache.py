@@ -9,7 +9,7 @@ from gist_ray.config import load_config
 from gist_ray.loss import GistLoss
 from gist_ray.models.encoder import load_encoder
 from gist_ray.models.spec import ModelSpec
-from gist_ray.train.loop import training_step
+from gist_ray.train.step import training_step
 from tests.conftest import make_sentences
 
 

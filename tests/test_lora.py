@@ -20,7 +20,8 @@ from gist_ray.models.encoder import export_model, load_encoder
 from gist_ray.models.lora import is_adapter_folder, merge_adapter, prepare_student
 from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import LocalReporter
-from gist_ray.train.loop import optimizer_step, training_step
+from gist_ray.train.loop import optimizer_step
+from gist_ray.train.step import training_step
 from tests.conftest import (
     build_tiny_bert,
     build_tiny_decoder,

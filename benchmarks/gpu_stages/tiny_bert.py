@@ -1,7 +1,7 @@
 """A tiny random BERT as a sentence-transformers model (Transformer → mean Pooling → Normalize),
 built offline in a few seconds, and what the training step hands the loss from it.
 
-The training step (gist_ray.train.loop.training_step) embeds under
+The training step (gist_ray.train.step.training_step) embeds under
 ``torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")`` and calls
 the loss outside it; this module does the same. That module itself cannot be imported here: it
 imports gist_ray.data.training, which imports ``datasets`` (absent on the GPU machine).
@@ -81,7 +81,7 @@ def _normalize():
 
 
 def autocast_of(device: torch.device):
-    """The training step's autocast (gist_ray.train.loop.training_step)."""
+    """The training step's autocast (gist_ray.train.step.training_step)."""
     return partial(torch.autocast, device.type, dtype=torch.bfloat16,
                    enabled=device.type == "cuda")  # fmt: skip
 

@@ -1,9 +1,9 @@
 """Stage 6: one end-to-end training step of a tiny random BERT, without Ray or MLflow: the
-per-worker step of gist_ray.train.loop.training_step (embed under its autocast, ``GistLoss``
-with backend ``auto``, backward; under --smoke the kernels through the interpreter), once
-plainly and once with gradient caching (gist_ray.train.gradcache: embed without a graph in
-mini-batches, loss and its gradients on the embeddings, re-embed each mini-batch and
-backpropagate), then an optimizer step.
+per-worker step training runs, gist_ray.train.step.training_step (embed under its autocast,
+``GistLoss`` with backend ``auto`` and ``compute_dtype`` ``auto``, backward; under --smoke the
+kernels through the interpreter), once plainly and once with gradient caching
+(gist_ray.train.gradcache: embed without a graph in mini-batches, loss and its gradients on the
+embeddings, re-embed each mini-batch and backpropagate), then an optimizer step.
 
 The two ways must agree (no dropout, so they compute the same function): the loss, and the
 parameter gradients as a whole (cosine of the flattened gradients, and their norms).
@@ -16,38 +16,26 @@ from pathlib import Path
 
 import torch
 
-from gpu_stages.common import Ctx, dtype_name, train_backend
-from gpu_stages.tiny_bert import Probe, autocast_of, build, sentences
+from gpu_stages.common import Ctx, train_backend
+from gpu_stages.tiny_bert import Probe, build, sentences
 
 ROWS, MINI = 24, 8
 
 
 def step(encoder, loss_fn, columns, guide, mini: int) -> dict:
-    """gist_ray.train.loop.training_step, step for step (that module imports ``datasets``)."""
-    from gist_ray.train.gradcache import backward_with_replay, embed_without_graph
+    """gist_ray.train.step.training_step itself (the step training runs, with or without
+    gradient caching), with the dtypes the loss and its op receive recorded."""
+    from gist_ray.train.step import training_step
 
-    device = encoder.device
-    autocast = autocast_of(device)
     encoder.zero_grad(set_to_none=True)
-    if mini:
-        cached = [embed_without_graph(encoder, t, mini, autocast) for t in columns]
-        emb = [c.embeddings for c in cached]
-    else:
-        with autocast():
-            emb = [encoder.embed(t) for t in columns]
     with Probe(loss_fn) as probe:
-        loss, stats = loss_fn(emb, [g.to(device) for g in guide])
-        loss.backward()
-    if mini:
-        for column in cached:
-            backward_with_replay(encoder, column, mini, autocast)
+        loss, stats = training_step(encoder, loss_fn, columns, guide, mini)
     grads = [p.grad.detach().float().flatten() for p in encoder.parameters() if p.grad is not None]
     flat = torch.cat(grads)
     assert torch.isfinite(loss), "non-finite loss"
     assert torch.isfinite(flat).all(), "non-finite parameter gradient"
     return {"loss": float(loss), "grad": flat, "params_with_grad": len(grads),
-            "embedding_dtype": dtype_name(emb[0].dtype), "loss_input": probe.loss_input,
-            "kernel_input": probe.kernel_input,
+            "loss_input": probe.loss_input, "kernel_input": probe.kernel_input,
             "mask_frac_all": round(float(stats["mask_frac/all"]), 4)}  # fmt: skip
 
 
@@ -65,7 +53,7 @@ def run(ctx: Ctx) -> None:
         torch.nn.functional.normalize(torch.randn(ROWS, 48, generator=gen), dim=-1).half()
         for _ in columns
     ]  # a 16-bit guide cache, on the CPU until the step moves it
-    loss_fn = GistLoss(backend=train_backend(ctx), margin=0.05)
+    loss_fn = GistLoss(backend=train_backend(ctx), margin=0.05, compute_dtype="auto")
     runs: dict[str, dict] = {}
 
     def one(name: str, mini: int) -> dict:

@@ -13,7 +13,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,10 +31,10 @@ from gist_ray.models.prompts import student_prompts
 from gist_ray.models.spec import ModelSpec
 from gist_ray.train.checkpoint import Checkpointer, Reporter, TrainState
 from gist_ray.train.evaluation import eval_due
-from gist_ray.train.gradcache import backward_with_replay, embed_without_graph
 from gist_ray.train.loss_choice import LossTarget, worker_loss
 from gist_ray.train.optim import build_optimizer, build_scheduler
 from gist_ray.train.progress import StepLog
+from gist_ray.train.step import average_gradients, training_step
 
 log = logging.getLogger(__name__)
 
@@ -181,40 +180,6 @@ def optimizer_step(
     }
 
 
-def training_step(
-    student: Encoder,
-    loss_fn: GistLoss,
-    columns: list[list[str]],
-    guide_emb: list[torch.Tensor],
-    mini_batch_size: int = 0,
-    prompts: list[str] | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Forward and backward on this worker's rows (no optimizer step). ``columns`` holds the
-    anchor, positive and negative texts, ``guide_emb`` their guide embeddings, ``prompts`` the
-    student's prompt per column ("" or None = none). With ``mini_batch_size`` the student runs
-    under gradient caching (see gist_ray.train.gradcache)."""
-    device = student.device
-    prompts = prompts or [""] * len(columns)
-    autocast = partial(
-        torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-    )
-    if mini_batch_size:
-        cached = [
-            embed_without_graph(student, t, mini_batch_size, autocast, p or None)
-            for t, p in zip(columns, prompts)
-        ]
-        emb = [c.embeddings for c in cached]
-    else:
-        with autocast():
-            emb = [student.embed(texts, p or None) for texts, p in zip(columns, prompts)]
-    loss, stats = loss_fn(emb, [g.to(device) for g in guide_emb])
-    loss.backward()
-    if mini_batch_size:
-        for column in cached:
-            backward_with_replay(student, column, mini_batch_size, autocast)
-    return loss.detach(), stats
-
-
 def unmasked(loss_fn: GistLoss) -> GistLoss:
     """The same loss with nothing masked: plain InfoNCE over the same candidates, for the guide
     warm-up. GistLoss has no switch for it: an absolute margin of -inf puts every row's mask
@@ -230,21 +195,6 @@ def unmasked(loss_fn: GistLoss) -> GistLoss:
     )
     out.margin, out.margin_strategy = float("-inf"), "absolute"
     return out
-
-
-def average_gradients(model: torch.nn.Module) -> None:
-    """Average parameter gradients over workers (what DDP does, kept explicit: it must also
-    work with gradient caching's several backward passes)."""
-    if not is_distributed():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def seed_everything(seed: int) -> None:

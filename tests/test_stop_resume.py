@@ -172,7 +172,7 @@ def resumed(setup, interrupted):
 
 STOPPED = re.compile(
     r"gist-ray: interrupted at step (\d+); last checkpoint at step (\d+); "
-    r"rerun the same command to resume"
+    r"rerun the same command( without --fresh)? to resume"
 )
 
 
@@ -238,7 +238,7 @@ def test_fresh_starts_over_and_sigterm_exits_143(setup, resumed):
     )
     assert code == 143, text
     assert "--fresh: removed the earlier checkpoints" in text and "resuming" not in text
-    assert STOPPED.search(text), text
+    assert STOPPED.search(text) and STOPPED.search(text).group(3), "rerun without --fresh: " + text
     assert not any(p.exists() for p in old), "the earlier run's checkpoints were removed"
     runs = _runs(setup["db"])
     (new,) = set(runs) - set(resumed["runs"])

@@ -202,7 +202,7 @@ def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
         logger.set_terminated("FINISHED")
     except KeyboardInterrupt as e:
         logger.set_terminated("KILLED")  # first: a scheduler's SIGKILL may follow soon
-        line = _stopped_at(cfg, run)
+        line = _stopped_at(cfg, run, fresh)
         with contextlib.suppress(OSError):  # left empty unless a save was under way
             (Path(cfg.output_dir) / STAGING).rmdir()
         raise Interrupted(line, getattr(e, "signum", None)) from e
@@ -226,16 +226,18 @@ def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
     }
 
 
-def _stopped_at(cfg: Config, run: _Run) -> str:
-    """The interrupt's line: how far training got and where a rerun resumes."""
+def _stopped_at(cfg: Config, run: _Run, fresh: bool = False) -> str:
+    """The interrupt's line: how far training got and where a rerun resumes (the same command
+    without ``--fresh``, which would start over again)."""
     from gist_ray.launch import cluster, trainer
 
     saved = trainer.last_checkpoint_step(cfg, run.name)
     reached = max(cluster.last_reported_step() or 0, saved or 0)
     where = f"interrupted at step {reached}" if reached else "interrupted before training"
+    again = "the same command without --fresh" if fresh else "the same command"
     if saved is None:
-        return f"{where}; no checkpoint yet; rerun the same command to start again"
-    return f"{where}; last checkpoint at step {saved}; rerun the same command to resume"
+        return f"{where}; no checkpoint yet; rerun {again} to start again"
+    return f"{where}; last checkpoint at step {saved}; rerun {again} to resume"
 
 
 def _disk_line(cfg: Config, name: str, model_dir: Path) -> str:

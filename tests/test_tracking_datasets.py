@@ -30,6 +30,7 @@ def store(tmp_path_factory):
     [
         ("insuranceqa", "http", "pypi.org/project/insuranceqa-data"),
         ("FILE", "local", "file://"),
+        ("s3://bucket/data/pairs.jsonl", "s3", "s3://bucket/data/pairs.jsonl"),
         ("sentence-transformers/gooaq", "http", "huggingface.co/datasets/sentence-transformers"),
     ],
 )

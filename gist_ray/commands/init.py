@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import posixpath
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from gist_ray.config import Config
-from gist_ray.core import fileio
+from gist_ray.core import fileio, storage
 from gist_ray.core.errors import ConfigError, DataError
 from gist_ray.data.heldout import DEFAULT_FRACTION, MAX_FRACTION, Split, split_by_anchor
 
@@ -217,7 +218,7 @@ def render_config(
     split = held is not None and held.eval_path is not None
     train_rows = len(held.split.train_rows) if split else rows
     seq, tokens = _seq_length(columns, mapping)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).stem) or "gist-ray"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", _stem(source)) or "gist-ray"
     width = max(len(k) for k in mapping.roles)
     roles = [
         f"    {role + ':':<{width + 1}} {_scalar(col)}  # {mapping.why[role]}"
@@ -251,7 +252,7 @@ def render_config(
         "",
         "data:",
         f"  train: {_scalar(str(held.train_path) if split else source)}"
-        + (f"  # {Path(source).name} without the held-out rows" if split else ""),
+        + (f"  # {storage.name(source)} without the held-out rows" if split else ""),
         "  columns:  # role: your column (anchor = the query side, positive = the text that",
         "            # matches it, negative = one that does not; negatives are optional)",
         *roles,
@@ -309,6 +310,11 @@ def _eval_lines(held: HeldOut | None) -> list[str]:
     ]
 
 
+def _stem(source: str) -> str:
+    """The file name of a path or URI without its extension (``s3://b/faq.csv`` -> ``faq``)."""
+    return posixpath.splitext(storage.name(source))[0]
+
+
 @dataclass
 class Starter:
     path: Path
@@ -342,8 +348,8 @@ def write_starter(
         raise ConfigError(f"{out} already exists; pass --force to overwrite it, or -o OTHER.yaml")
     if out.is_dir():
         raise ConfigError(f"-o {out} is a folder; give a file name such as {DEFAULT_OUTPUT}")
-    local = Path(data).expanduser()
-    source = str(local.resolve()) if local.exists() else data
+    local = None if storage.is_remote(data) else Path(data).expanduser()
+    source = str(local.resolve()) if local is not None and local.exists() else data
     ds, _ = load_source(source, "train")
     if len(ds) == 0:
         raise DataError(f"{data} has no rows; training needs at least one")
@@ -374,11 +380,12 @@ def write_starter(
 def _write_held_out(ds, source: str, mapping: Mapping, held: HeldOut, out: Path, force: bool):
     """Write the held-out rows as a BEIR folder and the others as the training file, next to
     the config; return ``held`` with their paths and the eval set's size."""
+    from gist_ray.data.training import source_file
     from gist_ray.eval.sets import held_out_set, write_beir
 
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source).stem) or "data"
-    suffix = Path(source).suffix.lower()
-    local = Path(source).is_file()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", _stem(source)) or "data"
+    suffix = posixpath.splitext(storage.name(source))[1].lower()
+    local = source_file(source)  # a URI's staged copy (loading staged it)
     ext = {".csv": ".csv", ".jsonl": ".jsonl", ".json": ".jsonl"}.get(suffix, ".parquet")
     folder = out.resolve().parent
     train_path, eval_path = folder / f"{stem}-train{ext}", folder / f"{stem}-eval"
@@ -394,17 +401,17 @@ def _write_held_out(ds, source: str, mapping: Mapping, held: HeldOut, out: Path,
         ds[roles["anchor"]], ds[roles["positive"]], negatives, held.split.eval_rows
     )
     write_beir(eval_path, evalset)
-    _write_rows(ds, source if local else "", held.split.train_rows, train_path)
+    _write_rows(ds, local, held.split.train_rows, train_path)
     held.train_path, held.eval_path = train_path, eval_path
     held.queries, held.documents = len(evalset.queries), len(evalset.corpus)
     return held
 
 
-def _write_rows(ds, source: str, rows: list[int], path: Path) -> None:
+def _write_rows(ds, source: Path | None, rows: list[int], path: Path) -> None:
     """Rows ``rows`` of the data, every column, to ``path`` (atomically), in the source's own
     format: a .csv or JSON Lines source's records are copied as they are (where they line up
     with the dataset's rows), anything else is written from the dataset."""
-    raw = _raw_records(Path(source), len(ds)) if source else None
+    raw = _raw_records(source, len(ds)) if source is not None else None
     with fileio.atomic_file(path) as tmp:
         if raw is not None and path.suffix == ".csv":
             header, records = raw

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gist_ray.config import Config, load_config_dict
 from gist_ray.core.errors import ConfigError, GistRayError
 from gist_ray.core.log import fmt_eta
-from gist_ray.data.training import TrainingSet, insuranceqa, load_training_sets
+from gist_ray.data.training import TrainingSet, insuranceqa, load_training_sets, source_file
 from gist_ray.mining import output
 from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 from gist_ray.mining.search import Searcher, resolve_backend
@@ -65,8 +65,8 @@ def output_path(cfg: Config, s: TrainingSet, several: bool) -> tuple[Path, str]:
                 "empty to write <output_dir>/<dataset>-mined.<format> for each"
             )
         return Path(cfg.mine.output).expanduser(), "mine.output"
-    src = Path(s.spec.source).expanduser()
-    suffix = src.suffix.lower() if src.is_file() and src.suffix.lower() in output.WRITERS else ""
+    src = source_file(s.spec.source)  # a URI's staged copy: never Path() on a URI
+    suffix = src.suffix.lower() if src is not None and src.suffix.lower() in output.WRITERS else ""
     path = Path(cfg.output_dir).expanduser().absolute() / f"{s.name}-mined{suffix or '.parquet'}"
     return path, "output_dir"
 
@@ -161,13 +161,13 @@ def output_fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor]
         for text in s.column_texts()[col]:
             h.update(text.encode() + b"\0")
         h.update(emb[col].float().numpy().tobytes())
-    src = Path(s.spec.source).expanduser()
+    src = source_file(s.spec.source)
     m = cfg.mine
     value = {"perc_pos": f"perc={m.perc}", "margin": f"margin={m.margin}", "none": ""}
     return {
         "format": output.FORMAT,
         "data": h.hexdigest(),
-        "file": output.sha256_file(src) if src.is_file() else s.spec.source,
+        "file": output.sha256_file(src) if src is not None else s.spec.source,
         "rows": str(len(s.column_texts()["anchor"])),
         "rule": f"k={m.k} {m.threshold} {value[m.threshold]} range_min={m.range_min} "
         f"shortfall={m.shortfall}",

@@ -3,12 +3,14 @@ columns, prompts and row limit), as :class:`DatasetSpec` values."""
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gist_ray.config.schema import DataConfig, coerce
+from gist_ray.core import storage
 from gist_ray.core.errors import ConfigError
 
 # The loss is a layer below the config: its allowed values live with its code. The allowed
@@ -31,6 +33,10 @@ _SPEC_KEYS = ("source", "columns", "prompts", "max_examples")
 
 
 def _default_name(source: str) -> str:
+    if storage.is_remote(source):  # never Path() on a URI (s3:// would become s3:/)
+        base = storage.name(source)
+        stem, suffix = posixpath.splitext(base)
+        return stem if suffix else base
     path = Path(source.rstrip("/\\"))
     return path.stem if path.suffix else path.name
 

@@ -27,6 +27,7 @@ import datasets
 import pyarrow.compute as pc
 
 from gist_ray.core.errors import DataError
+from gist_ray.core.storage import StorageError, check_location, is_remote, kind, stage
 from gist_ray.data import insuranceqa
 
 if TYPE_CHECKING:
@@ -36,7 +37,11 @@ BUILTIN = insuranceqa.NAME
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 NEGATIVE_COLUMN = re.compile(r"negative_([1-9][0-9]*)")
 _ROLES_HINT = "allowed: anchor, positive, negative, negative_1, negative_2, ..."
-_KINDS_HINT = "give a .json, .jsonl, .csv or .parquet file, a save_to_disk folder, a hub dataset"
+_KINDS_HINT = (
+    "give a .json, .jsonl, .csv or .parquet file (a path or a URI such as s3://bucket/key), "
+    "a folder of them, a save_to_disk folder, a hub dataset"
+)
+REMOTE_HINT = "give a .parquet, .jsonl, .json or .csv file or a folder (prefix) of such files"
 
 
 def load_pairs(
@@ -103,39 +108,14 @@ def _builtin(seed: int, max_examples: int | None) -> datasets.Dataset:
 
 
 def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
+    """The rows of ``source`` as they are (every column) and the label errors name it by. A URI
+    (``s3://``, ``gs://``, ...) is staged once per node and content version into the gist-ray
+    cache and read from there exactly as a local file or folder."""
+    if is_remote(source):
+        return _load_path(stage_source(source), source, split), source
     path = Path(source).expanduser()
-    if path.is_file():
-        builder = _BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"{source}: unsupported file type {path.suffix!r}; {_KINDS_HINT}")
-        if path.stat().st_size == 0:
-            raise DataError(f"{source} is empty (0 bytes); training needs at least one row")
-        try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train"), source
-        except Exception as e:  # the builders raise many types; the user needs one line
-            if "corresponds to no data" in str(e):
-                raise DataError(
-                    f"{source} is empty (0 rows); training needs at least one row"
-                ) from e
-            bad = _bad_json_line(path) if builder == "json" else None
-            if bad:  # pyarrow names a 0-based row of a block; an editor needs the line
-                raise DataError(f"line {bad[0]} of {source}: not valid JSON ({bad[1]})") from e
-            raise DataError(f"{source}: cannot be read as {builder}: {_cause(e)}") from e
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-                raise DataError(f"{source}: saved dataset is empty or damaged ({_cause(e)})") from e
-            raise DataError(
-                f"{source}: folder is not a dataset saved with save_to_disk ({_cause(e)}); "
-                f"{_KINDS_HINT}"
-            ) from e
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{source}: no split {split!r}; splits are: {', '.join(ds)}")
-            ds = ds[split]
-        return ds, source
+    if path.exists():
+        return _load_path(path, source, split), source
     if _is_local_source(source):
         raise DataError(f"{source} does not exist; {_KINDS_HINT} or '{BUILTIN}'")
     try:
@@ -145,6 +125,116 @@ def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
             f"{source!r} does not exist locally and cannot be fetched from the hub "
             f"(offline or unknown: {_cause(e)}); {_KINDS_HINT} or '{BUILTIN}'"
         ) from e
+
+
+# Remote source -> its node-local copy, so that position() and the readers of a source's
+# own file (mine, init) find the staged file without staging again.
+_STAGED: dict[str, Path] = {}
+
+
+def stage_source(source: str) -> Path:
+    """The node-local copy of the remote ``source`` (file or folder), downloaded once per node
+    and content version (names, sizes, modification times) under ``<gist-ray cache>/staged``;
+    a missing object or prefix, bucket or credential problem is one DataError naming the URI."""
+    from gist_ray.core.assets import cache_root
+
+    try:
+        if kind(source) == "missing":
+            raise DataError(f"{source} does not exist; {REMOTE_HINT}")
+        path = stage(source, cache_root() / "staged")
+    except StorageError as e:
+        raise DataError(str(e)) from e
+    _STAGED[source] = path
+    return path
+
+
+def check_remote_source(source: str, key: str) -> None:
+    """For a URI: its bucket and credentials work and something is stored there, else one line
+    naming ``key`` (a ConfigError or DataError). Lists the store, reads no data."""
+    if not is_remote(source):
+        return
+    check_location(source, key)
+    try:
+        missing = kind(source) == "missing"
+    except StorageError as e:
+        raise DataError(f"{key} = {source!r}: {e}") from e
+    if missing:
+        raise DataError(f"{key} = {source!r} does not exist; {REMOTE_HINT}")
+
+
+def source_file(source: str) -> Path | None:
+    """The local file holding ``source``'s rows when it is one file (the staged copy of a URI,
+    staged by loading it), else None (a folder, hub or built-in data)."""
+    if is_remote(source):
+        path = _STAGED.get(source) or stage_source(source)
+    else:
+        path = Path(source).expanduser()
+    return path if path.is_file() else None
+
+
+def _load_path(path: Path, source: str, split: str) -> datasets.Dataset:
+    """Read the local file or folder ``path``; errors name ``source`` (a URI it was staged from,
+    or the path as the user gave it)."""
+    if path.is_file():
+        return _load_files(source, [path], path.suffix.lower(), path)
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise DataError(f"{source}: saved dataset is empty or damaged ({_cause(e)})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{source}: no split {split!r}; splits are: {', '.join(ds)}")
+            ds = ds[split]
+        return ds
+    files = _data_files(path)
+    suffixes = sorted({f.suffix.lower() for f in files})
+    builders = {_BUILDERS[s] for s in suffixes}
+    if len(builders) != 1:
+        what = (
+            f"mixes {', '.join(suffixes)} files"
+            if files
+            else "is not a dataset saved with save_to_disk and holds no .parquet, .jsonl, .json "
+            "or .csv file"
+        )
+        raise DataError(
+            f"{source}: folder {what}; give a save_to_disk folder or a folder of data files of "
+            "one format (read in name order as one dataset)"
+        )
+    return _load_files(source, files, suffixes[0], None)
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The data files under ``folder`` (recursive, in name order), less hidden ones and those
+    starting with ``_`` (``_SUCCESS`` and such, which Spark and Hadoop write beside parts)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in _BUILDERS
+        and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+    )
+
+
+def _load_files(source: str, files: list[Path], suffix: str, one: Path | None) -> datasets.Dataset:
+    """Read data files of one format as one dataset; ``one``: the single file ``source`` is."""
+    builder = _BUILDERS.get(suffix)
+    if builder is None:
+        raise DataError(f"{source}: unsupported file type {suffix!r}; {_KINDS_HINT}")
+    if one is not None and one.stat().st_size == 0:
+        raise DataError(f"{source} is empty (0 bytes); training needs at least one row")
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # the builders raise many types; the user needs one line
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{source} is empty (0 rows); training needs at least one row") from e
+        if builder == "json":
+            for f in files:
+                bad = _bad_json_line(f)
+                if bad:  # pyarrow names a 0-based row of a block; an editor needs the line
+                    where = source if one is not None else f"{source} ({f.name})"
+                    raise DataError(f"line {bad[0]} of {where}: not valid JSON ({bad[1]})") from e
+        raise DataError(f"{source}: cannot be read as {builder}: {_cause(e)}") from e
 
 
 def _bad_json_line(path: Path) -> tuple[int, str] | None:
@@ -305,9 +395,9 @@ def position(source: str, row: int) -> str:
     ``line N`` of a .csv or JSON Lines file as an editor numbers its lines (1-based; a CSV's
     header, blank lines and the extra lines of a quoted multi-line cell counted), else ``row N``
     (1-based) with the 0-based index a dataframe or ``ds[i]`` takes."""
-    path = Path(source).expanduser()
+    path = _STAGED.get(source) if is_remote(source) else Path(source).expanduser()
     try:
-        line = _line_of(path, row) if path.is_file() else None
+        line = _line_of(path, row) if path is not None and path.is_file() else None
     except (OSError, UnicodeDecodeError, csv.Error):
         line = None
     return f"line {line}" if line else f"row {row + 1} (index {row})"
@@ -387,6 +477,7 @@ def load_training_sets(cfg: Config) -> list[TrainingSet]:
     several = not isinstance(cfg.data.train, str)
     out = []
     for spec in specs:
+        check_remote_source(spec.source, spec.key)
         try:
             ds = load_pairs(
                 spec.source, spec.columns or None, spec.max_examples or None, seed=cfg.train.seed

@@ -13,10 +13,14 @@ INSURANCEQA_URL = "https://pypi.org/project/insuranceqa-data/1.0/"
 
 
 def source_uri(source: str) -> str:
-    """Where data came from, as MLflow records it: a file URI, the built-in data's package page,
-    or the hub dataset's page."""
+    """Where data came from, as MLflow records it: a file URI, a storage URI as given
+    (``s3://...``), the built-in data's package page, or the hub dataset's page."""
     from pathlib import Path
 
+    from gist_ray.core.storage import is_remote
+
+    if is_remote(source):
+        return source
     if Path(source).exists():
         return Path(source).resolve().as_uri()
     if source.strip().lower() == "insuranceqa":

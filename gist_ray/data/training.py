@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,15 +133,16 @@ def load_source(source: str, split: str) -> tuple[datasets.Dataset, str]:
 _STAGED: dict[str, Path] = {}
 
 
-def stage_source(source: str) -> Path:
+def stage_source(source: str, hint: str = REMOTE_HINT) -> Path:
     """The node-local copy of the remote ``source`` (file or folder), downloaded once per node
     and content version (names, sizes, modification times) under ``<gist-ray cache>/staged``;
-    a missing object or prefix, bucket or credential problem is one DataError naming the URI."""
+    a missing object or prefix (``hint``: what to give instead), bucket or credential problem
+    is one DataError naming the URI."""
     from gist_ray.core.assets import cache_root
 
     try:
         if kind(source) == "missing":
-            raise DataError(f"{source} does not exist; {REMOTE_HINT}")
+            raise DataError(f"{source} does not exist; {hint}")
         path = stage(source, cache_root() / "staged")
     except StorageError as e:
         raise DataError(str(e)) from e
@@ -160,6 +162,18 @@ def check_remote_source(source: str, key: str) -> None:
         raise DataError(f"{key} = {source!r}: {e}") from e
     if missing:
         raise DataError(f"{key} = {source!r} does not exist; {REMOTE_HINT}")
+
+
+@contextmanager
+def named_as(local: Path, source: str) -> Iterator[None]:
+    """DataErrors raised inside that name ``local``, the staged copy of ``source``, name
+    ``source`` instead: the user knows the URI, not the cache folder."""
+    try:
+        yield
+    except DataError as e:
+        if str(local) not in str(e):
+            raise
+        raise DataError(str(e).replace(str(local), source.rstrip("/"))) from e
 
 
 def source_file(source: str) -> Path | None:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 from gist_ray.core import fileio
 from gist_ray.core.errors import DataError
 from gist_ray.core.fileio import jsonl_records
+from gist_ray.core.storage import is_remote
 from gist_ray.data.heldout import anchor_key
-from gist_ray.data.training import check_limit, insuranceqa
+from gist_ray.data.training import check_limit, insuranceqa, named_as, stage_source
 
 if TYPE_CHECKING:
     from gist_ray.config import Config
@@ -58,7 +59,7 @@ def load_eval(
         notes: list[str] = []
         label = f"{insuranceqa.NAME} (split {split})"
     else:
-        queries, corpus, qrels, notes, qrels_path = _beir(Path(source).expanduser(), source, split)
+        queries, corpus, qrels, notes, qrels_path = _beir_at(source, split)
         pool = None
         # the folder and the split apart: "<folder>/<split>" would name a folder that is not there
         label = f"{source} (split {split})" if qrels_path.parent.name == "qrels" else source
@@ -97,6 +98,19 @@ def _read_jsonl(path: Path) -> dict[str, str]:
             raise DataError(f"{path} line {lineno}: title and text must be strings")
         out[str(_id)] = " ".join(f"{title} {text}".split())
     return out
+
+
+def _beir_at(source: str, split: str):
+    """:func:`_beir` of a local folder, or of a URI's folder staged once per node (errors and
+    notes name the URI)."""
+    if not is_remote(source):
+        return _beir(Path(source).expanduser(), source, split)
+    hint = f"need a BEIR folder or '{insuranceqa.NAME}'"
+    folder = stage_source(source.rstrip("/"), hint)
+    with named_as(folder, source):
+        queries, corpus, qrels, notes, qrels_path = _beir(folder, source, split)
+    notes = [n.replace(str(folder), source.rstrip("/")) for n in notes]
+    return queries, corpus, qrels, notes, qrels_path
 
 
 def _beir(folder: Path, source: str, split: str):

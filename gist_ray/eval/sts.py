@@ -17,6 +17,7 @@ import torch
 
 from gist_ray.core.errors import DataError
 from gist_ray.core.fileio import jsonl_records
+from gist_ray.core.storage import is_remote
 
 COLUMNS = ("sentence1", "sentence2", "score")
 
@@ -30,8 +31,21 @@ class StsSet:
 
 
 def load_sts(path: str | Path) -> StsSet:
-    """Read scored pairs; a bad file, column or row is a one-line DataError naming it."""
-    path = Path(path).expanduser()
+    """Read scored pairs from a file or a URI (staged once per node); a bad file, column or
+    row is a one-line DataError naming it."""
+    if is_remote(str(path)):
+        from gist_ray.data.training import named_as, stage_source  # datasets: only for a URI
+
+        uri = str(path)
+        local = stage_source(uri, "give a .csv, .tsv or .jsonl file of scored pairs")
+        with named_as(local, uri):
+            sts = _load_sts(local)
+        sts.name = uri
+        return sts
+    return _load_sts(Path(path).expanduser())
+
+
+def _load_sts(path: Path) -> StsSet:
     if not path.is_file():
         raise DataError(f"STS file {path} does not exist")
     suffix = path.suffix.lower()

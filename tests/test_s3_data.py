@@ -243,7 +243,7 @@ def test_init_reads_a_csv_on_s3(bucket, tmp_path):
 
 
 def test_eval_sets_read_a_beir_folder_and_an_sts_file_on_s3(bucket, tmp_path):
-    from gist_ray.eval.sets import EvalSet, load_eval, write_beir
+    from gist_ray.eval.sets import EvalSet, load_eval, load_eval_for, write_beir
     from gist_ray.eval.sts import load_sts
 
     ev = EvalSet(
@@ -261,6 +261,13 @@ def test_eval_sets_read_a_beir_folder_and_an_sts_file_on_s3(bucket, tmp_path):
     assert str(e.value) == f"{bucket}/eval/beir: BEIR eval folder lacks qrels/dev.tsv or qrels.tsv"
     with pytest.raises(DataError, match=rf"^{bucket}/eval/none does not exist; need a BEIR"):
         load_eval(f"{bucket}/eval/none", "test", None, None)
+    cfg = load_config(overrides=["eval.source=s3://no-such-bucket-gist-ray/beir"])
+    with pytest.raises(ConfigError) as e:
+        load_eval_for(cfg)
+    assert str(e.value) == (
+        "eval.source = 's3://no-such-bucket-gist-ray/beir': bucket 'no-such-bucket-gist-ray' "
+        "does not exist"
+    )
 
     sts = "sentence1,sentence2,score\na cat,a kitten,4.5\na car,the sea,0.5\nrain,snow,x\n"
     storage.write_text(f"{bucket}/eval/sts.csv", sts)
@@ -275,3 +282,55 @@ def test_eval_sets_read_a_beir_folder_and_an_sts_file_on_s3(bucket, tmp_path):
         [4.5, 0.5, 2.0],
         f"{bucket}/eval/sts.csv",
     )
+
+
+def _tiny(tiny_models, data: str, out: Path, *extra: str):
+    return load_config(
+        overrides=[
+            f"model.student={tiny_models['student']}",
+            f"model.guide={tiny_models['guide']}",
+            "model.max_seq_length=32",
+            f"data.train={data}",
+            "data.columns=" + json.dumps(MAPPING),
+            "data.max_examples=0",
+            "ray.num_workers=1",
+            f"output_dir={out}",
+            *extra,
+        ]
+    )
+
+
+def test_mine_reads_its_input_from_s3(tiny_models, bucket, tmp_path):
+    from gist_ray.commands import mine as command
+
+    local = _write(tmp_path / "pairs.csv", _rows(24, seed=3))
+    uri = f"{bucket}/in/pairs.csv"
+    storage.upload(local, uri)
+    settings = ("mine.k=2", "mine.backend=torch", "mine.threshold=none")
+    [remote] = command.mine(_tiny(tiny_models, uri, tmp_path / "remote", *settings))
+    [mine_local] = command.mine(_tiny(tiny_models, str(local), tmp_path / "local", *settings))
+    # the input's format is kept and the rows are those mined from the same file on disk
+    assert remote.output == str(tmp_path / "remote" / "pairs-mined.csv")
+    assert (tmp_path / "remote" / "pairs-mined.csv").read_bytes() == (
+        tmp_path / "local" / "pairs-mined.csv"
+    ).read_bytes()
+    assert remote.written == mine_local.written == 24
+
+
+def test_training_from_s3_matches_training_from_the_local_file(tiny_models, bucket, tmp_path):
+    """The per-worker train function (what each Ray worker runs) on s3:// data: it stages the
+    file itself and takes the very steps training on the local file takes."""
+    from gist_ray.train.checkpoint import LocalReporter
+    from tests.conftest import run_worker
+
+    local = _write(tmp_path / "pairs.parquet", _rows(32, seed=7))
+    uri = f"{bucket}/train/pairs.parquet"
+    storage.upload(local, uri)
+    steps = ("train.batch_size=8", "train.max_steps=3", "train.checkpoint_every=100")
+    losses = {}
+    for name, source in (("s3", uri), ("local", str(local))):
+        cfg = _tiny(tiny_models, source, tmp_path / name, *steps)
+        training._STAGED.clear()  # a worker process of its own
+        losses[name] = run_worker(cfg, LocalReporter(tmp_path / name / "ckpt"))["losses"]
+    assert len(losses["s3"]) == 3 and losses["s3"] == losses["local"]
+    assert len(_staged(tmp_path)) == 1

@@ -159,9 +159,12 @@ def _beir(folder: Path, source: str, split: str):
 
 def load_eval_for(cfg: Config) -> EvalSet | None:
     """The eval set the ``eval`` section names (sampled with ``train.seed``), or None."""
+    from gist_ray.core.storage import check_location
+
     ev = cfg.eval
     if not ev.source:
         return None
+    check_location(ev.source, "eval.source")  # a URI: its bucket and credentials, in one line
     return load_eval(
         ev.source, ev.split, ev.max_queries or None, ev.max_corpus or None, seed=cfg.train.seed
     )

@@ -334,3 +334,59 @@ def test_training_from_s3_matches_training_from_the_local_file(tiny_models, buck
         losses[name] = run_worker(cfg, LocalReporter(tmp_path / name / "ckpt"))["losses"]
     assert len(losses["s3"]) == 3 and losses["s3"] == losses["local"]
     assert len(_staged(tmp_path)) == 1
+
+
+def test_ray_training_run_reads_data_and_eval_set_from_s3(
+    ray_cluster, tiny_models, bucket, tmp_path
+):
+    """``gist-ray train`` on 2 Ray workers with the training data (a prefix of parquet parts)
+    and the eval set (a BEIR folder) only on s3://: the driver checks them, each worker stages
+    them into its own node's cache, and the run logs the URI as its data's source."""
+    import mlflow
+
+    from gist_ray.commands.train import train
+    from gist_ray.core.assets import cache_root
+    from gist_ray.eval.sets import EvalSet, write_beir
+
+    rows = _rows(32, seed=9)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(2):
+        _write(parts / f"part-{i}.parquet", rows[i * 16 : (i + 1) * 16])
+    storage.upload(parts, f"{bucket}/train")
+    ev = EvalSet(
+        {f"q{i}": r["question"] for i, r in enumerate(rows[:6])},
+        {f"d{i}": r["answer"] for i, r in enumerate(rows)},
+        {f"q{i}": {f"d{i}": 1} for i in range(6)},
+    )
+    write_beir(tmp_path / "beir", ev)
+    storage.upload(tmp_path / "beir", f"{bucket}/eval")
+    cfg = _tiny(
+        tiny_models,
+        f"{bucket}/train",
+        tmp_path / "out",
+        f"eval.source={bucket}/eval",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "train.checkpoint_every=100",
+        "ray.num_workers=2",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    )
+    result = train(cfg)
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(result["run_id"], "loss")) == 2
+    assert "eval/after/ndcg_at_10" in run.data.metrics
+    (data_input,) = [d for d in run.inputs.dataset_inputs if d.tags[0].value == "training"]
+    assert f'"{bucket}/train"' in data_input.dataset.source
+    # the workers staged the data into their node's own cache (not the driver's)
+    worker_cache = Path(ray_cluster.get(ray_cluster.remote(lambda: str(cache_root())).remote()))
+    assert worker_cache != tmp_path / "cache"
+    for uri in (f"{bucket}/train", f"{bucket}/eval"):  # the driver checked both
+        assert (
+            tmp_path / "cache" / "staged" / f"{storage.version(uri)}-{storage.name(uri)}"
+        ).is_dir()
+    copy = worker_cache / "staged" / f"{storage.version(f'{bucket}/train')}-train"
+    assert sorted(p.name for p in copy.iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    storage.remove(str(copy))

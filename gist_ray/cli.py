@@ -281,6 +281,7 @@ def _add_eval_parser(sub) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gist_ray.commands.eval import evaluate
+    from gist_ray.core import storage
     from gist_ray.launch.paths import check_locations
 
     for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
@@ -289,10 +290,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} = {value} is not allowed")
     if any(w < 1 for w in args.dims):
         raise ConfigError(f"--dims {' '.join(map(str, args.dims))}: widths must be >= 1")
-    check_locations(
-        [(f"--{k}", getattr(args, k), k == "output") for k in ("data", "sts", "output")]
-        + [("model", args.model, False), ("--compare", args.compare, False)]
-    )
+    reads = {"model": args.model, "--compare": args.compare, "--data": args.data}
+    found = [(key, value, False) for key, value in {**reads, "--sts": args.sts}.items()]
+    if args.output:  # a file: its folder is probed (a probe object under it makes it a folder)
+        found.append(("--output", storage.parent(args.output), True))
+    check_locations(found)
     options = ("compare", "data", "split", "sts", "max_queries", "max_corpus", "pooling")
     options += ("max_seq_length", "batch_size", "device", "seed", "output", "dims")
     evaluate(args.model, **{k: getattr(args, k) for k in options})

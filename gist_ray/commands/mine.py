@@ -66,7 +66,8 @@ def output_path(cfg: Config, s: TrainingSet, several: bool) -> tuple[str, str]:
                 "mine.output names one file but data.train has several datasets; leave it "
                 "empty to write <output_dir>/<dataset>-mined.<format> for each"
             )
-        return storage.absolute(cfg.mine.output), "mine.output"
+        out = cfg.mine.output
+        return (out if storage.is_remote(out) else str(storage.local_path(out))), "mine.output"
     src = s.spec.source
     suffix = output.suffix(src)
     if suffix not in output.WRITERS or storage.kind(src) != "file":

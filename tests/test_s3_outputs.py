@@ -26,10 +26,12 @@ from tests.s3 import local_s3_folders
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _gist_ray(args: list[str], cwd: Path, tmpdir: Path) -> subprocess.CompletedProcess:
+def _gist_ray(
+    args: list[str], cwd: Path, tmpdir: Path, **extra_env: str
+) -> subprocess.CompletedProcess:
     """``gist-ray ARGS`` in a subprocess with this session's S3 endpoint and credentials (in
     os.environ, from the s3_server fixture), its own temp folder and working directory."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), **extra_env}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "gist_ray.cli", *args],
@@ -248,8 +250,10 @@ def test_train_with_every_output_on_s3_then_a_rerun(
 ):
     """output_dir, ray.storage_path (its default, under output_dir) and MLflow's artifacts on
     s3://: the model, run.json, the log, the checkpoints and the artifacts are objects in the
-    bucket; the stored model loads; nothing is left in the temp folder or as ./s3:; a rerun of
+    bucket; the stored model loads; the worker killed after step 2 resumes from the step-1
+    checkpoint downloaded from S3; nothing is left in the temp folder or as ./s3:; a rerun of
     the finished run exports it again from its checkpoint on S3, in the same MLflow run."""
+    import mlflow
     from sentence_transformers import SentenceTransformer
 
     bucket = s3_server.bucket()
@@ -268,8 +272,9 @@ def test_train_with_every_output_on_s3_then_a_rerun(
                 "data.guide_cache=false",
                 "eval.source=",
                 "train.batch_size=8",
-                "train.max_steps=2",
+                "train.max_steps=3",
                 "train.checkpoint_every=1",
+                "train.max_failures=1",
                 "ray.num_workers=1",
                 f"output_dir={out}",
                 f"mlflow.tracking_uri=sqlite:///{db}",
@@ -278,7 +283,8 @@ def test_train_with_every_output_on_s3_then_a_rerun(
         ),
     ]
     try:
-        first = _gist_ray(args, tmp_path, tmpdir)
+        # rank 0 kills itself after step 2, before its checkpoint: Ray restarts it from step 1's
+        first = _gist_ray(args, tmp_path, tmpdir, GIST_RAY_FAULT_INJECT="0@2")
         assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
         left = _leftovers(tmpdir)
         keys = s3_server.keys(bucket)
@@ -301,10 +307,16 @@ def test_train_with_every_output_on_s3_then_a_rerun(
         assert emb.shape == (1, 32)
         runs = _runs(db)
         assert list(runs.values()) == ["FINISHED"] and record["mlflow_run_id"] in runs
+        assert "run/.faults/rank0-step2" in keys, "the fault marker went to the bucket"
+        history = mlflow.MlflowClient(f"sqlite:///{db}").get_metric_history(
+            record["mlflow_run_id"], "loss"
+        )
+        assert sorted(m.step for m in history) == [1, 2, 3], "every step once after the restart"
+        assert "resumed from" in first.stdout + storage.read_text(f"{out}/gist-ray.log")
 
         again = _gist_ray(args, tmp_path, tmpdir)
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-        assert "already complete (2/2 steps" in again.stdout
+        assert "already complete (3/3 steps" in again.stdout
         assert _runs(db) == {record["mlflow_run_id"]: "FINISHED"}, "one MLflow run"
         assert storage.read_json(f"{out}/run.json") == record
         log = storage.read_text(f"{out}/gist-ray.log")

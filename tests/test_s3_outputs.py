@@ -166,6 +166,43 @@ def test_the_best_model_is_uploaded_at_each_update(s3_server, tmp_path, monkeypa
     assert local_s3_folders(tmp_path) == []
 
 
+# ----------------------------------------------------------------------------- resume record
+
+
+def test_run_record_and_fresh_on_s3(s3_server, tmp_path, monkeypatch):
+    """run.json is read and written through the store (a rerun finds it), and --fresh deletes
+    the earlier run's checkpoints in the bucket and the record."""
+    from gist_ray.launch import resume
+
+    monkeypatch.chdir(tmp_path)
+    out = f"{s3_server.bucket()}/out"
+    cfg = load_config(overrides=[f"data.train={tmp_path / 'x.jsonl'}", f"output_dir={out}"])
+    assert resume.read_record(cfg) is None
+    resume.write_record(cfg, resume.RunRecord("gist-ray-1a2b3c4d", "abc"))
+    record = resume.read_record(cfg)
+    assert record == resume.RunRecord("gist-ray-1a2b3c4d", "abc")
+    assert resume.run_dir(cfg, record.ray_name) == f"{out}/ray/gist-ray-1a2b3c4d"
+    storage.write_bytes(f"{out}/ray/gist-ray-1a2b3c4d/checkpoint-0000001/state.pt", b"x" * 100)
+    storage.write_bytes(f"{out}/ray/other/checkpoint-0000001/state.pt", b"y")
+    assert resume.du(f"{out}/ray") == 101
+    resume.discard(cfg, record)
+    assert sorted(k.split("/", 1)[1] for k in s3_server.keys(out)) == [
+        "ray/other/checkpoint-0000001/state.pt"
+    ]
+    assert resume.read_record(cfg) is None
+    assert local_s3_folders(tmp_path) == []
+
+
+def test_a_refusal_after_the_mlflow_run_opened_closes_it_failed(tmp_path):
+    from gist_ray.tracking import runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = runs.start_run(uri, "refused", None, {}, {})
+    with pytest.raises(ConfigError), runs.failed_if_raises(uri, run_id):
+        raise ConfigError("output_dir = 's3://b/out': cannot write there")
+    assert _runs(tmp_path / "mlflow.db") == {run_id: "FAILED"}
+
+
 # ----------------------------------------------------------------------------- mine --out
 
 

@@ -233,6 +233,11 @@ class LocalReporter:
     def __init__(
         self, output_dir: str | Path, validator: Callable[[Path], object] | None = None
     ) -> None:
+        if storage.is_remote(str(output_dir)):  # Path() would make a local folder named s3:
+            raise GistRayError(
+                f"output_dir = {str(output_dir)!r}: a run without Ray keeps its checkpoints on "
+                "a local disk; give a local output_dir (Ray Train writes them to object storage)"
+            )
         self.root = Path(output_dir) / "checkpoints"
         self.validator = validator
 

@@ -281,6 +281,8 @@ def _add_eval_parser(sub) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gist_ray.commands.eval import evaluate
+    from gist_ray.core import storage
+    from gist_ray.launch.paths import check_locations
 
     for name in ("max_queries", "max_corpus", "batch_size", "max_seq_length"):
         value = getattr(args, name)
@@ -288,6 +290,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} = {value} is not allowed")
     if any(w < 1 for w in args.dims):
         raise ConfigError(f"--dims {' '.join(map(str, args.dims))}: widths must be >= 1")
+    reads = {"model": args.model, "--compare": args.compare, "--data": args.data}
+    found = [(key, value, False) for key, value in {**reads, "--sts": args.sts}.items()]
+    if args.output:  # a file: its folder is probed (a probe object under it makes it a folder)
+        found.append(("--output", storage.parent(args.output), True))
+    check_locations(found)
     options = ("compare", "data", "split", "sts", "max_queries", "max_corpus", "pooling")
     options += ("max_seq_length", "batch_size", "device", "seed", "output", "dims")
     evaluate(args.model, **{k: getattr(args, k) for k in options})
@@ -315,8 +322,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     from gist_ray.commands.init import write_starter
     from gist_ray.data.heldout import DEFAULT_FRACTION
+    from gist_ray.launch.paths import check_locations
 
     fraction = DEFAULT_FRACTION if args.eval_fraction is None else args.eval_fraction
+    check_locations([("data", args.data, False)])
     done = write_starter(args.data, args.output, args.force, fraction, args.seed)
     print(f"wrote {done.path} for {args.data} ({done.rows:,} rows):")
     roles = done.mapping.roles
@@ -342,11 +351,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_log(cfg, args: argparse.Namespace) -> Path:
-    """The command's log file in the output folder, announced with what is being run."""
-    from gist_ray.launch.paths import check_job_paths
+def _open_log(cfg, args: argparse.Namespace) -> str | Path:
+    """The command's log file in the output folder, announced with what is being run. First
+    every storage location the command uses is checked (the log may go to one of them)."""
+    from gist_ray.launch.paths import check_command, check_job_paths
 
     check_job_paths(cfg, "")  # not in a Ray job's doomed working dir (run.py checks the rest)
+    check_command(cfg, args.command)
     try:
         path = log.start_log_file(cfg.output_dir, args.verbose, f"gist-ray {args.command}")
     except OSError as e:
@@ -366,8 +377,9 @@ def _open_log(cfg, args: argparse.Namespace) -> Path:
             cfg.ray.num_workers,
             "GPU" if cfg.ray.use_gpu else "CPU",
         )
-    _log.info("full log: %s%s", path, "" if args.verbose else " (--verbose shows it here)")
-    return path
+    where = log.log_location() or path
+    _log.info("full log: %s%s", where, "" if args.verbose else " (--verbose shows it here)")
+    return where
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -425,7 +437,7 @@ def _one_line(e: BaseException) -> str:
 
 def _report(message: str, debug_hint: bool) -> None:
     """The error line on the terminal's stderr, naming the log when there is one."""
-    path = log.log_file()
+    path = log.log_location()
     if path is not None:
         message += f" (full log: {path})"
     elif debug_hint:

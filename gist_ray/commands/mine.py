@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from gist_ray.config import Config, load_config_dict
+from gist_ray.core import storage
 from gist_ray.core.errors import ConfigError, GistRayError
 from gist_ray.core.log import fmt_eta
 from gist_ray.data.training import TrainingSet, insuranceqa, load_training_sets, source_file
+from gist_ray.launch.paths import check_command
 from gist_ray.mining import output
 from gist_ray.mining.guide import guide_embeddings_for, known_embeddings, seed_guide_cache
 from gist_ray.mining.search import Searcher, resolve_backend
@@ -56,23 +58,27 @@ def rule_of(cfg: Config) -> Rule:
     return Rule(m.k, m.threshold, m.perc, m.margin, m.range_min, m.shortfall == "fill")
 
 
-def output_path(cfg: Config, s: TrainingSet, several: bool) -> tuple[Path, str]:
-    """(the output file, the config key that names it)."""
+def output_path(cfg: Config, s: TrainingSet, several: bool) -> tuple[str, str]:
+    """(the output file, a path or a URI; the config key that names it)."""
     if cfg.mine.output:
         if several:
             raise ConfigError(
                 "mine.output names one file but data.train has several datasets; leave it "
                 "empty to write <output_dir>/<dataset>-mined.<format> for each"
             )
-        return Path(cfg.mine.output).expanduser(), "mine.output"
-    src = source_file(s.spec.source)  # a URI's staged copy: never Path() on a URI
-    suffix = src.suffix.lower() if src is not None and src.suffix.lower() in output.WRITERS else ""
-    path = Path(cfg.output_dir).expanduser().absolute() / f"{s.name}-mined{suffix or '.parquet'}"
+        out = cfg.mine.output
+        return (out if storage.is_remote(out) else str(storage.local_path(out))), "mine.output"
+    src = s.spec.source
+    suffix = output.suffix(src)
+    if suffix not in output.WRITERS or storage.kind(src) != "file":
+        suffix = ""
+    path = storage.join(storage.absolute(cfg.output_dir), f"{s.name}-mined{suffix or '.parquet'}")
     return path, "output_dir"
 
 
 def mine(cfg: Config) -> list[Summary]:
     """Mine every dataset of ``data.train``; returns one summary per dataset."""
+    check_command(cfg, "mine")  # every storage location, before anything starts
     sets = load_training_sets(cfg)
     rule, backend = rule_of(cfg), resolve_backend(cfg.mine.backend)
     outs = [output_path(cfg, s, len(sets) > 1) for s in sets]
@@ -153,7 +159,7 @@ def positive_scores(c: Corpus, anchors: list[str], a: torch.Tensor, corpus: torc
     return torch.stack([(corpus[c.own[t]] @ a[r]).min() for r, t in enumerate(anchors)])
 
 
-def output_fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: Path):
+def output_fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor], out: str):
     """What fixes the output: the data (texts and the file itself), the guide's embeddings
     (its files, settings and prompts), the rule, the output's format."""
     h = hashlib.sha256()
@@ -161,7 +167,7 @@ def output_fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor]
         for text in s.column_texts()[col]:
             h.update(text.encode() + b"\0")
         h.update(emb[col].float().numpy().tobytes())
-    src = source_file(s.spec.source)
+    src = source_file(s.spec.source)  # a URI's staged copy: never Path() on a URI
     m = cfg.mine
     value = {"perc_pos": f"perc={m.perc}", "margin": f"margin={m.margin}", "none": ""}
     return {
@@ -171,7 +177,7 @@ def output_fingerprint(cfg: Config, s: TrainingSet, emb: dict[str, torch.Tensor]
         "rows": str(len(s.column_texts()["anchor"])),
         "rule": f"k={m.k} {m.threshold} {value[m.threshold]} range_min={m.range_min} "
         f"shortfall={m.shortfall}",
-        "output_format": out.suffix.lower(),
+        "output_format": output.suffix(out),
     }
 
 
@@ -180,7 +186,7 @@ def mine_set(
     s: TrainingSet,
     c: Corpus,
     emb: dict[str, torch.Tensor],
-    out: Path,
+    out: str,
     key: str,
     rule: Rule,
     backend: str,
@@ -269,7 +275,7 @@ def finish_output(
     s: TrainingSet,
     c: Corpus,
     table: pa.Table,
-    out: Path,
+    out: str,
     fp: dict[str, str],
     rule: Rule,
     seconds: float,

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from gist_ray.config import SELF, Config, validate_loss_for
+from gist_ray.core import storage
 from gist_ray.core.errors import ConfigError, Interrupted
 from gist_ray.core.log import fmt_change
-from gist_ray.launch.paths import check_job_paths
+from gist_ray.core.outputs import Output
+from gist_ray.launch.paths import check_command, check_job_paths
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def _absolutize(cfg: Config) -> Config:
         return str(path.resolve()) if value and path.exists() else value
 
     cfg = dataclasses.replace(cfg)
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    cfg.output_dir = storage.absolute(cfg.output_dir)
     cache_dir = cfg.data.guide_cache_dir
     cfg.data = dataclasses.replace(
         cfg.data,
@@ -119,11 +121,13 @@ def _open_run(cfg: Config, tracking_uri: str, steps: int, fresh: bool = False) -
             tracking_uri, exp, cfg.mlflow.run_name, cfg.flat(), tags, cfg.mlflow.artifact_location
         )
         name = name or resume.run_dir_name(cfg, run_id)
-        resume.write_record(cfg, resume.RunRecord(name, run_id))
+        with tracking.failed_if_raises(tracking_uri, run_id):
+            resume.write_record(cfg, resume.RunRecord(name, run_id))
         return _Run(run_id, False, complete, found, {}, name)
 
     tracking.reopen_run(tracking_uri, existing.run_id, cfg.flat(), tags)
-    resume.write_record(cfg, resume.RunRecord(name, existing.run_id))
+    with tracking.failed_if_raises(tracking_uri, existing.run_id):
+        resume.write_record(cfg, resume.RunRecord(name, existing.run_id))
     log.info("continuing MLflow run %s (was %s)", existing.run_id, existing.status)
     prefix = "eval/before/"
     before = {
@@ -139,25 +143,28 @@ def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
     folder holds is resumed unless ``fresh``."""
     from gist_ray.eval.metrics import evaluate_model
     from gist_ray.launch import cluster, guide_job, resources, resume, trainer
-    from gist_ray.models.encoder import export_model, load_encoder
+    from gist_ray.models.encoder import EXPORT_DIR, export_model, load_encoder
     from gist_ray.models.lora import merge_adapter
     from gist_ray.models.spec import user_spec
     from gist_ray.tracking import datasets, results, runs
-    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR, STAGING
+    from gist_ray.train.checkpoint import CHECKPOINT_MODEL_DIR, staging_dir
 
     t0 = time.perf_counter()
     check_job_paths(cfg, runs.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    check_command(cfg, "train")  # every storage location, before Ray and MLflow
     cfg = _absolutize(cfg)
     inputs = _check_inputs(cfg)  # fail on bad data or models before any cluster starts
     evalset = inputs.evalset
     tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     cluster.connect(cfg)
     resources.check_resources(cfg)
-    run = _open_run(cfg, tracking_uri, inputs.steps, fresh)
-    # A resumed run keeps its summary metrics: they must not gain a second value.
-    logger = runs.RunLogger(tracking_uri, run.run_id, skip_logged=run.resumed)
+    run = _open_run(cfg, tracking_uri, inputs.steps, fresh)  # a failure in it closes its run
+    logger = None
     monitor = None
+    out = Output(cfg.output_dir)  # the model and plots, uploaded when output_dir is a URI
     try:
+        # A resumed run keeps its summary metrics: they must not gain a second value.
+        logger = runs.RunLogger(tracking_uri, run.run_id, skip_logged=run.resumed)
         guide_caches = None if run.complete else guide_job.prepare_guide_cache(cfg, inputs.sets)
         datasets.log_training_data(tracking_uri, run.run_id, inputs.sets)
         before = run.before
@@ -178,7 +185,8 @@ def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
             if run.complete
             else trainer.run_training(cfg, run.run_id, tracking_uri, run.name, guide_caches)
         )
-        # The final checkpoint where it lies (a local storage path is not copied again).
+        # The final checkpoint where it lies (a local storage path is not copied again; a
+        # remote one is downloaded and the download removed after).
         with resume.local_checkpoint(checkpoint) as final_ckpt:
             spec = user_spec(cfg, str(final_ckpt / CHECKPOINT_MODEL_DIR))
             trained = load_encoder(spec, frozen=True)
@@ -189,33 +197,35 @@ def train(cfg: Config, fresh: bool = False) -> dict[str, Any]:
             card = _model_card(cfg, inputs, trained, before, after)
             model_dir = export_model(
                 final_ckpt / CHECKPOINT_MODEL_DIR,
-                cfg.output_dir,
+                out.local,
                 card,
                 trained.model if merged else None,
             )
+        model_at = out.publish(EXPORT_DIR)
         final = results.log_results(
-            cfg, tracking_uri, run.run_id, model_dir, inputs.steps, before, after, evalset
+            cfg, tracking_uri, run.run_id, model_dir, inputs.steps, before, after, evalset, out=out
         )
         wall = time.perf_counter() - t0
         logger.log_metrics({"wall_time_s": wall}, step=0)
         runs.stop_system_metrics(monitor)
         logger.set_terminated("FINISHED")
     except KeyboardInterrupt as e:
-        logger.set_terminated("KILLED")  # first: a scheduler's SIGKILL may follow soon
+        runs.end_run(tracking_uri, run.run_id, "KILLED")  # first: a SIGKILL may follow soon
         line = _stopped_at(cfg, run, fresh)
         with contextlib.suppress(OSError):  # left empty unless a save was under way
-            (Path(cfg.output_dir) / STAGING).rmdir()
+            staging_dir(cfg.output_dir).rmdir()
         raise Interrupted(line, getattr(e, "signum", None)) from e
     except BaseException:
-        logger.set_terminated("FAILED")
+        runs.end_run(tracking_uri, run.run_id, "FAILED")
         raise
     finally:
         runs.stop_system_metrics(monitor)
-    disk = _disk_line(cfg, run.name, model_dir)
-    _print_summary(cfg, evalset, before, after, model_dir, run.run_id, tracking_uri, final, wall)
+        out.close()
+    disk = _disk_line(cfg, run.name, model_at)
+    _print_summary(cfg, evalset, before, after, model_at, run.run_id, tracking_uri, final, wall)
     print(disk)
     return {
-        "model_dir": str(model_dir),
+        "model_dir": model_at,
         "run_id": run.run_id,
         "tracking_uri": tracking_uri,
         "before": before,
@@ -240,24 +250,31 @@ def _stopped_at(cfg: Config, run: _Run, fresh: bool = False) -> str:
     return f"{where}; last checkpoint at step {saved}; rerun {again} to resume"
 
 
-def _disk_line(cfg: Config, name: str, model_dir: Path) -> str:
-    """What the run keeps on disk, and where: the output folder (model, best model, log) and
-    the checkpoints (in it by default, else under ray.storage_path)."""
+def _disk_line(cfg: Config, name: str, model_at: str) -> str:
+    """What the run keeps on disk (or in object storage), and where: the output folder (model,
+    best model, log) and the checkpoints (in it by default, else under ray.storage_path)."""
     from gist_ray.launch.resume import du, human_size, run_dir
 
-    out = Path(cfg.output_dir)
+    out = cfg.output_dir
     ckpts = run_dir(cfg, name)
-    parts = [f"model {human_size(du(model_dir))}"]
-    local = Path(ckpts) if "://" not in ckpts else None
+    parts = [f"model {human_size(du(model_at))}"]
     total = du(out)
-    if local is not None and local.is_dir():
-        size = du(local)
+    if storage.kind(ckpts) == "dir":
+        size = du(ckpts)
         parts.append(f"checkpoints {human_size(size)} in {ckpts}")
-        if not local.resolve().is_relative_to(out.resolve()):
+        if not _inside(ckpts, out):
             total += size
-    elif local is None:
-        parts.append(f"checkpoints in {ckpts}")
-    return f"on disk:     {human_size(total)} in {out} ({'; '.join(parts)})"
+    label = "stored:     " if storage.is_remote(out) else "on disk:    "
+    return f"{label} {human_size(total)} in {out} ({'; '.join(parts)})"
+
+
+def _inside(location: str, folder: str) -> bool:
+    """Whether ``location`` lies in ``folder`` (paths resolved; URIs compared as text)."""
+    if storage.is_remote(location) or storage.is_remote(folder):
+        return location.rstrip("/").startswith(folder.rstrip("/") + "/")
+    return (
+        storage.local_path(location).resolve().is_relative_to(storage.local_path(folder).resolve())
+    )
 
 
 @dataclass
@@ -345,6 +362,7 @@ def cache_guide(cfg: Config) -> list[str]:
             "cache-guide needs another model.guide or model.self_guide: frozen"
         )
     check_job_paths(cfg, "")
+    check_command(cfg, "cache-guide")
     cfg = _absolutize(cfg)
     cfg.data = dataclasses.replace(cfg.data, guide_cache=True)
     sets = load_training_sets(cfg)

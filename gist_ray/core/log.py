@@ -268,17 +268,39 @@ class _FileHandler(logging.Handler):
 
 
 _active: _LogFile | None = None
+# A log whose output_dir is a URI: (the URI, the local temporary folder the file is written in)
+_remote: tuple[str, Path] | None = None
 
 
 def start_log_file(output_dir: str | Path, verbose: bool = False, title: str = "") -> Path:
     """Capture this process's stderr into ``<output_dir>/gist-ray.log`` (appended: a resumed
     run keeps its history) and log our own records there too; returns the file's path.
-    Without ``verbose`` the libraries' progress bars are turned off as well."""
-    global _active
+    Without ``verbose`` the libraries' progress bars are turned off as well. An ``output_dir``
+    on object storage (``s3://...``): the file is written in a local temporary folder (the
+    stored log downloaded into it first) and uploaded by :func:`stop_log_file`."""
+    global _active, _remote
     if _active is not None:
         return _active.path
-    path = Path(output_dir).expanduser().resolve() / LOG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from gist_ray.core import storage
+
+    if storage.is_remote(str(output_dir)):
+        import tempfile
+
+        uri = storage.join(str(output_dir), LOG_NAME)
+        tmp = Path(tempfile.mkdtemp(prefix="gist-ray-log-"))
+        path = tmp / LOG_NAME
+        try:
+            if storage.kind(uri) == "file":
+                storage.download(uri, path)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _remote = (uri, tmp)
+    else:
+        path = Path(output_dir).expanduser().resolve() / LOG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
     if not verbose:
         quiet_progress_bars()
     _active = _LogFile(path, verbose)
@@ -290,19 +312,41 @@ def start_log_file(output_dir: str | Path, verbose: bool = False, title: str = "
 
 
 def stop_log_file() -> None:
-    """Undo :func:`start_log_file` (idempotent)."""
-    global _active
+    """Undo :func:`start_log_file` (idempotent); a log of a remote output_dir is uploaded and
+    its local copy removed (an upload that fails is said in one line on the terminal)."""
+    global _active, _remote
     if _active is None:
         return
     logging.getLogger(ROOT).removeHandler(_active.handler)
     console.stderr_override, console.shared = None, False
     active, _active = _active, None
     active.stop()
+    if _remote is not None:
+        import shutil
+
+        from gist_ray.core import storage
+        from gist_ray.core.errors import GistRayError
+
+        (uri, tmp), _remote = _remote, None
+        try:
+            storage.upload(active.path, uri)
+        except GistRayError as e:
+            console.line(f"gist-ray: warning: the log was not uploaded to {uri}: {e}", "stderr")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def log_file() -> Path | None:
     """The log file of this process, while one is open."""
     return _active.path if _active is not None else None
+
+
+def log_location() -> str | None:
+    """Where the log of this process ends up, while one is open: its path, or the URI it is
+    uploaded to when the command ends."""
+    if _active is None:
+        return None
+    return _remote[0] if _remote is not None else str(_active.path)
 
 
 def to_file(text: str) -> None:

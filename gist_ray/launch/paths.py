@@ -70,3 +70,80 @@ def check_job_paths(cfg: Config, tracking_uri: str) -> None:
                 f"{key} = {value!r} lies in this Ray job's temporary copy of --working-dir "
                 f"({tmp}), which Ray deletes when the job ends; set {key} to {instead}"
             )
+
+
+# The SDK MLflow's artifact store needs for a scheme (the extra that brings it).
+ARTIFACT_SDKS = {"s3": ("boto3", "boto3"), "gs": ("google.cloud.storage", "google-cloud-storage")}
+COMMANDS = ("train", "cache-guide", "mine")
+
+
+def command_locations(cfg: Config, command: str) -> list[tuple[str, str, bool]]:
+    """(config key, location, written?) of every place ``command`` reads or writes."""
+    from gist_ray.config import map_sources
+    from gist_ray.core import storage
+
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    found: list[tuple[str, str, bool]] = []
+
+    def source(value: str) -> str:
+        found.append(("data.train", value, False))
+        return value
+
+    map_sources(cfg.data.train, source)
+    if cfg.data.guide_cache_dir:
+        found.append(("data.guide_cache_dir", cfg.data.guide_cache_dir, True))
+    if command == "mine":
+        if cfg.mine.output:  # a file: its folder is probed (a probe under it makes it a folder)
+            found.append(("mine.output", storage.parent(cfg.mine.output), True))
+        else:
+            found.append(("output_dir", cfg.output_dir, True))
+        return found
+    found.append(("output_dir", cfg.output_dir, True))
+    found.append(("ray.storage_path", cfg.ray.storage_path or _default_storage(cfg), True))
+    if command == "train":
+        if cfg.eval.source:
+            found.append(("eval.source", cfg.eval.source, False))
+        if cfg.mlflow.artifact_location:
+            found.append(("mlflow.artifact_location", cfg.mlflow.artifact_location, True))
+    return found
+
+
+def _default_storage(cfg: Config) -> str:
+    from gist_ray.core import storage
+
+    return storage.join(cfg.output_dir, "ray")
+
+
+def check_locations(locations: list[tuple[str, str, bool]]) -> None:
+    """Before anything starts (no Ray, no MLflow run): every remote location must be
+    reachable (its bucket exists, the credentials are accepted) and, when written, writable;
+    an MLflow artifact store on object storage needs its SDK. The first failure is one
+    ConfigError naming the key and the URI. Local paths are left to the code that uses them."""
+    import importlib.util
+
+    from gist_ray.core import storage
+
+    for key, location, write in locations:
+        if not storage.is_remote(location):
+            continue
+        if key == "mlflow.artifact_location":
+            module, package = ARTIFACT_SDKS.get(storage.scheme(location), (None, None))
+            if module and not _importable(module, importlib.util):
+                raise ConfigError(
+                    f"{key} = {location!r}: MLflow's artifact store needs {package}, which is "
+                    "not installed; pip install 'gist-ray[cloud]'"
+                )
+        storage.check_location(location, key, write=write)
+
+
+def check_command(cfg: Config, command: str) -> None:
+    """:func:`check_locations` of every location ``train`` / ``cache-guide`` / ``mine`` uses."""
+    check_locations(command_locations(cfg, command))
+
+
+def _importable(module: str, util) -> bool:
+    try:
+        return util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing
+        return False

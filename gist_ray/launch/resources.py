@@ -65,8 +65,10 @@ def _wait_for_resources(cfg: Config) -> None:
 
 def storage_path(cfg: Config) -> str:
     """``ray.storage_path`` (absolute when local), else ``<output_dir>/ray``."""
-    path = cfg.ray.storage_path or str(Path(cfg.output_dir) / "ray")
-    if "://" in path:
+    from gist_ray.core import storage
+
+    path = cfg.ray.storage_path or storage.join(cfg.output_dir, "ray")
+    if storage.is_remote(path):
         return path
     return str(Path(path).expanduser().resolve())
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import tempfile
+import posixpath
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from gist_ray.config import Config
-from gist_ray.core import fileio
+from gist_ray.core import outputs, storage
 from gist_ray.core.errors import GistRayError
+from gist_ray.core.storage import StorageError
 from gist_ray.launch.resources import storage_path
 from gist_ray.train import checkpoint as ckpt
 
@@ -51,25 +51,28 @@ class RunRecord:
 
 
 def read_record(cfg: Config) -> RunRecord | None:
-    path = Path(cfg.output_dir) / RECORD
+    where = storage.join(cfg.output_dir, RECORD)
     try:
-        raw = json.loads(path.read_text())
+        if storage.kind(where) == "missing":
+            return None
+        raw = json.loads(storage.read_text(where))
         return RunRecord(str(raw["ray_name"]), str(raw["mlflow_run_id"]))
-    except FileNotFoundError:
-        return None
+    except StorageError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise GistRayError(
-            f"{path} is unreadable ({type(e).__name__}); rerun with --fresh to start over"
+            f"{where} is unreadable ({type(e).__name__}); rerun with --fresh to start over"
         ) from e
 
 
 def write_record(cfg: Config, record: RunRecord) -> None:
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    fileio.write_json(Path(cfg.output_dir) / RECORD, asdict(record))
+    """``run.json``, written whole (atomically on a disk, one upload to a URI) at once: a rerun
+    after a crash must find it."""
+    storage.write_json(storage.join(cfg.output_dir, RECORD), asdict(record))
 
 
 def run_dir(cfg: Config, name: str) -> str:
-    return f"{storage_path(cfg).rstrip('/')}/{name}"
+    return storage.join(storage_path(cfg), name)
 
 
 def discard(cfg: Config, record: RunRecord | None) -> None:
@@ -78,14 +81,11 @@ def discard(cfg: Config, record: RunRecord | None) -> None:
     names = {n for n in (record.ray_name if record else None, cfg.mlflow.run_name) if n}
     for name in sorted(names):
         where = run_dir(cfg, name)
-        local = Path(where) if "://" not in where else None
-        if local is not None and local.is_dir():
-            size = du(local)
-            shutil.rmtree(local)
+        if storage.kind(where) == "dir":
+            size = du(where)
+            storage.remove(where)
             log.info("--fresh: removed the earlier checkpoints %s (%s)", where, human_size(size))
-        elif local is None:
-            log.warning("--fresh: the checkpoints in %s stay (remote storage); delete them", where)
-    (Path(cfg.output_dir) / RECORD).unlink(missing_ok=True)
+    storage.remove(storage.join(cfg.output_dir, RECORD))
     if record is not None:
         log.info(
             "--fresh: training from step 0 as a new MLflow run; MLflow run %s stays, and the "
@@ -95,12 +95,9 @@ def discard(cfg: Config, record: RunRecord | None) -> None:
         )
 
 
-def du(path: str | Path) -> int:
-    """Bytes in the files under ``path`` (0 if it does not exist)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+def du(location: str | Path) -> int:
+    """Bytes in the files under ``location``, a path or a URI (0 if it does not exist)."""
+    return outputs.size(location)
 
 
 def human_size(n: float) -> str:
@@ -127,8 +124,8 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
     import pyarrow.fs
     import ray.train
 
-    run_dir = f"{storage_path(cfg).rstrip('/')}/{name}"
-    if "://" not in run_dir and not Path(run_dir).is_dir():
+    run_dir = storage.join(storage_path(cfg), name)
+    if not storage.is_remote(run_dir) and not storage.local_path(run_dir).is_dir():
         return None
     try:
         result = ray.train.Result.from_path(run_dir)
@@ -144,7 +141,7 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
     if found is None:
         return None
     fs, root = found.filesystem, found.path.rstrip("/")
-    where = f"{run_dir}/{Path(root).name}"
+    where = storage.join(run_dir, posixpath.basename(root))
     try:
         with fs.open_input_stream(f"{root}/{ckpt.META_FILE}") as f:
             meta = ckpt.parse_meta(f.read(), where)
@@ -163,14 +160,8 @@ def find_checkpoint(cfg: Config, name: str) -> FoundCheckpoint | None:
 def local_checkpoint(checkpoint) -> Iterator[Path]:
     """The folder of a checkpoint on this machine: where it lies when the storage is local (no
     second copy on disk), else a temporary download removed afterwards."""
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        yield Path(checkpoint.path)
-        return
-    with tempfile.TemporaryDirectory(prefix="gist-ray-final-") as tmp:
-        checkpoint.to_directory(tmp)
-        yield Path(tmp)
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
 
 
 def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:
@@ -184,17 +175,16 @@ def export_best(cfg: Config, run_id: str, scored: list, score: str) -> None:
         return
     best, metrics = max(validated, key=lambda cm: (cm[1][score], -int(cm[1].get("step", 0))))
     info = {"step": int(metrics["step"]), "metric": cfg.eval.metric, "value": metrics[score]}
-    with tempfile.TemporaryDirectory(prefix="gist-ray-best-") as tmp:
-        best.to_directory(tmp)
-        folder = save_best(
+    with local_checkpoint(best) as folder:
+        where = save_best(
             cfg.output_dir,
             {**info, "run_id": run_id},
-            copy_from(Path(tmp) / ckpt.CHECKPOINT_MODEL_DIR),
+            copy_from(folder / ckpt.CHECKPOINT_MODEL_DIR),
         )
     log.info(
         "best checkpoint: step %d, %s %.4f -> %s",
         info["step"],
         cfg.eval.metric,
         info["value"],
-        folder,
+        where,
     )

@@ -12,10 +12,11 @@ which aborts the run, marks the MLflow run KILLED and says where a rerun resumes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +63,18 @@ class RayReporter:
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
         )
 
-    def latest_checkpoint(self) -> str | None:
-        """A local folder with the checkpoint to resume from (downloaded if remote)."""
-        import pyarrow.fs
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        """A local folder with the checkpoint to resume from: where it lies on a local storage
+        path, else a download removed when the context ends (Ray's ``as_directory``)."""
         import ray.train
 
         found = ray.train.get_checkpoint()
         if found is None:
-            return None
-        if isinstance(found.filesystem, pyarrow.fs.LocalFileSystem):
-            return found.path
-        return found.to_directory(tempfile.mkdtemp(prefix="gist-ray-resume-"))
+            yield None
+            return
+        with found.as_directory() as folder:
+            yield folder
 
 
 def _ray_entry(payload: dict[str, Any]) -> None:

@@ -8,14 +8,17 @@ there the output is written under a temporary name and renamed, then the sidecar
 embeddings and the settings) and the output's sha256: a rerun with the same inputs finds it
 finished, a rerun with other inputs mines again, and a file gist-ray did not write is never
 overwritten.
+
+The output may be a URI (``s3://…``): the parts and the manifest are then objects beside it,
+each written locally and uploaded whole (an object store has no rename, but an object appears
+only once its upload completed), and the output is uploaded once complete, after its sidecar.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gist_ray.core import fileio
+from gist_ray.core import fileio, storage
 from gist_ray.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,50 +36,63 @@ FORMAT = "gist-ray-mine-v1"
 WRITERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, a path or a URI (read as a stream: no local copy of a remote
+    object)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fs, where = storage.filesystem(str(path))
+    with fs.open_input_stream(where) as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def sidecar(out: Path) -> Path:
-    return out.with_name(out.name + ".mine.json")
+def suffix(out: str | Path) -> str:
+    """The output's file type: ``.parquet``, ``.jsonl``, ... (lower case)."""
+    return posixpath.splitext(storage.name(str(out)))[1].lower()
 
 
-def parts_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.parts"
+def sidecar(out: str | Path) -> str:
+    return f"{out}.mine.json"
 
 
-def check_output(out: Path, key: str) -> None:
-    """A supported suffix, a writable folder, and no file there that gist-ray did not mine."""
-    if out.suffix.lower() not in WRITERS:
+def parts_dir(out: str | Path) -> str:
+    return storage.join(storage.parent(str(out)), f".{storage.name(str(out))}.parts")
+
+
+def check_output(out: str, key: str) -> None:
+    """A supported suffix, a writable folder, and no file there that gist-ray did not mine.
+    ``out`` is a path or a URI (its bucket was checked before anything started)."""
+    if suffix(out) not in WRITERS:
         raise ConfigError(
-            f"{key} = {str(out)!r}: unsupported file type {out.suffix!r}; use {', '.join(WRITERS)}"
+            f"{key} = {out!r}: unsupported file type {suffix(out)!r}; use {', '.join(WRITERS)}"
         )
-    if out.is_dir():
-        raise ConfigError(f"{key} = {str(out)!r} is a folder; give a file name")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise ConfigError(f"{key} = {str(out)!r}: cannot write there ({e.strerror or e})") from e
-    if out.exists() and not sidecar(out).is_file():
+    what = storage.kind(out)
+    if what == "dir":
+        raise ConfigError(f"{key} = {out!r} is a folder; give a file name")
+    if not storage.is_remote(out):
+        folder = storage.local_path(out).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(f"{key} = {out!r}: cannot write there ({e.strerror or e})") from e
+    if what == "file" and storage.kind(sidecar(out)) != "file":
         raise ConfigError(
-            f"{key} = {str(out)!r} exists and was not written by gist-ray mine; "
+            f"{key} = {out!r} exists and was not written by gist-ray mine; "
             "remove it or choose another path"
         )
 
 
-def finished(out: Path, fingerprint: dict[str, str], key: str) -> dict[str, Any] | None:
+def finished(out: str, fingerprint: dict[str, str], key: str) -> dict[str, Any] | None:
     """The summary of a finished output mined from the same inputs, else None (with the
     reason logged). An output changed since it was mined is refused, not overwritten."""
-    if not out.is_file() or not sidecar(out).is_file():
+    if storage.kind(out) != "file" or storage.kind(sidecar(out)) != "file":
         return None
-    meta = json.loads(sidecar(out).read_text())
+    meta = storage.read_json(sidecar(out))
     if meta.get("sha256") != sha256_file(out):
-        if parts_dir(out).is_dir():  # parts are removed last: the last run died while writing
+        # parts are removed last: the last run died while writing
+        if storage.kind(parts_dir(out)) == "dir":
             log.info("%s was being written when the last run stopped; writing it again", out)
             return None
         raise ConfigError(
@@ -92,54 +108,80 @@ def finished(out: Path, fingerprint: dict[str, str], key: str) -> dict[str, Any]
 
 
 class Parts:
-    """The resumable parts of one output."""
+    """The resumable parts of one output, beside it (on the same disk or store): each part and
+    then the manifest naming it is written whole, so a rerun continues after the last part
+    the manifest names."""
 
-    def __init__(self, out: Path, fingerprint: dict[str, str], part_rows: int) -> None:
+    def __init__(self, out: str, fingerprint: dict[str, str], part_rows: int) -> None:
         self.dir = parts_dir(out)
         self.manifest = {"format": FORMAT, "fingerprint": fingerprint, "part_rows": part_rows}
         self.done: dict[int, str] = {}
-        path = self.dir / "manifest.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
+        path = storage.join(self.dir, "manifest.json")
+        if storage.kind(path) == "file":
+            old = storage.read_json(path)
             saved = {k: old.get(k) for k in self.manifest}
             if saved == self.manifest:
-                self.done = {
-                    int(i): f for i, f in old.get("parts", {}).items() if (self.dir / f).is_file()
-                }
+                present = {e.relpath for e in storage.listing(self.dir)}
+                self.done = {int(i): f for i, f in old.get("parts", {}).items() if f in present}
                 if self.done:
                     log.info("resuming: %d part(s) already mined in %s", len(self.done), self.dir)
             else:
                 log.info("parts in %s are from other inputs or settings; starting over", self.dir)
-                shutil.rmtree(self.dir, ignore_errors=True)
+                storage.remove(self.dir)
 
     def write(self, index: int, table: pa.Table) -> None:
         name = f"part-{index:05d}.parquet"
-        with fileio.atomic_file(self.dir / name) as tmp:
-            pq.write_table(table, tmp)
+        target = storage.join(self.dir, name)
+        if storage.is_remote(target):
+            with tempfile.TemporaryDirectory(prefix="gist-ray-mine-") as tmp:
+                pq.write_table(table, Path(tmp) / name)
+                storage.upload(Path(tmp) / name, target)
+        else:
+            with fileio.atomic_file(storage.local_path(target)) as tmp:
+                pq.write_table(table, tmp)
         self.done[index] = name
         parts = {str(i): f for i, f in sorted(self.done.items())}
-        fileio.write_json(self.dir / "manifest.json", {**self.manifest, "parts": parts})
+        storage.write_json(
+            storage.join(self.dir, "manifest.json"), {**self.manifest, "parts": parts}
+        )
 
     def read(self) -> pa.Table:
-        return pa.concat_tables(pq.read_table(self.dir / f) for _, f in sorted(self.done.items()))
+        tables = []
+        for _, f in sorted(self.done.items()):
+            fs, path = storage.filesystem(storage.join(self.dir, f))
+            tables.append(pq.read_table(path, filesystem=fs))
+        return pa.concat_tables(tables)
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        storage.remove(self.dir)
 
 
 def write_output(
-    out: Path, ds: datasets.Dataset, fingerprint: dict[str, str], summary: dict[str, Any]
+    out: str, ds: datasets.Dataset, fingerprint: dict[str, str], summary: dict[str, Any]
 ) -> None:
-    """The dataset in the output's format, atomically, then its sidecar."""
-    with fileio.atomic_file(out) as tmp:
-        kind = WRITERS[out.suffix.lower()]
-        if kind == "parquet":
-            ds.to_parquet(str(tmp))
-        elif kind == "json":
-            ds.to_json(str(tmp), lines=True, force_ascii=False)
-        else:
-            ds.to_csv(str(tmp), index=False)
-        # The sidecar first, naming the new file's hash: a crash before the rename leaves the
-        # old file with a sidecar that does not match it, and the parts (see finished()).
-        meta = {"format": FORMAT, "fingerprint": fingerprint, "sha256": sha256_file(tmp)}
-        fileio.write_json(sidecar(out), {**meta, "summary": summary})
+    """The dataset in the output's format, atomically (a URI: written locally, one upload),
+    then its sidecar."""
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="gist-ray-mine-") as tmp:
+            local = Path(tmp) / storage.name(out)
+            _write(local, ds, out, fingerprint, summary)
+            storage.upload(local, out)
+        return
+    with fileio.atomic_file(storage.local_path(out)) as tmp:
+        _write(tmp, ds, out, fingerprint, summary)
+
+
+def _write(
+    tmp: Path, ds: datasets.Dataset, out: str, fingerprint: dict[str, str], summary: dict
+) -> None:
+    kind = WRITERS[suffix(out)]
+    if kind == "parquet":
+        ds.to_parquet(str(tmp))
+    elif kind == "json":
+        ds.to_json(str(tmp), lines=True, force_ascii=False)
+    else:
+        ds.to_csv(str(tmp), index=False)
+    # The sidecar first, naming the new file's hash: a crash before the rename (the upload)
+    # leaves the old file with a sidecar that does not match it, and the parts (see finished()).
+    meta = {"format": FORMAT, "fingerprint": fingerprint, "sha256": sha256_file(tmp)}
+    storage.write_json(sidecar(out), {**meta, "summary": summary})

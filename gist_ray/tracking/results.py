@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gist_ray.config import Config
+from gist_ray.core import storage
+from gist_ray.core.outputs import Output
 from gist_ray.models.best import best_dir, copy_from, read_best, save_best
 from gist_ray.tracking.runs import metric_name
 
@@ -41,7 +43,7 @@ class Final:
         if self.best_model_dir:
             out.append(f"best model:  {self.best_model_dir}")
         if self.plots:
-            out.append(f"plots:       {Path(self.plots[0]).parent} ({len(self.plots)} PNG)")
+            out.append(f"plots:       {storage.parent(self.plots[0])} ({len(self.plots)} PNG)")
         if self.model_uri:
             out.append(
                 f"MLflow model: {self.model_uri} (mlflow.sentence_transformers.load_model, or "
@@ -93,15 +95,19 @@ def log_results(
     before: dict[str, float],
     after: dict[str, float],
     evalset=None,
+    *,
+    out: Output,
 ) -> Final:
-    """Everything after the final eval; the run itself is closed by the caller."""
+    """Everything after the final eval; the run itself is closed by the caller. ``model_dir``
+    is the exported model on this machine; ``out`` the output folder the plots go to (written
+    in its local folder, uploaded when it is on object storage)."""
     import mlflow
 
     from gist_ray.tracking.plots import plot_run
     from gist_ray.tracking.pyfunc import log_embedding_model
 
     client = mlflow.MlflowClient(tracking_uri)
-    out_dir = Path(cfg.output_dir)
+    out_dir = out.location
     final = Final(metric=cfg.eval.metric)
     if after:
         # The step axis of eval/*: the base model at 0, rank 0's evals, the exported model last.
@@ -115,8 +121,8 @@ def log_results(
                 best = {"step": final_step, "metric": cfg.eval.metric, "value": final.best_value}
                 save_best(out_dir, {**best, "run_id": run_id}, copy_from(model_dir))
             info = read_best(out_dir, run_id)
-            if info and info["step"] == final.best_step and best_dir(out_dir).is_dir():
-                final.best_model_dir = str(best_dir(out_dir))
+            if info and info["step"] == final.best_step and storage.exists(best_dir(out_dir)):
+                final.best_model_dir = best_dir(out_dir)
             else:  # saved by rank 0 on another node
                 final.warnings.append(
                     f"best model (step {final.best_step}) is in {best_dir(out_dir)} on the "
@@ -126,10 +132,12 @@ def log_results(
         client.log_metric(run_id, f"best/{metric_name(cfg.eval.metric)}", final.best_value)
 
     try:
-        plots = plot_run(tracking_uri, run_id, out_dir / "plots")
+        plots = plot_run(tracking_uri, run_id, out.path("plots"))
         for p in plots:
             client.log_artifact(run_id, str(p), "plots")
-        final.plots = [str(p) for p in plots]
+        if plots:
+            out.publish("plots")
+        final.plots = [storage.join(out.uri("plots"), p.name) for p in plots]
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training
         final.warnings.append(f"plots failed: {type(e).__name__}: {e}")
 

@@ -3,7 +3,9 @@ params and final results; rank 0 re-attaches to the same run id to log per-step 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,24 @@ def reopen_run(
         tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"],
     )
     client.update_run(run_id, status="RUNNING")
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Close a run as ``status`` (FINISHED, FAILED, KILLED)."""
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def failed_if_raises(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """Close the run as FAILED when the block raises: a refusal after a run was opened must
+    not leave it RUNNING."""
+    try:
+        yield
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
 
 
 def metric_name(name: str) -> str:

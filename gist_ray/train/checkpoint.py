@@ -17,7 +17,8 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,13 +28,28 @@ import torch
 import torch.distributed as dist
 
 from gist_ray.config import Config
-from gist_ray.core import fileio
+from gist_ray.core import fileio, storage
 from gist_ray.core.distributed import is_distributed, rank, world_size
 from gist_ray.core.errors import GistRayError
 
 log = logging.getLogger(__name__)
 
 STAGING = "checkpoints-staging"  # rank 0 builds checkpoints here before reporting them
+
+
+def staging_dir(output_dir: str) -> Path:
+    """Where rank 0 builds checkpoints before reporting them: ``<output_dir>/checkpoints-staging``,
+    or for an output_dir on object storage a node-local folder named after it (the same for a
+    rerun, which clears what a killed worker left there)."""
+    if not storage.is_remote(output_dir):
+        return storage.local_path(output_dir) / STAGING
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(output_dir.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"gist-ray-{STAGING}-{digest}"
+
+
 STATE_FILE = "state.pt"
 CHECKPOINT_MODEL_DIR = "model"  # <checkpoint>/model: the student as saved at that step
 META_FILE = "meta.json"
@@ -203,7 +219,10 @@ class Reporter(Protocol):
         self, metrics: dict[str, float], checkpoint_dir: str | None, validate: bool = False
     ) -> None: ...
 
-    def latest_checkpoint(self) -> str | None: ...
+    def latest_checkpoint(self) -> AbstractContextManager[str | None]:
+        """A context giving the local folder of the checkpoint to resume from (None: none);
+        a folder downloaded for it is removed when the context ends."""
+        ...
 
 
 class LocalReporter:
@@ -214,6 +233,11 @@ class LocalReporter:
     def __init__(
         self, output_dir: str | Path, validator: Callable[[Path], object] | None = None
     ) -> None:
+        if storage.is_remote(str(output_dir)):  # Path() would make a local folder named s3:
+            raise GistRayError(
+                f"output_dir = {str(output_dir)!r}: a run without Ray keeps its checkpoints on "
+                "a local disk; give a local output_dir (Ray Train writes them to object storage)"
+            )
         self.root = Path(output_dir) / "checkpoints"
         self.validator = validator
 
@@ -227,9 +251,10 @@ class LocalReporter:
             if validate and self.validator is not None:
                 self.validator(target)
 
-    def latest_checkpoint(self) -> str | None:
+    @contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
         found = sorted(self.root.glob("checkpoint-*")) if self.root.is_dir() else []
-        return str(found[-1]) if found else None
+        yield str(found[-1]) if found else None
 
 
 @dataclass
@@ -254,7 +279,7 @@ class Checkpointer:
     def __init__(self, cfg: Config, reporter: Reporter) -> None:
         self.cfg, self.reporter = cfg, reporter
         self.identity = identity(cfg)
-        self.staging = Path(cfg.output_dir) / STAGING
+        self.staging = staging_dir(cfg.output_dir)
         if rank() == 0:  # a worker killed mid-save leaves a half-written folder here
             shutil.rmtree(self.staging, ignore_errors=True)
         self._saved_at = time.monotonic()
@@ -286,11 +311,11 @@ class Checkpointer:
 
     def restore(self, state: TrainState, student) -> bool:
         """Load the latest checkpoint into ``state`` and ``student``; False when there is none."""
-        latest = self.reporter.latest_checkpoint()
-        if not latest:
-            return False
-        model_dir, saved = load_checkpoint(latest, self.identity)
-        student.load_weights(model_dir)
+        with self.reporter.latest_checkpoint() as latest:  # a download is removed after
+            if not latest:
+                return False
+            model_dir, saved = load_checkpoint(latest, self.identity)
+            student.load_weights(model_dir)
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         state.step = saved["step"]

@@ -74,7 +74,7 @@ class TrainingEval:
         self.cfg, self.run_id, self.tracking_uri = cfg, run_id, tracking_uri
         self.evalset = load_eval_for(cfg)
         self.metric = cfg.eval.metric
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = cfg.output_dir  # a path or a URI
         self.best = read_best(self.output_dir, run_id)
 
     def __call__(self, folder: str | Path) -> dict[str, float]:

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from gist_ray.core import storage
 from gist_ray.core.log import ALL_RANKS, ROOT
 
 log = logging.getLogger(__name__)
@@ -32,17 +33,16 @@ def from_env(output_dir: str | Path, rank: int) -> Callable[[int, dict[str, floa
 
     def hook(step: int, _metrics: dict[str, float]) -> None:
         if step in steps:
-            _fail_once(Path(output_dir), rank, step)
+            _fail_once(str(output_dir), rank, step)
 
     return hook
 
 
-def _fail_once(output_dir: Path, rank: int, step: int) -> None:
-    marker = output_dir / ".faults" / f"rank{rank}-step{step}"
-    if marker.exists():
+def _fail_once(output_dir: str, rank: int, step: int) -> None:
+    marker = storage.join(output_dir, ".faults", f"rank{rank}-step{step}")  # maybe on s3://
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
+    storage.write_text(marker, str(os.getpid()))
     log.info("fault injection: rank %d kills itself after step %d", rank, step, extra=ALL_RANKS)
     for handler in logging.getLogger(ROOT).handlers:
         handler.flush()

@@ -4,6 +4,7 @@ training takes it; resume, atomicity, reuse, and bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -178,13 +179,13 @@ def test_resume_after_an_interruption_gives_the_same_output(
     with pytest.raises(KeyboardInterrupt):
         command.mine(_cfg(tiny_models, data, broken, *extra))
     out = broken / "pairs-mined.jsonl"
-    assert not out.exists() and not output.sidecar(out).exists(), "no complete-looking output"
-    assert len(list(output.parts_dir(out).glob("part-*.parquet"))) == 2
+    assert not out.exists() and not Path(output.sidecar(out)).exists(), "no complete-looking"
+    assert len(list(Path(output.parts_dir(out)).glob("part-*.parquet"))) == 2
     calls.clear()
     [summary] = command.mine(_cfg(tiny_models, data, broken, *extra))
     assert calls == [32, 48], "resumed at the third part"
     assert out.read_bytes() == (whole / "pairs-mined.jsonl").read_bytes()
-    assert not output.parts_dir(out).exists()
+    assert not Path(output.parts_dir(out)).exists()
     calls.clear()
     [again] = command.mine(_cfg(tiny_models, data, broken, *extra))
     assert again.reused and calls == [] and again.written == summary.written

@@ -66,6 +66,24 @@ def test_gpu_configs_use_gpus_and_multinode_uses_shared_storage():
     assert one.train.max_failures >= 1 and many.train.max_failures >= 1
 
 
+def test_object_storage_config_keeps_nothing_on_a_local_disk():
+    """What the KubeRay RayJob runs: pods share no disk, so every location is a URI."""
+    from gist_ray.core import storage
+    from gist_ray.launch.resources import storage_path
+
+    cfg = load_config(ROOT / "configs" / "object-storage.yaml")
+    job = yaml.safe_load((ROOT / "deploy" / "kuberay-rayjob.yaml").read_text())
+    assert job["spec"]["entrypoint"].endswith("/object-storage.yaml")
+    locations = [cfg.data.train, cfg.output_dir, storage_path(cfg), cfg.mlflow.artifact_location]
+    assert all(storage.is_remote(loc) for loc in locations), locations
+    gpus = sum(
+        int(g["replicas"])
+        * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    )
+    assert cfg.ray.use_gpu and cfg.ray.num_workers <= gpus
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [

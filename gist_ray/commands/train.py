@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gist_ray.config import SELF, Config, validate_loss_for
+from gist_ray.core import storage
 from gist_ray.core.errors import ConfigError, Interrupted
 from gist_ray.core.log import fmt_change
 from gist_ray.launch.paths import check_job_paths
@@ -35,7 +36,7 @@ def _absolutize(cfg: Config) -> Config:
     cfg.data = dataclasses.replace(
         cfg.data,
         train=map_sources(cfg.data.train, absolute),
-        guide_cache_dir=str(Path(cache_dir).expanduser().resolve()) if cache_dir else "",
+        guide_cache_dir=storage.absolute(cache_dir) if cache_dir else "",  # a URI as it is
     )
     cfg.eval = dataclasses.replace(cfg.eval, source=absolute(cfg.eval.source))
     guide = cfg.model.guide if cfg.model.guide == SELF else absolute(cfg.model.guide)

@@ -114,9 +114,7 @@ def test_cache_on_s3_equals_the_local_one_loads_and_rebuilds_one_shard(
             atol=0,
         )
     assert guide_cache.GuideCache(folder, 40).folder == remote.folder  # no second download
-    assert [p.name for p in staged.iterdir() if not p.name.startswith(".")] == [
-        remote.folder.name
-    ]
+    assert [p.name for p in staged.iterdir() if not p.name.startswith(".")] == [remote.folder.name]
 
     # Another job with the same fingerprint (a fresh node: nothing local) embeds nothing.
     monkeypatch.setenv("GIST_RAY_CACHE", str(node / "other-node"))

@@ -258,3 +258,37 @@ def test_cache_guide_builds_on_s3_with_ray_data_and_another_job_embeds_nothing(
         cache.embeddings("anchor", range(40)), rtol=0, atol=0,
     )  # fmt: skip
     assert local_s3_folders(node) == []
+
+
+def test_mine_reads_and_seeds_the_guide_cache_on_s3(s3_server, tiny_models, node):
+    """`gist-ray mine` with the guide cache on s3://: it builds the data's cache there, reads it
+    back, and uploads the mined file's own cache, so training on the mined file embeds nothing."""
+    from gist_ray.commands import mine as command
+
+    data = _pairs(node / "pairs.jsonl", 32, 7)
+    bucket = s3_server.bucket()
+    where = f"data.guide_cache_dir={bucket}/caches"
+    [summary] = command.mine(
+        _cfg(
+            tiny_models,
+            data,
+            node / "mine",
+            where,
+            "mine.k=2",
+            "mine.backend=torch",
+            "mine.shortfall=fill",
+        )  # fmt: skip
+    )
+    assert summary.written == 32
+    names = {k.split("/")[1].rsplit("-", 1)[0] for k in s3_server.keys(f"{bucket}/caches")}
+    assert {"pairs", "pairs-mined"} <= names
+    mined = _cfg(tiny_models, node / "mine" / "pairs-mined.jsonl", node / "train", where)
+    (folder,), runner = _ensure(mined)
+    assert folder.startswith(f"{bucket}/caches/pairs-mined-") and runner.shards == []
+    sets = load_training_sets(mined)
+    cache = guide_cache.GuideCache(folder, sets[0].rows)
+    first = guide_cache.GuideCache(_ensure(_cfg(tiny_models, data, node / "t", where))[0][0], 32)
+    torch.testing.assert_close(  # the mined rows' anchors are the data's anchors
+        cache.embeddings("anchor", range(32)), first.embeddings("anchor", range(32)), rtol=0, atol=0
+    )
+    assert local_s3_folders(node) == []

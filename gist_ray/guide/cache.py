@@ -131,22 +131,30 @@ def fingerprint(
 
 def cache_root(cfg: Config, source: str) -> tuple[str, str]:
     """(location holding the dataset's caches, what chose it): ``data.guide_cache_dir`` (a path
-    or a URI); else beside a local dataset; else under ``ray.storage_path`` (a path or a URI,
-    shared by a multi-node cluster); else the gist-ray cache (node-local). A dataset on object
-    storage gets its cache under ``ray.storage_path``, never beside it: the run may only read
-    the data's bucket, and ``ray.storage_path`` is where it writes."""
+    or a URI); else under ``ray.storage_path`` when that is object storage (``s3://``: the run
+    writes there, and every node and any later cluster reaches it, where a folder beside the
+    data may be node-local; a dataset on object storage never gets its cache beside it, in a
+    bucket the run may only read); else beside a local dataset; else under a local
+    ``ray.storage_path`` (shared by a multi-node cluster); else the gist-ray cache
+    (node-local)."""
     from gist_ray.core.assets import cache_root as user_cache
 
     if cfg.data.guide_cache_dir:
         return storage.absolute(cfg.data.guide_cache_dir), "data.guide_cache_dir"
+    under_storage = (
+        storage.join(storage.absolute(cfg.ray.storage_path), ".gist-ray-guide-cache")
+        if cfg.ray.storage_path
+        else ""
+    )
+    if storage.is_remote(under_storage):
+        return under_storage, "ray.storage_path"
     if not storage.is_remote(source):
         src = storage.local_path(source)
         if src.exists():
             beside = src.parent if src.is_file() else src
             return str(beside / ".gist-ray-guide-cache"), "beside the data"
-    if cfg.ray.storage_path:
-        root = storage.join(storage.absolute(cfg.ray.storage_path), ".gist-ray-guide-cache")
-        return root, "ray.storage_path"
+    if under_storage:
+        return under_storage, "ray.storage_path"
     return str(user_cache() / "guide-cache"), "the gist-ray cache"
 
 
@@ -387,6 +395,11 @@ def stage(folder: str, manifest: dict[str, Any], entries: list[storage.Entry]) -
     wanted = [MANIFEST, *(f"index-{c}.npy" for c in manifest["columns"])]
     wanted += [f"emb-{k:05d}.npy" for k in range(manifest["shards"])]
     listed = {e.relpath: e for e in entries}
+    gone = [f for f in wanted if f not in listed]
+    if gone:
+        raise GistRayError(
+            f"guide cache {folder} has no {gone[0]}; delete the folder to rebuild it"
+        )
     h = hashlib.sha256(folder.encode())
     for f in wanted:
         e = listed[f]

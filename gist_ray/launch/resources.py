@@ -99,11 +99,9 @@ def is_shared_storage(path: str) -> bool:
 
 
 def check_writable(path: str, key: str) -> None:
-    """``path`` must be a folder this process can create files in; on object storage, its
-    bucket must exist and accept a write (a one-line ConfigError naming ``key`` otherwise)."""
+    """A local ``path`` must be a folder this process can create files in."""
     if storage.is_remote(path):
-        storage.check_location(path, key, write=True)
-        return
+        return  # object stores: reached and probed by storage.check_location where it is used
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):

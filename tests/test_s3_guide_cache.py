@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,14 @@ def test_cache_on_s3_equals_the_local_one_loads_and_rebuilds_one_shard(
         )
     assert guide_cache.GuideCache(folder, 40).folder == remote.folder  # no second download
     assert [p.name for p in staged.iterdir() if not p.name.startswith(".")] == [remote.folder.name]
+
+    # Workers of one node that open it at once share one download.
+    monkeypatch.setenv("GIST_RAY_CACHE", str(node / "busy-node"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gist_ray"), ThreadPoolExecutor(4) as pool:
+        opened = list(pool.map(lambda _: guide_cache.GuideCache(folder, 40).folder, range(4)))
+    assert len(set(opened)) == 1 and opened[0].parent == node / "busy-node" / guide_cache.STAGED
+    assert caplog.text.count("(once per node)") == 1
 
     # Another job with the same fingerprint (a fresh node: nothing local) embeds nothing.
     monkeypatch.setenv("GIST_RAY_CACHE", str(node / "other-node"))

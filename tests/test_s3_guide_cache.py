@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -271,6 +272,12 @@ def test_cache_guide_builds_on_s3_with_ray_data_and_another_job_embeds_nothing(
         cache.embeddings("anchor", range(40)), rtol=0, atol=0,
     )  # fmt: skip
     assert local_s3_folders(node) == []
+    # Ray Data frees the job's actors asynchronously: wait, so the next test's job on this
+    # shared 2-CPU instance gets every CPU (its layout assertions count the actors ready).
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print("CPUs free after the jobs:", ray_cluster.available_resources().get("CPU", 0))
 
 
 def test_mine_reads_and_seeds_the_guide_cache_on_s3(s3_server, tiny_models, node):

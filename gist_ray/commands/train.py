@@ -37,7 +37,7 @@ def _absolutize(cfg: Config) -> Config:
     cfg.data = dataclasses.replace(
         cfg.data,
         train=map_sources(cfg.data.train, absolute),
-        guide_cache_dir=str(Path(cache_dir).expanduser().resolve()) if cache_dir else "",
+        guide_cache_dir=storage.absolute(cache_dir) if cache_dir else "",  # a URI as it is
     )
     cfg.eval = dataclasses.replace(cfg.eval, source=absolute(cfg.eval.source))
     guide = cfg.model.guide if cfg.model.guide == SELF else absolute(cfg.model.guide)

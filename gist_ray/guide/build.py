@@ -1,17 +1,16 @@
 """Loading or building the guide cache of every training dataset: a complete folder is loaded, a
 missing or truncated shard is rebuilt alone by the job runner given (a Ray Data job, or this
-process), and the log says why a new cache is built (first one, or what changed)."""
+process), and the log says why a new cache is built (first one, or what changed). Folders are
+local paths or URIs (:mod:`gist_ray.core.storage`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gist_ray.core import fileio
+from gist_ray.core import storage
 from gist_ray.core.errors import GistRayError
 from gist_ray.core.log import fmt_eta
 from gist_ray.guide.cache import (
@@ -31,8 +30,9 @@ if TYPE_CHECKING:
     from gist_ray.data.training import TrainingSet
 log = logging.getLogger(__name__)
 
-# Runs the job over the given shards of a cache folder; yields each finished shard's text count.
-JobRunner = Callable[["Config", Path, list[int]], Iterable[int]]
+# Runs the job over the given shards of a cache folder (a path or a URI); yields the count of
+# texts embedded as batches finish.
+JobRunner = Callable[["Config", str, list[int]], Iterable[int]]
 
 
 def ensure(
@@ -83,20 +83,20 @@ def ensure(
             manifest["rows"],
             folder,
         )
-        folders.append(str(folder))
+        folders.append(folder)
     return folders
 
 
-def _pointer(root: Path, name: str) -> Path:
+def _pointer(root: str, name: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return root / f"{safe}.latest.json"
+    return storage.join(root, f"{safe}.latest.json")
 
 
-def _say_why_new(root: Path, name: str, fp: dict[str, str]) -> None:
+def _say_why_new(root: str, name: str, fp: dict[str, str]) -> None:
     """Log why a new cache is built: first for this dataset, or what changed since the last."""
     try:
-        last = json.loads(_pointer(root, name).read_text())
-    except (OSError, ValueError):
+        last = storage.read_json(_pointer(root, name))
+    except (GistRayError, OSError, ValueError):
         log.info("guide cache of %r: none yet under %s; building it", name, root)
         return
     old = last.get("fingerprint", {})
@@ -110,10 +110,10 @@ def _say_why_new(root: Path, name: str, fp: dict[str, str]) -> None:
     )
 
 
-def _remember(root: Path, name: str, fp: dict[str, str], folder: Path) -> None:
+def _remember(root: str, name: str, fp: dict[str, str], folder: str) -> None:
     try:
-        fileio.write_json(_pointer(root, name), {"fingerprint": fp, "folder": str(folder)})
-    except OSError:  # only for the message of a later rebuild
+        storage.write_json(_pointer(root, name), {"fingerprint": fp, "folder": folder})
+    except (GistRayError, OSError):  # only for the message of a later rebuild
         pass
 
 

@@ -12,23 +12,30 @@ fingerprint, and a folder per fingerprint holds
 - ``emb-00000.npy`` ...: the shards, one L2-normalised embedding per unique text, float16 by
   default (``data.guide_cache_dtype``; the loss reads only the guide's cosine similarities, so
   normalising loses nothing and keeps fp16 in range; float32 matches the live guide exactly);
-- ``manifest.json``: the fingerprint and the shard layout, written before the shards.
+- ``manifest.json``: the fingerprint and the shard layout, written after the texts and
+  indexes and before the shards.
+
+The folder is a local path or a URI (``s3://``, ``gs://``, ...; :mod:`gist_ray.core.storage`).
 
 The shards are embedded by a Ray Data job (:func:`gist_ray.launch.guide_job.run_guide_job`:
 ``map_batches`` with the guide on the cluster's GPUs or CPUs, each task writes its shard) or in
 this process (:func:`gist_ray.guide.embed.run_local`). Every file is written under a temporary
-name and renamed, so a half-written file never looks complete; a shard that is missing or
-truncated is rebuilt alone, and a second run (or job) with the same fingerprint loads instead of
-building. Workers open the folder memory-mapped and read only their batch rows.
+name and renamed (on object storage: written locally, then uploaded whole, so an object is
+visible only once complete), so a half-written file never looks complete; a shard that is missing
+or truncated is rebuilt alone, and a second run (or job, or cluster) with the same fingerprint
+loads instead of building. Workers open the folder memory-mapped and read only their batch rows;
+a folder on object storage is first downloaded once per node (:func:`stage`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gist_ray.core import fileio
+from gist_ray.core import fileio, storage
 from gist_ray.core.errors import ConfigError, GistRayError
 
 if TYPE_CHECKING:
@@ -64,6 +71,9 @@ SHARDS_PER_WORKER = 4  # every worker gets work, and the last shards even out th
 
 
 HASH_SLICE_ROWS = 65_536
+
+
+STAGED = "guide-cache-staged"  # under the node's gist-ray cache: remote caches, downloaded
 
 
 @lru_cache(maxsize=8)
@@ -119,31 +129,55 @@ def fingerprint(
     }
 
 
-def cache_root(cfg: Config, source: str) -> tuple[Path, str]:
-    """(folder holding the dataset's caches, what chose it): ``data.guide_cache_dir``; else
-    beside a local dataset; else under ``ray.storage_path`` (shared by a multi-node cluster);
-    else the gist-ray cache (node-local)."""
+def cache_root(cfg: Config, source: str) -> tuple[str, str]:
+    """(location holding the dataset's caches, what chose it): ``data.guide_cache_dir`` (a path
+    or a URI); else under ``ray.storage_path`` when that is object storage (``s3://``: the run
+    writes there, and every node and any later cluster reaches it, where a folder beside the
+    data may be node-local; a dataset on object storage never gets its cache beside it, in a
+    bucket the run may only read); else beside a local dataset; else under a local
+    ``ray.storage_path`` (shared by a multi-node cluster); else the gist-ray cache
+    (node-local)."""
     from gist_ray.core.assets import cache_root as user_cache
 
     if cfg.data.guide_cache_dir:
-        return Path(cfg.data.guide_cache_dir).expanduser(), "data.guide_cache_dir"
-    src = Path(source).expanduser()
-    if src.exists():
-        return (src.parent if src.is_file() else src) / ".gist-ray-guide-cache", "beside the data"
-    storage = cfg.ray.storage_path
-    if storage and "://" not in storage:
-        return Path(storage).expanduser() / ".gist-ray-guide-cache", "ray.storage_path"
-    return user_cache() / "guide-cache", "the gist-ray cache"
+        return storage.absolute(cfg.data.guide_cache_dir), "data.guide_cache_dir"
+    under_storage = (
+        storage.join(storage.absolute(cfg.ray.storage_path), ".gist-ray-guide-cache")
+        if cfg.ray.storage_path
+        else ""
+    )
+    if storage.is_remote(under_storage):
+        return under_storage, "ray.storage_path"
+    if not storage.is_remote(source):
+        src = storage.local_path(source)
+        if src.exists():
+            beside = src.parent if src.is_file() else src
+            return str(beside / ".gist-ray-guide-cache"), "beside the data"
+    if under_storage:
+        return under_storage, "ray.storage_path"
+    return str(user_cache() / "guide-cache"), "the gist-ray cache"
 
 
-def check_root(root: Path, chosen: str, nodes: int, shared: bool) -> None:
-    """The cache folder must be writable, and shared when the cluster has several nodes (every
-    worker reads it; ``shared``: the path is known or declared to be shared)."""
+def check_root(root: str | Path, chosen: str, nodes: int, shared: bool) -> None:
+    """The cache location must be writable, and shared when the cluster has several nodes (every
+    worker reads it; ``shared``: the path is known or declared to be shared; a URI always is)."""
+    root = str(root)
     key = "data.guide_cache_dir" if chosen == "data.guide_cache_dir" else None
-    what = f"{key} = {str(root)!r}" if key else f"the guide cache folder {root} ({chosen})"
+    what = f"{key} = {root!r}" if key else f"the guide cache folder {root} ({chosen})"
+    if storage.is_remote(root):  # object storage: reachable and writable, shared by every node
+        try:
+            storage.check_location(root, key or chosen, write=True)
+        except ConfigError as e:
+            reason = str(e).split(f"{root!r}: ", 1)[-1]
+            raise ConfigError(
+                f"{what} cannot be used ({reason}); set data.guide_cache_dir to a writable "
+                "location every node reaches"
+            ) from e
+        return
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+        local = storage.local_path(root)
+        local.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=local, prefix=".write-probe-"):
             pass
     except OSError as e:
         raise ConfigError(
@@ -153,28 +187,54 @@ def check_root(root: Path, chosen: str, nodes: int, shared: bool) -> None:
     if nodes > 1 and not shared:
         raise ConfigError(
             f"{what} is node-local but the cluster has {nodes} nodes: workers on other nodes "
-            "cannot read it; set data.guide_cache_dir to a folder every node mounts (NFS, ...), "
-            "or ray.shared_storage=true if it is one"
+            "cannot read it; set data.guide_cache_dir to a folder every node mounts (NFS, ...) "
+            "or to object storage (s3://BUCKET/PATH, gs://...), or ray.shared_storage=true if "
+            "it is a shared mount"
         )
 
 
-def folder_for(root: Path, name: str, fp: dict[str, str]) -> Path:
+def folder_for(root: str | Path, name: str, fp: dict[str, str]) -> str:
     key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return root / f"{safe}-{key}"
+    return storage.join(root, f"{safe}-{key}")
 
 
-def read_manifest(folder: Path, fp: dict[str, str] | None = None) -> dict[str, Any] | None:
+def read_manifest(folder: str | Path, fp: dict[str, str] | None = None) -> dict[str, Any] | None:
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = storage.read_json(storage.join(folder, MANIFEST))
+    except (GistRayError, OSError, ValueError):
         return None
     if fp is not None and manifest.get("fingerprint") != fp:
         return None
     return manifest
 
 
-def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict[str, str],
+@contextmanager
+def output_file(location: str | Path) -> Iterator[Path]:
+    """A local temporary file to write ``location``'s content to; on success it becomes
+    ``location`` whole: renamed on a local disk, uploaded in one piece to a URI (an object is
+    visible only once its upload completed). Nothing is left on failure."""
+    if not storage.is_remote(location):
+        with fileio.atomic_file(storage.local_path(location)) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="gist-ray-guide-") as tmp:
+        path = Path(tmp) / storage.name(location)  # keeps the suffix writers infer formats from
+        yield path
+        storage.upload(path, location)
+
+
+def read_texts(folder: str | Path, k: int) -> Any:
+    """Shard ``k``'s unique texts (a pyarrow Table: prompt, text, column, row), read from its
+    row group of ``texts.parquet`` (on object storage: only that row group's bytes)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(storage.join(folder, TEXTS))
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read_row_group(k)
+
+
+def plan(folder: str | Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict[str, str],
          workers: int, dtype: str = "float16") -> dict[str, Any]:  # fmt: skip
     """Find the unique (prompt, text) pairs of ``data`` (Arrow hash tables, once, here) and
     write the texts, the row -> text-id indexes and the manifest (each atomically)."""
@@ -218,12 +278,11 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
         offset += len(unique)
     total = offset
     shard_texts = shard_size_for(total, workers)
-    folder.mkdir(parents=True, exist_ok=True)
-    with fileio.atomic_file(folder / TEXTS) as tmp:
+    with output_file(storage.join(folder, TEXTS)) as tmp:
         pq.write_table(pa.concat_tables(parts), tmp, row_group_size=shard_texts)
     id_type = np.int32 if total < 2**31 else np.int64
     for c, col_ids in ids.items():
-        with fileio.atomic_file(folder / f"index-{c}.npy") as tmp:
+        with output_file(storage.join(folder, f"index-{c}.npy")) as tmp:
             np.save(tmp, col_ids.astype(id_type))
     manifest = {
         "fingerprint": fp,
@@ -234,7 +293,7 @@ def plan(folder: Path, data: datasets.Dataset, prompts: dict[str, str], fp: dict
         "shards": -(-total // shard_texts),
         "dtype": dtype,
     }
-    fileio.write_json(folder / MANIFEST, manifest)
+    storage.write_json(storage.join(folder, MANIFEST), manifest)  # last: it refers to the rest
     return manifest
 
 
@@ -249,8 +308,11 @@ def shard_size_for(total: int, workers: int) -> int:
     return int(min(MAX_SHARD_TEXTS, max(per, min(MIN_SHARD_TEXTS, every_worker))))
 
 
-def shard_path(folder: Path, k: int) -> Path:
-    return Path(folder) / f"emb-{k:05d}.npy"
+def shard_path(folder: str | Path, k: int) -> str | Path:
+    """Shard ``k``'s location: a Path in a local folder, a URI in a remote one."""
+    if storage.is_remote(folder):
+        return storage.join(folder, f"emb-{k:05d}.npy")
+    return storage.local_path(folder) / f"emb-{k:05d}.npy"
 
 
 def shard_size(manifest: dict[str, Any], k: int) -> int:
@@ -258,8 +320,11 @@ def shard_size(manifest: dict[str, Any], k: int) -> int:
     return min(n, manifest["unique_texts"] - k * n)
 
 
-def shard_problems(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
-    """Shards that are not there in full: shard -> "missing" / "truncated" / why."""
+def shard_problems(folder: str | Path, manifest: dict[str, Any]) -> dict[int, str]:
+    """Shards that are not there in full: shard -> "missing" / "truncated" / why. A remote
+    folder is judged from one listing (the objects' sizes), reading no shard."""
+    if storage.is_remote(folder):
+        return _listed_problems(folder, manifest, storage.listing(folder))
     out, dims, dtype = {}, set(), np.dtype(manifest["dtype"])
     for k in range(manifest["shards"]):
         path = shard_path(folder, k)
@@ -280,19 +345,102 @@ def shard_problems(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
     return out
 
 
+def npy_bytes(rows: int, dim: int, dtype: str) -> int:
+    """The size of the ``.npy`` file ``np.save`` writes for a C-ordered ``[rows, dim]`` array."""
+    import io
+
+    from numpy.lib import format as npy
+
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": npy.dtype_to_descr(np.dtype(dtype)),
+                                        "fortran_order": False, "shape": (rows, dim)})  # fmt: skip
+    return len(header.getvalue()) + rows * dim * np.dtype(dtype).itemsize
+
+
+def _listed_problems(
+    folder: str, manifest: dict[str, Any], entries: list[storage.Entry]
+) -> dict[int, str]:
+    """:func:`shard_problems` from a listing: each shard's object must have the size of an
+    ``[n, dim]`` array of the manifest's dtype, with one ``dim`` for all."""
+    sizes = {e.relpath: e.size for e in entries}
+    out, dims, itemsize = {}, set(), np.dtype(manifest["dtype"]).itemsize
+    for k in range(manifest["shards"]):
+        size, n = sizes.get(f"emb-{k:05d}.npy"), shard_size(manifest, k)
+        if size is None:
+            out[k] = "missing"
+            continue
+        fits = [  # the npy header is a multiple of 64 bytes: try the widths it allows
+            (size - head) // (n * itemsize)
+            for head in range(64, 64 * 9, 64)
+            if size > head and (size - head) % (n * itemsize) == 0
+        ]
+        dim = next((d for d in fits if npy_bytes(n, d, manifest["dtype"]) == size), None)
+        if dim is None:
+            out[k] = f"truncated or damaged ({size} bytes)"
+        else:
+            dims.add(dim)
+    if len(dims) > 1:
+        raise GistRayError(f"guide cache {folder} has shards of widths {sorted(dims)}; delete it")
+    return out
+
+
+def stage(folder: str, manifest: dict[str, Any], entries: list[storage.Entry]) -> Path:
+    """The node-local copy of the remote cache ``folder`` that workers memory-map: its manifest,
+    indexes and shards (not ``texts.parquet``, which only the job reads), downloaded once per
+    node and content version (names, sizes and modification times of ``entries``) into the
+    gist-ray cache, under a temporary name, then renamed. Processes of one node that need it at
+    once download it once (a lock file beside it)."""
+    from gist_ray.core.assets import cache_root as user_cache
+
+    wanted = [MANIFEST, *(f"index-{c}.npy" for c in manifest["columns"])]
+    wanted += [f"emb-{k:05d}.npy" for k in range(manifest["shards"])]
+    listed = {e.relpath: e for e in entries}
+    gone = [f for f in wanted if f not in listed]
+    if gone:
+        raise GistRayError(
+            f"guide cache {folder} has no {gone[0]}; delete the folder to rebuild it"
+        )
+    h = hashlib.sha256(folder.encode())
+    for f in wanted:
+        e = listed[f]
+        h.update(f"\0{f}\0{e.size}\0{e.mtime_ns}".encode())
+    root = user_cache() / STAGED
+    target = root / f"{storage.name(folder)}-{h.hexdigest()[:12]}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_dir():
+            log.info("guide cache %s: downloading it to %s (once per node)", folder, target)
+            with fileio.atomic_dir(target) as tmp:
+                for f in wanted:
+                    storage.download(storage.join(folder, f), tmp / f)
+    return target
+
+
 class GuideCache:
     """One dataset's cache, memory-mapped: :meth:`embeddings` reads only the rows asked for."""
 
     def __init__(self, folder: str | Path, rows: int | None = None) -> None:
-        self.folder = Path(folder)
-        manifest = read_manifest(self.folder)
-        problems = shard_problems(self.folder, manifest) if manifest else {0: "no manifest"}
+        self.location = str(folder)  # where the cache is; self.folder: the local copy read
+        remote = storage.is_remote(folder)
+        manifest = read_manifest(folder)
+        entries = storage.listing(folder) if remote and manifest else []
+        if manifest is None:
+            problems = {0: "no manifest"}
+        elif remote:
+            problems = _listed_problems(self.location, manifest, entries)
+        else:
+            problems = shard_problems(folder, manifest)
         if problems or (rows is not None and manifest["rows"] != rows):
             k, why = next(iter(problems.items()), (None, f"{manifest['rows']} rows, not {rows}"))
             raise GistRayError(
-                f"guide cache {self.folder} is incomplete (shard {k}: {why}); rerun "
+                f"guide cache {self.location} is incomplete (shard {k}: {why}); rerun "
                 "`gist-ray cache-guide` or `gist-ray train`, which rebuild it"
             )
+        local = storage.local_path(folder) if not remote else None
+        self.folder = local or stage(self.location, manifest, entries)
         self.manifest = manifest
         self.rows, self.step = manifest["rows"], manifest["shard_texts"]
         self.index = {

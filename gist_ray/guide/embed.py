@@ -5,7 +5,8 @@ job (:class:`ShardEmbedder` is the callable class ``map_batches`` runs, holding 
 A shard's texts are read from its row group of ``texts.parquet``, grouped by prompt, sorted by
 token length and embedded in batches (:mod:`gist_ray.models.batching`: 64 texts on CPU; on CUDA
 by a budget of padded tokens under bf16 autocast), L2-normalised, and written (float16 or
-float32, ``data.guide_cache_dtype``) under a temporary name, then renamed. Progress is reported
+float32, ``data.guide_cache_dtype``) under a temporary name, then renamed (to a URI: uploaded
+whole, once complete: :func:`gist_ray.guide.cache.output_file`). Progress is reported
 per batch. A text the guide fails on is found by retrying its batch one text at a time and named
 by its column and row (:class:`gist_ray.core.errors.DataError`).
 """
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gist_ray.core import fileio
+from gist_ray.core import storage
 from gist_ray.core.errors import DataError
 from gist_ray.models.batching import batching_for, token_batches
 
@@ -52,7 +52,7 @@ class ShardEmbedder:
         device = torch.device("cuda" if use_gpu else "cpu")
         self.guide = load_encoder(guide_spec(cfg), device, frozen=True)
         self.batching = batching_for(device)
-        self.folder, self.name = Path(folder), Path(folder).name
+        self.folder, self.name = str(folder), storage.name(folder)
         self.manifest = read_manifest(self.folder)
         self.guide.encode_batch(["warm-up"])  # a first forward's one-time set-up, done here
         self.report = report or (lambda _n: None)
@@ -78,12 +78,10 @@ class ShardEmbedder:
 
     def shard_batches(self, k: int) -> Iterator[int]:
         """Embed shard ``k`` batch by batch, yielding each batch's text count; the shard is
-        written (atomically) after its last batch."""
-        import pyarrow.parquet as pq
+        written (atomically; to a URI, uploaded whole) after its last batch."""
+        from gist_ray.guide.cache import output_file, read_texts, shard_path
 
-        from gist_ray.guide.cache import TEXTS, shard_path
-
-        table = pq.ParquetFile(self.folder / TEXTS).read_row_group(k)
+        table = read_texts(self.folder, k)
         prompts, texts = table.column("prompt").to_pylist(), table.column("text").to_pylist()
         emb = np.empty((len(texts), self.guide.dim), dtype=self.manifest["dtype"])
         for prompt in dict.fromkeys(prompts):
@@ -94,7 +92,7 @@ class ShardEmbedder:
                 idx = [rows[j] for j in part]
                 emb[idx] = self._encode([texts[i] for i in idx], prompt, table, idx).numpy()
                 yield len(idx)
-        with fileio.atomic_file(shard_path(self.folder, k)) as tmp:
+        with output_file(shard_path(self.folder, k)) as tmp:
             np.save(tmp, emb)
 
     @torch.no_grad()
@@ -118,7 +116,7 @@ class ShardEmbedder:
         return torch.nn.functional.normalize(out.float(), dim=-1)
 
 
-def run_local(cfg, folder: Path, shards: list[int]) -> Iterator[int]:
+def run_local(cfg, folder: str, shards: list[int]) -> Iterator[int]:
     """The job in this process: embed ``shards`` one after the other, yielding each batch's
     text count."""
     embedder = ShardEmbedder(cfg.to_dict(), str(folder))

@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gist_ray.config import Config
@@ -69,7 +68,8 @@ def cluster_layout(cfg: Config, texts: int) -> JobLayout:
 
 def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
     """Load or build every dataset's guide cache on the cluster (None when ``data.guide_cache``
-    is off): checks its folder (writable; shared when the cluster has several nodes), then runs
+    is off): checks its folder (writable; shared when the cluster has several nodes: a URI on
+    object storage is), then runs
     the missing shards as a Ray Data job (:func:`run_guide_job`), with shards sized to the
     job's actors."""
     from gist_ray.guide import build
@@ -81,7 +81,7 @@ def prepare_guide_cache(cfg: Config, sets: list) -> list[str] | None:
     nodes = alive_nodes()
     for s in sets:
         root, chosen = guide_cache.cache_root(cfg, s.spec.source)
-        shared = cfg.ray.shared_storage or is_shared_storage(str(root))
+        shared = cfg.ray.shared_storage or is_shared_storage(root)
         guide_cache.check_root(root, chosen, nodes, shared)
     workers = cluster_layout(cfg, 1 << 30).actors  # the most actors the cluster runs at once
     return build.ensure(cfg, sets, guide_prompts(cfg, sets), run_guide_job, workers)
@@ -114,13 +114,13 @@ class _Report:
         self.progress.add.remote(n, time.time())
 
 
-def run_guide_job(cfg: Config, folder: Path, shards: list[int]):
+def run_guide_job(cfg: Config, folder: str, shards: list[int]):
     """Embed ``shards`` of a guide cache folder with a Ray Data job: ``map_batches`` runs
     :class:`gist_ray.guide.embed.ShardEmbedder` (the guide, loaded once per actor) on the
     actors of :func:`cluster_layout` (one GPU each with ``ray.use_gpu``, else its own cores and
     as many torch threads), one shard per task, handed out as actors free up; each task writes
-    its shard to the folder. Yields the count of texts embedded since the last yield, per batch
-    (polled every :data:`POLL_S`)."""
+    its shard to the folder (a path or a URI: each shard is uploaded whole). Yields the count
+    of texts embedded since the last yield, per batch (polled every :data:`POLL_S`)."""
     import ray
     import ray.data
 

@@ -1,5 +1,5 @@
 """Before a job starts: the cluster has the workers' resources, and the checkpoint storage is
-writable and, on several nodes, shared."""
+writable and, on several nodes, shared (object storage, ``s3://`` ``gs://`` ..., always is)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from gist_ray.config import Config
+from gist_ray.core import storage
 from gist_ray.core.errors import GistRayError
 from gist_ray.launch.cluster import alive_nodes
 
@@ -93,17 +93,17 @@ def _mount_type(path: str) -> str:
 
 
 def is_shared_storage(path: str) -> bool:
-    scheme = urlparse(path).scheme if "://" in path else ""
-    if scheme and scheme != "file":
-        return True  # s3://, gs://, abfs://, hdfs://, ...
-    local = path[len("file://") :] if scheme == "file" else path
-    return _mount_type(local).startswith(SHARED_FS_TYPES)
+    """Every node reaches ``path``: a URI on object storage (s3://, gs://, abfs://, hdfs://),
+    or a local path on a network or FUSE mount."""
+    if storage.is_remote(path):
+        return True
+    return _mount_type(str(storage.local_path(path))).startswith(SHARED_FS_TYPES)
 
 
 def check_writable(path: str, key: str) -> None:
     """A local ``path`` must be a folder this process can create files in."""
-    if "://" in path:
-        return  # object stores: Ray Train reports its own errors
+    if storage.is_remote(path):
+        return  # object stores: reached and probed by storage.check_location where it is used
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):

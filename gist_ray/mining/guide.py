@@ -9,13 +9,11 @@ there (its negatives are the data's positives), so training on it runs no guide 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gist_ray.config import Config
-from gist_ray.core import fileio
 from gist_ray.data.training import TrainingSet
 
 
@@ -64,15 +62,13 @@ def seed_guide_cache(cfg: Config, known: dict[tuple[str, str], torch.Tensor]) ->
         if all((p.get(c, ""), t) in known for c, ts in s.column_texts().items() for t in ts)
     ]  # a dataset with a text the guide has not seen: training builds its cache itself
 
-    def from_known(_cfg: Config, folder: Path, shards: list[int]) -> Iterator[int]:
-        import pyarrow.parquet as pq
-
+    def from_known(_cfg: Config, folder: str, shards: list[int]) -> Iterator[int]:
         dtype = guide_cache.read_manifest(folder)["dtype"]
         for k in shards:
-            table = pq.ParquetFile(Path(folder) / guide_cache.TEXTS).read_row_group(k)
+            table = guide_cache.read_texts(folder, k)
             keys = zip(table.column("prompt").to_pylist(), table.column("text").to_pylist())
             emb = torch.stack([known[key].float() for key in keys]).numpy().astype(dtype)
-            with fileio.atomic_file(guide_cache.shard_path(folder, k)) as tmp:
+            with guide_cache.output_file(guide_cache.shard_path(folder, k)) as tmp:
                 np.save(tmp, emb)
             yield len(emb)
 

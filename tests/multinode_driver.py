@@ -21,15 +21,23 @@ import time
 from pathlib import Path
 
 
-def _replace_a_node_after_first_checkpoint(cluster, node, run_dir: Path, training) -> dict:
+def _replace_a_node_after_first_checkpoint(
+    cluster, node, run_dir: str, training, node_args
+) -> dict:
     """Runs on the main thread (Ray starts nodes only there) while ``training`` runs."""
+    from gist_ray.core import storage
+
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and training.is_alive():
         # Ray Train writes this snapshot once a checkpoint is committed to storage.
-        if (run_dir / "checkpoint_manager_snapshot.json").is_file():
-            committed = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+        if storage.kind(storage.join(run_dir, "checkpoint_manager_snapshot.json")) == "file":
+            committed = sorted(
+                {e.relpath.split("/")[0] for e in storage.listing(run_dir)}
+                - {"checkpoint_manager_snapshot.json"}
+            )
+            committed = [c for c in committed if c.startswith("checkpoint")]
             cluster.remove_node(node, allow_graceful=False)
-            cluster.add_node(num_cpus=1)
+            cluster.add_node(**node_args("replacement"))
             return {"killed_after": committed, "removed_node": node.node_id, "replaced": True}
         time.sleep(0.2)
     return {"error": "training ended or no checkpoint appeared within 900 s"}
@@ -56,8 +64,16 @@ def main(spec_path: str, result_path: str) -> None:
         port = sock.getsockname()[1]
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": port})
+    caches = Path(result_path).with_suffix(".node-caches")
+    object_storage = bool(spec.get("object_storage"))
+
+    def node_args(name: str) -> dict:
+        if not object_storage:
+            return {"num_cpus": 1}
+        return {"num_cpus": 1, "env_vars": {"GIST_RAY_CACHE": str(caches / name)}}
+
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        workers = [cluster.add_node(**node_args(f"worker-{i}")) for i in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
@@ -66,7 +82,7 @@ def main(spec_path: str, result_path: str) -> None:
         except GistRayError as e:
             result["local_storage_refused"] = str(e)
         cfg.ray.address = cluster.address
-        cfg.ray.shared_storage = True
+        cfg.ray.shared_storage = not object_storage
         outcome: dict = {}
 
         def run() -> None:
@@ -77,8 +93,12 @@ def main(spec_path: str, result_path: str) -> None:
 
         training = threading.Thread(target=run, daemon=True)
         training.start()
-        run_dir = Path(resources.storage_path(cfg)) / spec["run_name"]
-        events = _replace_a_node_after_first_checkpoint(cluster, workers[1], run_dir, training)
+        from gist_ray.core import storage
+
+        run_dir = storage.join(resources.storage_path(cfg), spec["run_name"])
+        events = _replace_a_node_after_first_checkpoint(
+            cluster, workers[1], run_dir, training, node_args
+        )
         training.join()
         if "error" in outcome:
             raise RuntimeError(outcome["error"])
@@ -88,6 +108,10 @@ def main(spec_path: str, result_path: str) -> None:
             run_id=out["run_id"],
             model_dir=out["model_dir"],
             alive_nodes_after=sum(1 for n in ray.nodes() if n["Alive"]),
+            node_caches={
+                p.name: sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
+                for p in sorted(caches.glob("*"))
+            },
         )
     finally:
         ray.shutdown()

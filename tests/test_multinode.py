@@ -66,3 +66,66 @@ def test_node_loss_is_survived_with_exact_weights_and_one_step_axis(make_cfg, re
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
     by_step = {m.step: m.value for m in history}
     assert [by_step[s] for s in range(1, STEPS + 1)] == pytest.approx(reference["losses"], rel=1e-5)
+
+
+def test_object_storage_only_cluster_survives_node_loss(make_cfg, reference, s3_server, tmp_path):  # noqa: F811
+    """No shared disk: the training data, the guide cache (on), the checkpoints, the outputs and
+    MLflow's artifacts are all on s3://, each node stages into its own cache folder, and the
+    run survives losing a worker node with the weights of the uninterrupted run."""
+    from gist_ray.core import storage
+    from tests.s3 import local_s3_folders
+
+    bucket = s3_server.bucket("multinode")
+    base = make_cfg(RUN)
+    data = f"{bucket}/data/{Path(base.data.train).name}"
+    storage.upload(Path(base.data.train), data)
+    cfg = make_cfg(
+        "multinode-s3",
+        "train.max_failures=1",
+        f"data.train={data}",
+        f"output_dir={bucket}/out",
+        f"mlflow.artifact_location={bucket}/mlflow",
+    )
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(
+        json.dumps({"config": cfg.to_dict(), "run_name": "multinode-s3", "object_storage": True})
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GIST_RAY_FAULT_INJECT")}
+    env["GIST_RAY_CACHE"] = str(tmp_path / "result.node-caches" / "driver")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.multinode_driver", str(spec), str(result)],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    out = json.loads(result.read_text())
+    assert "local_storage_refused" not in out  # s3:// is shared: nothing to declare
+    events = out["events"]
+    assert events.get("replaced") and events["killed_after"], events
+    assert "resumed from" in proc.stdout
+
+    keys = s3_server.keys(bucket)
+    assert any(k.startswith("out/ray/multinode-s3/checkpoint") for k in keys), keys
+    assert any("guide-cache" in k and k.endswith("manifest.json") for k in keys), keys
+    assert any(k.startswith("mlflow/") for k in keys), keys
+    assert out["model_dir"].startswith(f"{bucket}/out")
+    # every node staged the data and the guide cache into its own folder, never a shared one
+    staged = {node: files for node, files in out["node_caches"].items() if files}
+    assert {"worker-0", "replacement"} <= set(staged), out["node_caches"]
+    for node in ("worker-0", "replacement"):
+        assert any(f.startswith("staged/") for f in staged[node]), (node, staged[node])
+        assert any(f.startswith("guide-cache-staged/") for f in staged[node]), (node, staged[node])
+    assert local_s3_folders(Path(__file__).parents[1]) == [] and local_s3_folders(tmp_path) == []
+
+    model = storage.download(out["model_dir"], tmp_path / "model")
+    weights = load_file(str(model / "model.safetensors"))
+    for name, expected in reference["weights"].items():
+        torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    history = client.get_metric_history(out["run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    by_step = {m.step: m.value for m in history}
+    assert [by_step[s] for s in range(1, STEPS + 1)] == pytest.approx(reference["losses"], rel=1e-5)

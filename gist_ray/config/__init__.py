@@ -28,6 +28,7 @@ from gist_ray.config.schema import (
     ModelConfig,
     RayConfig,
     TrainConfig,
+    ray_storage_path,
 )
 from gist_ray.config.validate import GUIDE_KEYS, validate, validate_loss_for
 
@@ -60,4 +61,5 @@ __all__ = [
     "train_datasets",
     "validate",
     "validate_loss_for",
+    "ray_storage_path",
 ]

@@ -302,3 +302,12 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def ray_storage_path(cfg: Config) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``ray.storage_path`` (a local path made
+    absolute, a URI as it is), else ``<output_dir>/ray``. The guide cache's default location
+    follows it too, so the rule lives here, below both."""
+    from gist_ray.core import storage
+
+    return storage.absolute(cfg.ray.storage_path or storage.join(cfg.output_dir, "ray"))

@@ -137,17 +137,19 @@ def cache_root(cfg: Config, source: str) -> tuple[str, str]:
     bucket the run may only read); else beside a local dataset; else under a local
     ``ray.storage_path`` (shared by a multi-node cluster); else the gist-ray cache
     (node-local)."""
+    from gist_ray.config import ray_storage_path
     from gist_ray.core.assets import cache_root as user_cache
 
     if cfg.data.guide_cache_dir:
         return storage.absolute(cfg.data.guide_cache_dir), "data.guide_cache_dir"
+    checkpoints = ray_storage_path(cfg)  # ray.storage_path, else <output_dir>/ray
+    if storage.is_remote(checkpoints):
+        return storage.join(checkpoints, ".gist-ray-guide-cache"), "ray.storage_path"
     under_storage = (
         storage.join(storage.absolute(cfg.ray.storage_path), ".gist-ray-guide-cache")
         if cfg.ray.storage_path
         else ""
     )
-    if storage.is_remote(under_storage):
-        return under_storage, "ray.storage_path"
     if not storage.is_remote(source):
         src = storage.local_path(source)
         if src.exists():

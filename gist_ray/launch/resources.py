@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gist_ray.config import Config
+from gist_ray.config import Config, ray_storage_path
 from gist_ray.core import storage
 from gist_ray.core.errors import GistRayError
 from gist_ray.launch.cluster import alive_nodes
@@ -65,12 +65,7 @@ def _wait_for_resources(cfg: Config) -> None:
 
 def storage_path(cfg: Config) -> str:
     """``ray.storage_path`` (absolute when local), else ``<output_dir>/ray``."""
-    from gist_ray.core import storage
-
-    path = cfg.ray.storage_path or storage.join(cfg.output_dir, "ray")
-    if storage.is_remote(path):
-        return path
-    return str(Path(path).expanduser().resolve())
+    return ray_storage_path(cfg)
 
 
 def _mount_type(path: str) -> str:

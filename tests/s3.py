@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,13 +25,14 @@ def free_port() -> int:
 class S3Server:
     """``moto_server`` on 127.0.0.1; ``env`` is what a client needs to reach it."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, **server_env: str) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
             [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            env={**os.environ, **server_env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -39,6 +41,8 @@ class S3Server:
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)
                 break
+            except urllib.error.HTTPError:
+                break  # it answers (a server that checks credentials refuses the probe)
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()

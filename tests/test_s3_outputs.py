@@ -140,6 +140,49 @@ def test_a_missing_bucket_fails_in_one_line_before_ray_or_mlflow(
     assert local_s3_folders(tmp_path) == []
 
 
+@pytest.fixture
+def strict_s3(tmp_path):
+    """A second S3 server that checks credentials (moto's IAM enforcement from the first request:
+    no user exists, so every key is unknown)."""
+    from tests.s3 import S3Server
+
+    server = S3Server(tmp_path / "strict.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    yield server
+    server.stop()
+
+
+def test_refused_credentials_fail_in_one_line_before_ray_or_mlflow(
+    s3_server, strict_s3, tiny_models, tiny_pairs_file, tmp_path
+):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = _gist_ray(
+        [
+            "train",
+            *_sets(
+                [
+                    f"model.student={tiny_models['student']}",
+                    f"model.guide={tiny_models['guide']}",
+                    f"data.train={tiny_pairs_file}",
+                    "output_dir=s3://team-bucket/out",
+                    f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                ]
+            ),
+        ],
+        tmp_path,
+        tmpdir,
+        AWS_ENDPOINT_URL=strict_s3.endpoint,
+        AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG1",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("gist-ray: error: output_dir = 's3://team-bucket/out': "), line
+    assert "check the credentials" in line
+    assert _runs(tmp_path / "mlflow.db") == {}
+    assert not any("ray" in p.name for p in tmpdir.iterdir()), list(tmpdir.iterdir())
+    assert local_s3_folders(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- best model
 
 

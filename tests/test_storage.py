@@ -93,3 +93,26 @@ def test_check_location_fails_in_one_line_naming_the_key(bucket, s3_server, monk
     with pytest.raises(ConfigError, match="output_dir = .*connect") as e:
         storage.check_location(f"{bucket}/out", "output_dir", write=True)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "output_dir=s3:/bucket/out",
+        "data.guide_cache_dir=gs:/bucket/cache",
+        "data.train=s3:/bucket/train.csv",
+        "mlflow.artifact_location=s3:/bucket/mlflow",
+        "ray.storage_path=abfs:/container/ray",
+    ],
+)
+def test_a_uri_with_one_slash_is_refused_before_it_becomes_a_local_folder(override):
+    from gist_ray.config import load_config
+
+    key, value = override.split("=", 1)
+    scheme = value.split(":", 1)[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert str(e.value).startswith(f"{key} = {value!r} is not allowed: a URI needs two slashes")
+    assert f"({scheme}://" in str(e.value) and "\n" not in str(e.value)
+    assert storage.mistyped_uri("C:/data") is None  # a drive letter is a path
+    assert storage.mistyped_uri(value.replace(":/", "://")) is None

@@ -22,6 +22,7 @@ from gist_ray.config.schema import (
     MineConfig,
     ModelConfig,
 )
+from gist_ray.core import storage
 from gist_ray.core.errors import ConfigError
 
 # The loss is a layer below the config: its allowed values live with its code. The allowed
@@ -59,6 +60,28 @@ def _check_prompts(key: str, value: Any) -> None:
         )
 
 
+def _check_locations(cfg: Config) -> None:
+    """A location written ``s3:/bucket/key`` (one slash) would be a local folder named ``s3:``;
+    refuse it naming the URI meant."""
+    locations = [
+        ("output_dir", cfg.output_dir),
+        ("ray.storage_path", cfg.ray.storage_path),
+        ("data.guide_cache_dir", cfg.data.guide_cache_dir),
+        ("mlflow.artifact_location", cfg.mlflow.artifact_location),
+        ("mine.output", cfg.mine.output),
+        ("eval.source", cfg.eval.source),
+        *((spec.key, spec.source) for spec in train_datasets(cfg.data)),
+    ]
+    for key, value in locations:
+        meant = storage.mistyped_uri(value) if isinstance(value, str) else None
+        if meant:
+            raise ConfigError(
+                f"{key} = {value!r} is not allowed: a URI needs two slashes ({meant}); "
+                "as a path it would make a local folder named "
+                f"{value.split('/', 1)[0]!r}"
+            )
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that no type can express."""
 
@@ -67,6 +90,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
 
     m, t, lo, r = cfg.model, cfg.train, cfg.loss, cfg.ray
+    _check_locations(cfg)
     for key in ("pooling", "guide_pooling"):
         value = getattr(m, key)
         allowed = f'"" (the model\'s own) or one of {", ".join(POOLINGS)}'

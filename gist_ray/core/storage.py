@@ -45,6 +45,16 @@ def scheme(location: str) -> str:
     return m.group(1).lower() if m else ""
 
 
+_HALF_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
+def mistyped_uri(location: str | None) -> str | None:
+    """The URI a value such as ``s3:/bucket/key`` (one slash: what ``Path("s3://b/k")`` prints)
+    was meant to be, or None. As a path it would make a local folder named ``s3:``."""
+    m = _HALF_URI.match(str(location or ""))
+    return f"{m.group(1)}://{str(location)[m.end() :]}" if m else None
+
+
 def is_remote(location: str | os.PathLike | None) -> bool:
     """True for a URI on another file system (``s3://``, ``gs://``, ...); False for a plain path
     and for ``file://``."""

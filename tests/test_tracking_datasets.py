@@ -59,3 +59,27 @@ def test_eval_set_dataset_names_the_split():
     ev = load_eval("insuranceqa", "test", 5, 20)
     ds = eval_dataset(ev, "insuranceqa")
     assert ds.name == "insuranceqa (split test)" and len(ds.df) == 5
+
+
+def test_an_artifact_location_for_an_existing_experiment_is_said_not_ignored(tmp_path, caplog):
+    """MLflow fixes an experiment's artifact location when it is created: a different
+    mlflow.artifact_location later is named with where the artifacts really go."""
+    import logging
+
+    import mlflow
+
+    from gist_ray.tracking import runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    first = runs._experiment_id(client, "exp", uri, None)
+    with caplog.at_level(logging.WARNING, logger="gist_ray"):
+        again = runs._experiment_id(client, "exp", uri, "s3://bucket/mlflow")
+    assert again == first
+    (record,) = [r for r in caplog.records if "artifact_location" in r.getMessage()]
+    assert "s3://bucket/mlflow" in record.getMessage()
+    assert (tmp_path / "mlruns").as_uri() in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gist_ray"):
+        runs._experiment_id(client, "exp", uri, (tmp_path / "mlruns").as_uri())
+    assert not caplog.records

@@ -4,6 +4,7 @@ params and final results; rank 0 re-attaches to the same run id to log per-step 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from gist_ray.core.errors import GistRayError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
 STEP_KEY = "loss"  # logged at every flushed training step
@@ -55,6 +58,15 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
 def _experiment_id(client, experiment: str, tracking_uri: str, artifact_location: str | None):
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+            # MLflow fixes it when the experiment is created: say where artifacts really go
+            log.warning(
+                "mlflow.artifact_location = %r applies only to a new experiment; experiment %r "
+                "keeps its artifacts in %s (set a new mlflow.experiment to use it)",
+                artifact_location,
+                experiment,
+                exp.artifact_location,
+            )
         return exp.experiment_id
     return client.create_experiment(
         experiment, artifact_location=artifact_location or default_artifact_location(tracking_uri)

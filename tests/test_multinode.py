@@ -29,24 +29,27 @@ pytestmark = pytest.mark.slow
 RUN = "multinode"
 
 
-def test_node_loss_is_survived_with_exact_weights_and_one_step_axis(make_cfg, reference):  # noqa: F811
-    cfg = make_cfg(RUN, "train.max_failures=1")
-    spec, result = (
-        Path(cfg.output_dir).with_suffix(".spec.json"),
-        Path(cfg.output_dir).with_suffix(".result.json"),
-    )
-    spec.write_text(json.dumps({"config": cfg.to_dict(), "run_name": RUN}))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GIST_RAY_FAULT_INJECT")}
+def _drive(spec: dict, base: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run tests/multinode_driver.py on ``spec`` (its files beside ``base``): the process and
+    what the driver wrote to RESULT.json."""
+    spec_file, result = base.with_suffix(".spec.json"), base.with_suffix(".result.json")
+    spec_file.write_text(json.dumps(spec))
+    drop = ("RAY_ADDRESS", "GIST_RAY_FAULT_INJECT")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.multinode_driver", str(spec), str(result)],
+        [sys.executable, "-m", "tests.multinode_driver", str(spec_file), str(result)],
         cwd=Path(__file__).parents[1],
-        env=env,
+        env={**{k: v for k, v in os.environ.items() if k not in drop}, **env},
         capture_output=True,
         text=True,
         timeout=1200,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-    out = json.loads(result.read_text())
+    return proc, json.loads(result.read_text())
+
+
+def test_node_loss_is_survived_with_exact_weights_and_one_step_axis(make_cfg, reference):  # noqa: F811
+    cfg = make_cfg(RUN, "train.max_failures=1")
+    proc, out = _drive({"config": cfg.to_dict(), "run_name": RUN}, Path(cfg.output_dir))
 
     assert out["alive_nodes"] == 3
     refused = out["local_storage_refused"]
@@ -87,22 +90,9 @@ def test_object_storage_only_cluster_survives_node_loss(make_cfg, reference, s3_
         f"mlflow.artifact_location={bucket}/mlflow",
         "mlflow.experiment=multinode-s3",  # a new experiment: the artifact location is its own
     )
-    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
-    spec.write_text(
-        json.dumps({"config": cfg.to_dict(), "run_name": "multinode-s3", "object_storage": True})
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GIST_RAY_FAULT_INJECT")}
-    env["GIST_RAY_CACHE"] = str(tmp_path / "result.node-caches" / "driver")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.multinode_driver", str(spec), str(result)],
-        cwd=Path(__file__).parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-    out = json.loads(result.read_text())
+    spec = {"config": cfg.to_dict(), "run_name": "multinode-s3", "object_storage": True}
+    caches = tmp_path / "run.node-caches"  # the driver names each node's cache folder in it
+    proc, out = _drive(spec, tmp_path / "run", GIST_RAY_CACHE=str(caches / "driver"))
     assert "local_storage_refused" not in out  # s3:// is shared: nothing to declare
     events = out["events"]
     assert events.get("replaced") and events["killed_after"], events

@@ -153,8 +153,15 @@ def test_cache_on_s3_equals_the_local_one_loads_and_rebuilds_one_shard(
     assert "shard 2 is truncated or damaged (100 bytes); rebuilding that shard" in caplog.text
     after = _objects(folder)
     assert {f for f in after if after[f] != before.get(f)} == {"emb-00001.npy", "emb-00002.npy"}
-    rebuilt = guide_cache.GuideCache(folder, 40)  # a new version: a new node-local copy
-    assert rebuilt.folder != remote.folder
+    # The rebuilt shards are the same bytes (the same ETags), so they are the same version: a
+    # node that staged the cache before keeps its copy, and a fresh node stages it under that name.
+    etags = {e.relpath: e.etag for e in storage.listing(folder, etags=True)}
+    assert set(etags) == set(after) and all(etags.values())
+    monkeypatch.setenv("GIST_RAY_CACHE", str(node / "node-cache"))
+    assert guide_cache.GuideCache(folder, 40).folder == remote.folder
+    monkeypatch.setenv("GIST_RAY_CACHE", str(node / "fresh-node"))
+    rebuilt = guide_cache.GuideCache(folder, 40)
+    assert rebuilt.folder == node / "fresh-node" / guide_cache.STAGED / remote.folder.name
     torch.testing.assert_close(
         rebuilt.embeddings("anchor", range(40)), remote.embeddings("anchor", range(40)), rtol=0,
         atol=0,

@@ -4,6 +4,8 @@ local disk: the same calls for both, one-line errors, node-local staging by cont
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,44 @@ def test_stage_downloads_once_per_version(bucket, tmp_path):
     second = storage.stage(uri, tmp_path / "cache")
     assert second != first and "c" in second.read_text()
     assert storage.stage(str(tmp_path / "x.csv"), tmp_path / "cache") == tmp_path / "x.csv"
+
+
+def test_versions_follow_the_content_by_etag_and_fall_back_to_mtimes(
+    bucket, s3_server, monkeypatch
+):
+    """On S3 a version is the objects' ETags (as boto3 lists them), not their modification
+    times, which S3 gives to the second: a same-size rewrite within one second is a new
+    version, an identical re-upload is not. Without boto3 it falls back to the times."""
+    folder = f"{bucket}/data/train"
+    storage.write_text(f"{folder}/a.csv", "x,y\n1,2\n")
+    storage.write_text(f"{folder}/part/b.csv", "x,y\n3,4\n")
+    storage.write_text(f"{bucket}/data/train2.csv", "beside the folder, not in it")
+    listed = storage.listing(folder, etags=True)
+    head = s3_server.client().head_object
+    name = bucket[len("s3://") :]
+    assert [(e.relpath, e.etag) for e in listed] == [
+        (rel, head(Bucket=name, Key=f"data/train/{rel}")["ETag"]) for rel in ("a.csv", "part/b.csv")
+    ]
+    assert [e.etag for e in storage.listing(f"{folder}/a.csv", etags=True)] == [listed[0].etag]
+    assert {e.relpath for e in storage.listing(bucket, etags=True) if e.etag} == {
+        "data/train/a.csv", "data/train/part/b.csv", "data/train2.csv"
+    }  # fmt: skip
+    assert all(e.etag == "" for e in storage.listing(folder))  # only when asked for
+
+    first = storage.version(folder)
+    storage.write_text(f"{folder}/a.csv", "x,y\n5,6\n")  # same size, most likely same second
+    second = storage.version(folder)
+    assert second != first
+    time.sleep(1.05 - time.time() % 1)  # a later second: a new modification time
+    storage.write_text(f"{folder}/a.csv", "x,y\n5,6\n")  # the same bytes again
+    assert storage.version(folder) == second
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as without the [cloud] extra
+    assert all(e.etag == "" for e in storage.listing(folder, etags=True))
+    by_time = storage.version(folder)
+    time.sleep(1.05 - time.time() % 1)
+    storage.write_text(f"{folder}/a.csv", "x,y\n5,6\n")
+    assert storage.version(folder) != by_time  # a re-upload looks new: a needless download
 
 
 def test_local_writes_are_atomic_and_need_no_store(tmp_path):

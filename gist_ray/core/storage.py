@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -25,12 +26,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from gist_ray.core import fileio
 from gist_ray.core.errors import ConfigError, GistRayError
+
+log = logging.getLogger(__name__)
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -112,11 +115,19 @@ def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
 
 @dataclass(frozen=True, order=True)
 class Entry:
-    """One file under a location: its path relative to it, size and modification time (ns)."""
+    """One file under a location: its path relative to it, size, modification time (ns) and,
+    where asked for and the store gives one, its ETag (a checksum of its content)."""
 
     relpath: str
     size: int
     mtime_ns: int
+    etag: str = ""
+
+    @property
+    def stamp(self) -> str:
+        """What tells this content from another at the same name and size: the ETag where
+        known, else the modification time (to the second on S3)."""
+        return self.etag or str(self.mtime_ns)
 
 
 def kind(location: str | os.PathLike) -> str:
@@ -136,32 +147,40 @@ def exists(location: str | os.PathLike) -> bool:
     return kind(location) != "missing"
 
 
-def listing(location: str | os.PathLike) -> list[Entry]:
-    """Every file under a folder (recursive, sorted), or the one file ``location`` names."""
+def listing(location: str | os.PathLike, etags: bool = False) -> list[Entry]:
+    """Every file under a folder (recursive, sorted), or the one file ``location`` names. With
+    ``etags``, each entry of an ``s3://`` location carries its ETag where boto3 can list them."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
     info = _call(location, "read", lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.File:
-        return [Entry("", info.size, _mtime(info))]
-    if info.type != pafs.FileType.Directory:
+        entries = [Entry("", info.size, _mtime(info))]
+    elif info.type == pafs.FileType.Directory:
+        infos = _call(
+            location, "list", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        )
+        root = path.rstrip("/") + "/"
+        entries = sorted(
+            Entry(i.path[len(root) :], i.size, _mtime(i))
+            for i in infos
+            if i.type == pafs.FileType.File
+        )
+    else:
         return []
-    infos = _call(
-        location, "list", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    )
-    root = path.rstrip("/") + "/"
-    return sorted(
-        Entry(i.path[len(root) :], i.size, _mtime(i)) for i in infos if i.type == pafs.FileType.File
-    )
+    tags = _s3_etags(str(location)) if etags and entries else None
+    if tags is None:
+        return entries
+    return [replace(e, etag=tags.get(e.relpath, "")) for e in entries]
 
 
 def version(location: str | os.PathLike) -> str:
-    """A digest of what is stored at ``location``: the files' names, sizes and modification
-    times, as the store lists them (no byte is read). An object store gives each rewrite a new
-    modification time, so a changed object gets a new version."""
+    """A digest of what is stored at ``location``, from the store's listing (no byte is read):
+    the files' names, sizes and ETags (checksums of their content) on S3 where boto3 is
+    installed, else their modification times, which S3 lists only to the second."""
     h = hashlib.sha256(str(location).encode())
-    for e in listing(location):
-        h.update(f"\0{e.relpath}\0{e.size}\0{e.mtime_ns}".encode())
+    for e in listing(location, etags=True):
+        h.update(f"\0{e.relpath}\0{e.size}\0{e.stamp}".encode())
     return h.hexdigest()[:16]
 
 
@@ -312,6 +331,35 @@ def _copy_from(fs: Any, path: str, dest: Path) -> None:
     with fs.open_input_stream(path) as src, open(dest, "wb") as out:
         while chunk := src.read(1 << 22):
             out.write(chunk)
+
+
+def _s3_etags(location: str) -> dict[str, str] | None:
+    """The ETag of every object at an ``s3://`` location, by path relative to it, listed with
+    boto3 (the ``[cloud]`` extra; pyarrow's listing has no ETags). None where boto3 is missing,
+    the URI carries pyarrow-only options (``?endpoint_override=``) or the listing fails: the
+    caller then falls back to modification times."""
+    if scheme(location) != "s3" or "?" in location:
+        return None
+    try:
+        import boto3
+    except ImportError:
+        return None
+    bucket, _, key = location[len("s3://") :].partition("/")
+    key = key.strip("/")
+    try:
+        pages = boto3.client("s3").get_paginator("list_objects_v2")
+        out = {}
+        for page in pages.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                k = obj["Key"]
+                if k == key:
+                    out[""] = obj["ETag"]
+                elif not key or k.startswith(key + "/"):
+                    out[k[len(key) + 1 if key else 0 :]] = obj["ETag"]
+        return out
+    except Exception as e:  # any SDK or network error: modification times still work
+        log.debug("no ETags for %s (%s); versions use modification times", location, e)
+        return None
 
 
 def _mtime(info: Any) -> int:

@@ -135,7 +135,7 @@ _STAGED: dict[str, Path] = {}
 
 def stage_source(source: str, hint: str = REMOTE_HINT) -> Path:
     """The node-local copy of the remote ``source`` (file or folder), downloaded once per node
-    and content version (names, sizes, modification times) under ``<gist-ray cache>/staged``;
+    and content version (names, sizes, ETags or mtimes) under ``<gist-ray cache>/staged``;
     a missing object or prefix (``hint``: what to give instead), bucket or credential problem
     is one DataError naming the URI."""
     from gist_ray.core.assets import cache_root

@@ -389,9 +389,9 @@ def _listed_problems(
 def stage(folder: str, manifest: dict[str, Any], entries: list[storage.Entry]) -> Path:
     """The node-local copy of the remote cache ``folder`` that workers memory-map: its manifest,
     indexes and shards (not ``texts.parquet``, which only the job reads), downloaded once per
-    node and content version (names, sizes and modification times of ``entries``) into the
-    gist-ray cache, under a temporary name, then renamed. Processes of one node that need it at
-    once download it once (a lock file beside it)."""
+    node and content version (names, sizes and ETags, else modification times, of ``entries``)
+    into the gist-ray cache, under a temporary name, then renamed. Processes of one node that
+    need it at once download it once (a lock file beside it)."""
     from gist_ray.core.assets import cache_root as user_cache
 
     wanted = [MANIFEST, *(f"index-{c}.npy" for c in manifest["columns"])]
@@ -405,7 +405,7 @@ def stage(folder: str, manifest: dict[str, Any], entries: list[storage.Entry]) -
     h = hashlib.sha256(folder.encode())
     for f in wanted:
         e = listed[f]
-        h.update(f"\0{f}\0{e.size}\0{e.mtime_ns}".encode())
+        h.update(f"\0{f}\0{e.size}\0{e.stamp}".encode())
     root = user_cache() / STAGED
     target = root / f"{storage.name(folder)}-{h.hexdigest()[:12]}"
     if target.is_dir():
@@ -428,7 +428,7 @@ class GuideCache:
         self.location = str(folder)  # where the cache is; self.folder: the local copy read
         remote = storage.is_remote(folder)
         manifest = read_manifest(folder)
-        entries = storage.listing(folder) if remote and manifest else []
+        entries = storage.listing(folder, etags=True) if remote and manifest else []
         if manifest is None:
             problems = {0: "no manifest"}
         elif remote:

@@ -347,7 +347,8 @@ def _s3_etags(location: str) -> dict[str, str] | None:
     bucket, _, key = location[len("s3://") :].partition("/")
     key = key.strip("/")
     try:
-        pages = boto3.client("s3").get_paginator("list_objects_v2")
+        # A session of its own: boto3's default session is not safe to share between threads.
+        pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2")
         out = {}
         for page in pages.paginate(Bucket=bucket, Prefix=key):
             for obj in page.get("Contents", []):

@@ -178,10 +178,16 @@ def version(location: str | os.PathLike) -> str:
     """A digest of what is stored at ``location``, from the store's listing (no byte is read):
     the files' names, sizes and ETags (checksums of their content) on S3 where boto3 is
     installed, else their modification times, which S3 lists only to the second."""
+    return digest(location, listing(location, etags=True))[:16]
+
+
+def digest(location: str | os.PathLike, entries: list[Entry]) -> str:
+    """The content version of ``entries`` listed under ``location``: their names, sizes and
+    stamps (ETags, else modification times), hashed with the location."""
     h = hashlib.sha256(str(location).encode())
-    for e in listing(location, etags=True):
+    for e in entries:
         h.update(f"\0{e.relpath}\0{e.size}\0{e.stamp}".encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:

@@ -402,12 +402,9 @@ def stage(folder: str, manifest: dict[str, Any], entries: list[storage.Entry]) -
         raise GistRayError(
             f"guide cache {folder} has no {gone[0]}; delete the folder to rebuild it"
         )
-    h = hashlib.sha256(folder.encode())
-    for f in wanted:
-        e = listed[f]
-        h.update(f"\0{f}\0{e.size}\0{e.stamp}".encode())
+    version = storage.digest(folder, [listed[f] for f in wanted])
     root = user_cache() / STAGED
-    target = root / f"{storage.name(folder)}-{h.hexdigest()[:12]}"
+    target = root / f"{storage.name(folder)}-{version[:12]}"
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)

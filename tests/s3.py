@@ -102,6 +102,12 @@ def _keys(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def next_second() -> None:
+    """Wait for the next second: S3 lists modification times to the second, so an object
+    rewritten in the second its original was written lists with the original's time."""
+    time.sleep(1.05 - time.time() % 1)
+
+
 def local_s3_folders(root: str | os.PathLike) -> list[Path]:
     """Folders named ``s3:`` under ``root``: what ``Path("s3://b/k")`` would have created."""
     return [p for p in Path(root).rglob("s3:") if p.is_dir()]

@@ -25,7 +25,7 @@ from gist_ray.guide.embed import run_local
 from gist_ray.models.prompts import guide_prompts
 from gist_ray.train.checkpoint import LocalReporter
 from tests.conftest import make_sentences, run_worker
-from tests.s3 import local_s3_folders
+from tests.s3 import local_s3_folders, next_second
 
 
 @pytest.fixture()
@@ -82,12 +82,6 @@ def _objects(folder: str) -> dict[str, tuple[int, int]]:
     return {e.relpath: (e.size, e.mtime_ns) for e in storage.listing(folder)}
 
 
-def _next_second() -> None:
-    """Wait for the next second: S3 listings give modification times to the second, so an
-    object rewritten in the second its original was written lists exactly as the original."""
-    time.sleep(1.05 - time.time() % 1)
-
-
 def test_cache_on_s3_equals_the_local_one_loads_and_rebuilds_one_shard(
     s3_server, tiny_models, node, monkeypatch, caplog
 ):
@@ -139,7 +133,7 @@ def test_cache_on_s3_equals_the_local_one_loads_and_rebuilds_one_shard(
     assert again == folder and second.shards == [] and _objects(folder) == before
 
     # A deleted shard object and a truncated one are rebuilt alone; a worker refuses meanwhile.
-    _next_second()
+    next_second()
     storage.remove(guide_cache.shard_path(folder, 1))
     two = guide_cache.shard_path(folder, 2)
     storage.write_bytes(two, storage.read_bytes(two)[:100])
@@ -273,7 +267,7 @@ def test_cache_guide_builds_on_s3_with_ray_data_and_another_job_embeds_nothing(
     assert "loaded in" in caplog.text and "embedding" not in caplog.text
     assert LAST_JOB == {} and _objects(folder) == before  # no job ran, nothing rewritten
 
-    _next_second()
+    next_second()
     storage.remove(guide_cache.shard_path(folder, 1))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gist_ray"):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from gist_ray.core import storage
 from gist_ray.core.errors import ConfigError
-from tests.s3 import local_s3_folders
+from tests.s3 import local_s3_folders, next_second
 
 
 def test_paths_and_uris_are_told_apart_and_joined_without_path():
@@ -98,14 +97,14 @@ def test_versions_follow_the_content_by_etag_and_fall_back_to_mtimes(
     storage.write_text(f"{folder}/a.csv", "x,y\n5,6\n")  # same size, most likely same second
     second = storage.version(folder)
     assert second != first
-    time.sleep(1.05 - time.time() % 1)  # a later second: a new modification time
+    next_second()  # a new modification time
     storage.write_text(f"{folder}/a.csv", "x,y\n5,6\n")  # the same bytes again
     assert storage.version(folder) == second
 
     monkeypatch.setitem(sys.modules, "boto3", None)  # as without the [cloud] extra
     assert all(e.etag == "" for e in storage.listing(folder, etags=True))
     by_time = storage.version(folder)
-    time.sleep(1.05 - time.time() % 1)
+    next_second()
     storage.write_text(f"{folder}/a.csv", "x,y\n5,6\n")
     assert storage.version(folder) != by_time  # a re-upload looks new: a needless download
 
